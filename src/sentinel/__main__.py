@@ -1,0 +1,3 @@
+from sentinel.cli import app
+
+app(prog_name="sentinel")

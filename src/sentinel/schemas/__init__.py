@@ -1,0 +1,66 @@
+"""Every message that crosses a process boundary (pydantic v2, JSON on the wire)."""
+
+from sentinel.schemas.envelope import Envelope
+from sentinel.schemas.failure import ErrorPattern, FailureCategory, FailureDiagnosis, FailureSignal
+from sentinel.schemas.message import Message, MessageError, message_class
+from sentinel.schemas.proposal import (
+    RejectionCode,
+    RejectionReason,
+    TaskProposal,
+    ValidationResult,
+)
+from sentinel.schemas.task import (
+    Action,
+    EvaluationCriteria,
+    Origin,
+    Provenance,
+    RewardBasis,
+    Task,
+    TaskSpec,
+    UserInstructions,
+    UserScenario,
+)
+from sentinel.schemas.training import PolicyVersion, RolloutGroup, TrainStepReport
+from sentinel.schemas.trajectory import (
+    ChatMessage,
+    RewardBreakdown,
+    TerminationReason,
+    Timings,
+    ToolCall,
+    Trajectory,
+    TurnTokens,
+)
+
+__all__ = [
+    "Action",
+    "ChatMessage",
+    "Envelope",
+    "ErrorPattern",
+    "EvaluationCriteria",
+    "FailureCategory",
+    "FailureDiagnosis",
+    "FailureSignal",
+    "Message",
+    "MessageError",
+    "Origin",
+    "PolicyVersion",
+    "Provenance",
+    "RejectionCode",
+    "RejectionReason",
+    "RewardBasis",
+    "RewardBreakdown",
+    "RolloutGroup",
+    "Task",
+    "TaskProposal",
+    "TaskSpec",
+    "TerminationReason",
+    "Timings",
+    "ToolCall",
+    "TrainStepReport",
+    "Trajectory",
+    "TurnTokens",
+    "UserInstructions",
+    "UserScenario",
+    "ValidationResult",
+    "message_class",
+]

@@ -1,0 +1,59 @@
+"""How the Controller describes failures: one diagnosis per trajectory, patterns across many."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import Field
+
+from sentinel.schemas.message import Message, Strict, new_id, utc_now
+
+
+class FailureCategory(StrEnum):
+    MISSING_ACTION = "missing_action"  # a gold action never happened
+    WRONG_ARGUMENTS = "wrong_arguments"  # the right tool, with other arguments
+    WRONG_ENTITY = "wrong_entity"  # an id that is not the task's user, order or item
+    WRONG_TOOL = "wrong_tool"
+    POLICY_VIOLATION = "policy_violation"
+    MISSING_CONFIRMATION = "missing_confirmation"  # a write without the user's explicit yes
+    MISSING_COMMUNICATION = "missing_communication"
+    UNFINISHED = "unfinished"  # ran out of turns or context
+    MALFORMED_OUTPUT = "malformed_output"
+    OTHER = "other"
+
+
+class FailureSignal(Strict):
+    """A deterministic finding, computed from the trajectory against the task without an LLM."""
+
+    category: FailureCategory
+    step: int | None = None  # index into Trajectory.messages
+    tool: str | None = None
+    detail: str
+
+
+class FailureDiagnosis(Message):
+    id: str = Field(default_factory=new_id)
+    trajectory_id: str
+    task_id: str
+    policy_version: int
+    category: FailureCategory
+    first_wrong_step: int | None = None
+    summary: str
+    evidence: list[str] = Field(default_factory=list)
+    tools: list[str] = Field(default_factory=list)
+    signals: list[FailureSignal] = Field(default_factory=list)
+    diagnoser_model: str | None = None  # None when only deterministic signals were used
+
+
+class ErrorPattern(Message):
+    """A recurring weakness of the Solver, merged from many diagnoses."""
+
+    id: str = Field(default_factory=new_id)
+    title: str
+    description: str
+    category: FailureCategory
+    tools: list[str] = Field(default_factory=list)
+    example_trajectory_ids: list[str] = Field(default_factory=list)
+    frequency: dict[int, int] = Field(default_factory=dict)  # policy version -> diagnoses
+    updated_at: datetime = Field(default_factory=utc_now)

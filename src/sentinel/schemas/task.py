@@ -1,0 +1,99 @@
+"""Tasks in tau2-bench's format, plus where each one came from."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field
+
+from sentinel.schemas.message import Message, Strict
+
+Requestor = Literal["assistant", "user"]
+
+
+class RewardBasis(StrEnum):
+    DB = "DB"
+    ENV_ASSERTION = "ENV_ASSERTION"
+    NL_ASSERTION = "NL_ASSERTION"
+    ACTION = "ACTION"
+    COMMUNICATE = "COMMUNICATE"
+
+
+class Action(Strict):
+    """A gold tool call: what the agent (or user) should do."""
+
+    action_id: str
+    requestor: Requestor = "assistant"
+    name: str
+    arguments: dict[str, Any]
+    info: str | None = None
+    compare_args: list[str] | None = None
+
+
+class EnvAssertion(Strict):
+    env_type: Requestor
+    func_name: str
+    arguments: dict[str, Any]
+    assert_value: bool = True
+    message: str | None = None
+
+
+class EvaluationCriteria(Strict):
+    actions: list[Action] | None = None
+    env_assertions: list[EnvAssertion] | None = None
+    communicate_info: list[str] | None = None
+    nl_assertions: list[str] | None = None
+    reward_basis: list[RewardBasis] = Field(
+        default_factory=lambda: [RewardBasis.DB, RewardBasis.COMMUNICATE]
+    )
+
+
+class UserInstructions(Strict):
+    domain: str
+    reason_for_call: str
+    known_info: str | None = None
+    unknown_info: str | None = None
+    task_instructions: str
+
+
+class UserScenario(Strict):
+    persona: str | None = None
+    instructions: UserInstructions | str
+
+
+class TaskSpec(Strict):
+    """tau2-bench's `Task`, field for field, so it converts both ways losslessly."""
+
+    id: str
+    description: dict[str, Any] | None = None
+    user_scenario: UserScenario
+    ticket: str | None = None
+    initial_state: dict[str, Any] | None = None
+    evaluation_criteria: EvaluationCriteria | None = None
+
+
+class Origin(StrEnum):
+    SEED = "seed"  # a tau2 train-split task
+    PROPOSED = "proposed"  # written by the Proposer for an error pattern
+    MUTATED = "mutated"  # a seed task transformed toward a pattern
+    SYNTHETIC = "synthetic"  # proposed without a target pattern (the paper's baseline)
+
+
+class Provenance(Strict):
+    origin: Origin
+    split: Literal["train", "test"] | None = None
+    parent_trajectory_ids: list[str] = Field(default_factory=list)
+    pattern_id: str | None = None
+    proposal_id: str | None = None
+    prompt_version: str | None = None
+    generation: int = 0
+
+
+class Task(Message):
+    """A task the Solver can be run on, in a named environment domain."""
+
+    id: str
+    domain: str
+    spec: TaskSpec
+    provenance: Provenance

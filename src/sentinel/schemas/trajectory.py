@@ -1,0 +1,91 @@
+"""What one Solver rollout did, token by token, and how it was scored."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal, Self
+
+from pydantic import Field, model_validator
+
+from sentinel.schemas.message import Message, Strict, new_id, utc_now
+from sentinel.schemas.task import Requestor
+
+
+class ToolCall(Strict):
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    requestor: Requestor = "assistant"
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    error: bool = False  # a tool result that is an error, or an agent turn that was malformed
+
+
+class TurnTokens(Strict):
+    """One sampled assistant turn, exactly as the server saw and produced it."""
+
+    message_index: int  # the ChatMessage this turn produced
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    logprobs: list[float]  # behaviour logprob of each completion token
+    finish_reason: str | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if len(self.logprobs) != len(self.completion_token_ids):
+            raise ValueError(
+                f"{len(self.logprobs)} logprobs for {len(self.completion_token_ids)} tokens"
+            )
+        return self
+
+
+class TerminationReason(StrEnum):
+    AGENT_STOP = "agent_stop"
+    USER_STOP = "user_stop"
+    TRANSFER = "transfer"
+    MAX_TURNS = "max_turns"
+    CONTEXT_LENGTH = "context_length"
+    TOO_MANY_ERRORS = "too_many_errors"
+    INFRA_ERROR = "infra_error"  # the server or environment failed, not the agent
+
+
+class RewardBreakdown(Strict):
+    reward: float
+    components: dict[str, float] = Field(default_factory=dict)  # RewardBasis name -> score
+    db_match: bool | None = None
+    missing_communication: list[str] = Field(default_factory=list)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(Strict):
+    started_at: datetime = Field(default_factory=utc_now)
+    finished_at: datetime | None = None
+    llm_s: float = 0.0
+    user_s: float = 0.0
+    env_s: float = 0.0
+
+
+class Trajectory(Message):
+    id: str = Field(default_factory=new_id)
+    task_id: str
+    domain: str
+    group_id: str | None = None
+    policy_version: int
+    policy_model: str
+    messages: list[ChatMessage]
+    turns: list[TurnTokens] = Field(default_factory=list)
+    termination: TerminationReason
+    reward: RewardBreakdown | None = None
+    malformed_turns: int = 0
+    tool_errors: int = 0
+    timings: Timings = Field(default_factory=Timings)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reward is not None and abs(self.reward.reward - 1.0) < 1e-6

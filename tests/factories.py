@@ -1,0 +1,157 @@
+"""Small, valid instances of every message, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from sentinel.schemas import (
+    Action,
+    ChatMessage,
+    ErrorPattern,
+    EvaluationCriteria,
+    FailureCategory,
+    FailureDiagnosis,
+    FailureSignal,
+    Message,
+    Origin,
+    PolicyVersion,
+    Provenance,
+    RejectionCode,
+    RejectionReason,
+    RewardBreakdown,
+    RolloutGroup,
+    Task,
+    TaskProposal,
+    TaskSpec,
+    TerminationReason,
+    ToolCall,
+    TrainStepReport,
+    Trajectory,
+    TurnTokens,
+    UserInstructions,
+    UserScenario,
+    ValidationResult,
+)
+
+
+def task(i: int = 0) -> Task:
+    spec = TaskSpec(
+        id=f"retail-{i}",
+        user_scenario=UserScenario(
+            persona="Polite, in a hurry.",
+            instructions=UserInstructions(
+                domain="retail",
+                reason_for_call="You want to return a lamp from order #W2378156.",
+                known_info="You are Yusuf Rossi, zip 19122.",
+                unknown_info="You do not remember your email.",
+                task_instructions="Return only the lamp; refund to the original card.",
+            ),
+        ),
+        evaluation_criteria=EvaluationCriteria(
+            actions=[
+                Action(
+                    action_id="0",
+                    name="return_delivered_order_items",
+                    arguments={"order_id": "#W2378156", "item_ids": ["4602305039"]},
+                )
+            ],
+            communicate_info=["54.04"],
+        ),
+    )
+    return Task(
+        id=spec.id,
+        domain="retail",
+        spec=spec,
+        provenance=Provenance(origin=Origin.SEED, split="train"),
+    )
+
+
+def trajectory(i: int = 0, reward: float = 0.0) -> Trajectory:
+    return Trajectory(
+        id=f"traj-{i}",
+        task_id="retail-0",
+        domain="retail",
+        group_id="g-0",
+        policy_version=1,
+        policy_model="policy-v1",
+        messages=[
+            ChatMessage(role="system", content="You are a retail agent."),
+            ChatMessage(role="user", content="I want to return a lamp."),
+            ChatMessage(
+                role="assistant",
+                tool_calls=[
+                    ToolCall(id="c1", name="get_order_details", arguments={"order_id": "#W1"})
+                ],
+            ),
+            ChatMessage(
+                role="tool", content='{"error": "order not found"}', tool_call_id="c1", error=True
+            ),
+        ],
+        turns=[
+            TurnTokens(
+                message_index=2,
+                prompt_token_ids=[1, 2, 3],
+                completion_token_ids=[4, 5],
+                logprobs=[-0.1, -2.5],
+                finish_reason="stop",
+            )
+        ],
+        termination=TerminationReason.MAX_TURNS,
+        reward=RewardBreakdown(reward=reward, components={"DB": reward, "COMMUNICATE": 1.0}),
+        tool_errors=1,
+    )
+
+
+def examples() -> list[Message]:
+    """One instance of every registered message type."""
+    diagnosis = FailureDiagnosis(
+        trajectory_id="traj-0",
+        task_id="retail-0",
+        policy_version=1,
+        category=FailureCategory.WRONG_ENTITY,
+        first_wrong_step=2,
+        summary="Looked up an order id the user never gave.",
+        evidence=["order #W1 not in the user's orders"],
+        tools=["get_order_details"],
+        signals=[FailureSignal(category=FailureCategory.WRONG_ENTITY, step=2, detail="#W1")],
+    )
+    return [
+        task(),
+        trajectory(),
+        diagnosis,
+        ErrorPattern(
+            title="Invented order ids",
+            description="The agent queries orders the user did not mention.",
+            category=FailureCategory.WRONG_ENTITY,
+            tools=["get_order_details"],
+            example_trajectory_ids=["traj-0"],
+            frequency={0: 4, 1: 2},
+        ),
+        TaskProposal(task=task(1), pattern_id="p-1", prompt_version="v3", proposer_model="smol"),
+        ValidationResult(
+            proposal_id="prop-1",
+            task_id="retail-1",
+            accepted=False,
+            reasons=[
+                RejectionReason(code=RejectionCode.TEST_LEAKAGE, detail="matches test task 7")
+            ],
+        ),
+        RolloutGroup(
+            task_id="retail-0",
+            policy_version=1,
+            trajectories=[trajectory(0, 0.0), trajectory(1, 1.0)],
+        ),
+        PolicyVersion(
+            version=2, served_name="policy-v2", base_model="smol", adapter_path="/adapters/v2"
+        ),
+        TrainStepReport(
+            step=3,
+            policy_version=2,
+            loss=0.12,
+            mean_reward=0.5,
+            groups=4,
+            filtered_groups=1,
+            tokens=2048,
+            tokens_per_s=300.5,
+            peak_memory_mb=812.0,
+            duration_s=6.8,
+        ),
+    ]

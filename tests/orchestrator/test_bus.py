@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from sentinel.config import BusSettings, Settings
+from sentinel.orchestrator.bus import Bus, Reject, connect
+from sentinel.orchestrator.redis_server import RedisServer
+from sentinel.schemas import Envelope, Task
+from sentinel.schemas.envelope import peek_key
+from tests import factories
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Recorder:
+    """A handler that counts what it handled, optionally failing or stalling."""
+
+    def __init__(self, fail: Callable[[Envelope[Task]], Exception | None] = lambda e: None) -> None:
+        self.handled: Counter[str] = Counter()
+        self.attempts: dict[str, int] = {}
+        self.fail = fail
+
+    async def __call__(self, envelope: Envelope[Task]) -> None:
+        if (error := self.fail(envelope)) is not None:
+            raise error
+        self.handled[envelope.key] += 1
+        self.attempts[envelope.key] = envelope.attempt
+
+
+async def consume_until(
+    bus: Bus, handler: Recorder, done: Callable[[], Awaitable[bool]], *, name: str = "c1",
+    group: str = "g", timeout: float = 10.0,
+) -> None:  # fmt: skip
+    stop = anyio.Event()
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.consume("tasks", group, name, Task, handler, stop=stop))
+            while not await done():
+                await anyio.sleep(0.05)
+            stop.set()
+
+
+async def test_publish_and_consume_typed_messages(bus: Bus) -> None:
+    tasks = [factories.task(i) for i in range(5)]
+    await bus.publish_many("tasks", tasks)
+    recorder = Recorder()
+
+    async def all_handled() -> bool:
+        return len(recorder.handled) == 5
+
+    await consume_until(bus, recorder, all_handled)
+    assert recorder.handled == Counter({t.id: 1 for t in tasks})
+    info = (await bus.redis.xinfo_groups(bus.keys.stream("tasks")))[0]
+    assert info["pending"] == 0
+    stats = await bus.redis.hgetall(bus.keys.stats("tasks"))
+    assert (stats["published"], stats["g:read"], stats["g:acked"]) == ("5", "5", "5")
+
+
+async def test_killed_consumer_work_is_reclaimed_and_handled_exactly_once(
+    bus: Bus, settings: Settings
+) -> None:
+    tasks = [factories.task(i) for i in range(4)]
+    await bus.ensure_group("tasks", "g")
+    await bus.publish_many("tasks", tasks)
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "tests.orchestrator.hanging_consumer", settings.redis_url or "",
+         bus.settings.prefix, "tasks", "g"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        with anyio.fail_after(30):
+            while await bus.redis.llen(f"{bus.settings.prefix}:started") < 4:
+                assert doomed.poll() is None, "the consumer died before it took the messages"
+                await anyio.sleep(0.05)
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+    recorder = Recorder()
+
+    async def all_handled() -> bool:
+        return len(recorder.handled) == 4
+
+    await consume_until(bus, recorder, all_handled, name="survivor")
+    assert recorder.handled == Counter({t.id: 1 for t in tasks})
+    assert set(recorder.attempts.values()) == {2}
+    pending = await bus.redis.xpending(bus.keys.stream("tasks"), "g")
+    assert pending["pending"] == 0
+
+
+async def test_poison_messages_are_dead_lettered_and_the_consumer_goes_on(bus: Bus) -> None:
+    good = [factories.task(i) for i in range(3)]
+    await bus.publish("tasks", good[0])
+    bad_wire = Envelope.wrap(factories.task(9)).to_wire()
+    bad_wire["envelope"] = bad_wire["envelope"].replace('"domain":"retail"', '"domain":7')
+    await bus.redis.xadd(bus.keys.stream("tasks"), bad_wire)  # type: ignore[arg-type]
+    await bus.redis.xadd(bus.keys.stream("tasks"), {"junk": "yes"})
+    await bus.publish_many("tasks", good[1:])
+    recorder = Recorder()
+
+    async def settled() -> bool:
+        return len(recorder.handled) == 3 and len(await bus.dead_letters("tasks")) == 2
+
+    await consume_until(bus, recorder, settled)
+    letters = await bus.dead_letters("tasks")
+    assert "field 'payload.domain'" in letters[0].reason
+    assert letters[0].fields == bad_wire  # the original payload, untouched
+    assert "field 'envelope': missing" in letters[1].reason
+    assert letters[1].fields == {"junk": "yes"}
+    assert (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"] == 0
+
+
+async def test_reject_dead_letters_at_once_and_failures_after_max_deliveries(bus: Bus) -> None:
+    await bus.publish_many("tasks", [factories.task(i) for i in range(3)])
+
+    def fail(envelope: Envelope[Task]) -> Exception | None:
+        if envelope.key == "retail-0":
+            return Reject("task is not executable")
+        if envelope.key == "retail-1":
+            return RuntimeError("flaky dependency")
+        return None
+
+    recorder = Recorder(fail)
+
+    async def settled() -> bool:
+        return len(await bus.dead_letters("tasks")) == 2
+
+    await consume_until(bus, recorder, settled)
+    letters = {peek_key(letter.fields): letter for letter in await bus.dead_letters("tasks")}
+    assert letters["retail-0"].reason == "rejected: task is not executable"
+    assert letters["retail-0"].attempts == 1
+    assert letters["retail-1"].reason == "delivered 4 times (max_deliveries 3)"
+    assert recorder.handled == Counter({"retail-2": 1})
+
+
+async def test_duplicate_publishes_are_handled_once(bus: Bus) -> None:
+    task = factories.task(0)
+    await bus.publish_many("tasks", [task, task])  # two copies in one batch
+    recorder = Recorder()
+
+    async def first_done() -> bool:
+        return recorder.handled["retail-0"] == 1
+
+    await consume_until(bus, recorder, first_done)
+    await bus.publish("tasks", task)  # a later copy, in a later batch
+    await bus.publish("tasks", factories.task(1))
+
+    async def second_done() -> bool:
+        return recorder.handled["retail-1"] == 1
+
+    await consume_until(bus, recorder, second_done)
+    assert recorder.handled == Counter({"retail-0": 1, "retail-1": 1})
+    stats = await bus.redis.hgetall(bus.keys.stats("tasks"))
+    assert stats["g:duplicates"] == "2"
+
+
+async def test_concurrent_consumers_share_work_without_double_handling(bus: Bus) -> None:
+    tasks = [factories.task(i) for i in range(40)]
+    await bus.publish_many("tasks", tasks + tasks[:10])
+    recorder = Recorder()
+
+    async def all_handled() -> bool:
+        return (
+            len(recorder.handled) == 40
+            and not (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"]
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: consume_until(bus, recorder, all_handled, name="a"))
+        tg.start_soon(lambda: consume_until(bus, recorder, all_handled, name="b"))
+    assert recorder.handled == Counter({t.id: 1 for t in tasks})
+
+
+async def test_long_handler_keeps_its_lease(bus: Bus) -> None:
+    await bus.publish("tasks", factories.task(0))
+    started = anyio.Event()
+    runs = Counter[str]()
+
+    async def slow(envelope: Envelope[Task]) -> None:
+        runs[envelope.key] += 1
+        started.set()
+        await anyio.sleep(2.5)  # four claim windows of 600 ms
+
+    stop = anyio.Event()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.consume("tasks", "g", "slow", Task, slow, stop=stop))
+            await started.wait()
+            tg.start_soon(lambda: bus.consume("tasks", "g", "thief", Task, slow, stop=stop))
+            while (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"]:
+                await anyio.sleep(0.1)
+            stop.set()
+    assert runs == Counter({"retail-0": 1})
+
+
+async def test_group_deleted_under_a_consumer_is_recreated(bus: Bus) -> None:
+    recorder = Recorder()
+    await bus.publish("tasks", factories.task(0))
+
+    async def first() -> bool:
+        return len(recorder.handled) == 1
+
+    await consume_until(bus, recorder, first)
+    await bus.redis.delete(bus.keys.stream("tasks"))  # the stream, its groups and all
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.consume("tasks", "g", "c1", Task, recorder, stop=stop))
+            await anyio.sleep(0.3)  # the consumer now reads a group that does not exist
+            await bus.publish("tasks", factories.task(1))
+            while len(recorder.handled) < 2:
+                await anyio.sleep(0.05)
+            stop.set()
+    assert recorder.handled == Counter({"retail-0": 1, "retail-1": 1})
+
+
+async def test_trim_keeps_every_unacknowledged_entry(bus: Bus) -> None:
+    await bus.ensure_group("tasks", "fast")
+    await bus.ensure_group("tasks", "slow")
+    await bus.publish_many("tasks", [factories.task(i) for i in range(10)])
+    fast, slow = Recorder(), Recorder()
+
+    async def fast_done() -> bool:
+        return len(fast.handled) == 10
+
+    await consume_until(bus, fast, fast_done, group="fast")
+    slow_settings = bus.settings.model_copy(update={"batch_size": 4})
+    slow_bus = Bus(bus.redis, slow_settings)
+    await slow_bus.consumer("tasks", "slow", Task, slow, "s").poll()  # reads and acks 4
+    assert await bus.trim("tasks") == 4
+    assert await bus.redis.xlen(bus.keys.stream("tasks")) == 6
+
+    async def slow_done() -> bool:
+        return len(slow.handled) == 10
+
+    await consume_until(bus, slow, slow_done, group="slow")
+    assert slow.handled == Counter({f"retail-{i}": 1 for i in range(10)})
+
+
+async def test_replayed_dead_letter_is_handled(bus: Bus) -> None:
+    await bus.publish("tasks", factories.task(0))
+    failing = True
+    recorder = Recorder(lambda e: Reject("not yet") if failing else None)
+
+    async def dead() -> bool:
+        return len(await bus.dead_letters("tasks")) == 1
+
+    await consume_until(bus, recorder, dead)
+    failing = False
+    [letter] = await bus.dead_letters("tasks")
+    await bus.replay_dead_letter("tasks", letter.entry_id)
+
+    async def handled() -> bool:
+        return recorder.handled["retail-0"] == 1
+
+    await consume_until(bus, recorder, handled)
+    assert await bus.dead_letters("tasks") == []
+
+
+async def test_redis_restart_with_aof_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    settings = Settings(
+        redis_url="redis://unused:1", bus=BusSettings(block_ms=100, claim_idle_ms=600)
+    )
+    tasks = [factories.task(i) for i in range(20)]
+    recorder = Recorder()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        bus = Bus(connect(server.url, settings), settings.bus)
+        await bus.ensure_group("tasks", "g")
+        await bus.publish_many("tasks", tasks[:10])
+
+        async def half() -> bool:
+            return len(recorder.handled) == 10
+
+        await consume_until(bus, recorder, half)
+        await bus.publish_many("tasks", tasks[10:])  # acknowledged by Redis, not yet consumed
+        await bus.aclose()
+    finally:
+        server.stop()  # SIGTERM: Redis fsyncs its AOF
+    with RedisServer(tmp_path / "redis") as again:
+        bus = Bus(connect(again.url, settings), settings.bus)
+
+        async def all_handled() -> bool:
+            return len(recorder.handled) == 20
+
+        await consume_until(bus, recorder, all_handled)
+        await bus.aclose()
+    assert recorder.handled == Counter({t.id: 1 for t in tasks})

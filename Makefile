@@ -1,4 +1,5 @@
 # The two commands of the README, plus the checks they share. Each sets up .venv itself.
+export LITELLM_LOCAL_MODEL_COST_MAP := True
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,tau2]'
 	touch $@
 
 run: $(STAMP)  ## the main job on the embedded defaults

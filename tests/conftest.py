@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything imports litellm
+
 from sentinel.config import BusSettings, Settings
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer

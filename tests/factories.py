@@ -94,7 +94,7 @@ def trajectory(i: int = 0, reward: float = 0.0) -> Trajectory:
                 finish_reason="stop",
             )
         ],
-        termination=TerminationReason.MAX_TURNS,
+        termination=TerminationReason.MAX_STEPS,
         reward=RewardBreakdown(reward=reward, components={"DB": reward, "COMMUNICATE": 1.0}),
         tool_errors=1,
     )

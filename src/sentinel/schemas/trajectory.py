@@ -46,12 +46,15 @@ class TurnTokens(Strict):
 
 
 class TerminationReason(StrEnum):
+    """tau2-bench's reasons (same values), plus two of SENTINEL's own."""
+
     AGENT_STOP = "agent_stop"
     USER_STOP = "user_stop"
-    TRANSFER = "transfer"
-    MAX_TURNS = "max_turns"
-    CONTEXT_LENGTH = "context_length"
+    MAX_STEPS = "max_steps"
     TOO_MANY_ERRORS = "too_many_errors"
+    AGENT_ERROR = "agent_error"
+    USER_ERROR = "user_error"
+    CONTEXT_LENGTH = "context_length"  # the conversation outgrew the model's context
     INFRA_ERROR = "infra_error"  # the server or environment failed, not the agent
 
 

@@ -1,0 +1,261 @@
+"""tau2-bench domains (retail, airline, telecom) as SENTINEL environments.
+
+A `Tau2Domain` loads a domain's tasks and splits, exposes its tools as OpenAI tool schemas
+with its policy, starts a fresh `Episode` per rollout, replays a prefix of tool calls to
+rebuild any intermediate state, and scores a finished conversation by tau2's own rules:
+no reward unless the agent or the user ended it; otherwise the product of the parts in the
+task's reward_basis (DB hash against the gold replay, env assertions, gold actions, required
+communication). The gold hashes are computed once per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
+
+from loguru import logger as _tau2_logger
+from tau2.data_model import message as tau2_message
+from tau2.data_model import tasks as tau2_tasks
+from tau2.environment.environment import Environment
+from tau2.evaluator.evaluator_action import ActionEvaluator
+from tau2.evaluator.evaluator_communicate import CommunicateEvaluator
+
+from sentinel.logs import get_logger
+from sentinel.schemas import (
+    ChatMessage,
+    Origin,
+    Provenance,
+    RewardBasis,
+    RewardBreakdown,
+    Task,
+    TaskSpec,
+    TerminationReason,
+    ToolCall,
+)
+
+log = get_logger(__name__)
+
+DOMAINS = ("retail", "airline", "telecom")
+Split = Literal["train", "test"]
+STOPPED = {TerminationReason.AGENT_STOP, TerminationReason.USER_STOP}
+
+
+def _quiet_tau2() -> None:
+    """tau2 logs through loguru at DEBUG; keep its warnings, in our structured logs."""
+    _tau2_logger.remove()
+    _tau2_logger.add(lambda m: log.warning("tau2", message=str(m).strip()), level="WARNING")
+
+
+_quiet_tau2()
+
+
+class UnsupportedTask(ValueError):
+    """A task this adapter cannot score faithfully (e.g. natural-language assertions)."""
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    content: str
+    error: bool
+
+
+def to_tau2_task(task: Task) -> tau2_tasks.Task:
+    return tau2_tasks.Task.model_validate(task.spec.model_dump(mode="json"))
+
+
+def to_tau2_messages(messages: Sequence[ChatMessage]) -> list[tau2_message.Message]:
+    """Our conversation in tau2's message classes, for its evaluators."""
+    requestors: dict[str, Literal["assistant", "user"]] = {}
+    converted: list[tau2_message.Message] = []
+    for m in messages:
+        calls = [
+            tau2_message.ToolCall(
+                id=c.id, name=c.name, arguments=c.arguments, requestor=c.requestor
+            )
+            for c in m.tool_calls
+        ]
+        requestors.update((c.id, c.requestor) for c in m.tool_calls)
+        if m.role == "system":
+            converted.append(tau2_message.SystemMessage(role="system", content=m.content))
+        elif m.role == "assistant":
+            converted.append(
+                tau2_message.AssistantMessage(
+                    role="assistant", content=m.content, tool_calls=calls or None
+                )
+            )
+        elif m.role == "user":
+            converted.append(
+                tau2_message.UserMessage(role="user", content=m.content, tool_calls=calls or None)
+            )
+        else:
+            call_id = m.tool_call_id or ""
+            converted.append(
+                tau2_message.ToolMessage(
+                    id=call_id, role="tool", content=m.content, error=m.error,
+                    requestor=requestors.get(call_id, "assistant"),
+                )
+            )  # fmt: skip
+    return converted
+
+
+class Episode:
+    """The live environment of one rollout."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.calls: list[ToolCall] = []
+
+    def step(self, call: ToolCall) -> ToolResult:
+        """Run one tool call; errors (unknown tool, bad arguments) come back as results."""
+        self.calls.append(call)
+        response = self.env.get_response(
+            tau2_message.ToolCall(
+                id=call.id, name=call.name, arguments=call.arguments, requestor=call.requestor
+            )
+        )
+        return ToolResult(content=response.content or "", error=response.error)
+
+    def db_hashes(self) -> tuple[str | None, str | None]:
+        return self.env.get_db_hash(), self.env.get_user_db_hash()
+
+
+class Tau2Domain:
+    """One tau2-bench domain: tasks, tools, policy, episodes and tau2's reward."""
+
+    def __init__(self, name: str = "retail") -> None:
+        if name not in DOMAINS:
+            raise ValueError(f"unknown tau2 domain {name!r}; choose from {', '.join(DOMAINS)}")
+        self.name = name
+        module = importlib.import_module(f"tau2.domains.{name}.environment")
+        self._make_env: Callable[..., Environment] = module.get_environment
+        self._get_tasks: Callable[..., list[tau2_tasks.Task]] = module.get_tasks
+        self._get_split: Callable[[], dict[str, list[str]]] = module.get_tasks_split
+        self._gold: dict[str, tuple[str | None, str | None]] = {}
+
+    @cached_property
+    def _template(self) -> Environment:
+        return self._make_env()
+
+    @cached_property
+    def policy(self) -> str:
+        return str(self._template.get_policy())
+
+    @cached_property
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The agent's tools in OpenAI's function-calling format."""
+        return [tool.openai_schema for tool in self._template.get_tools()]
+
+    @cached_property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(schema["function"]["name"] for schema in self.tool_schemas)
+
+    @cached_property
+    def splits(self) -> dict[str, frozenset[str]]:
+        return {name: frozenset(ids) for name, ids in self._get_split().items()}
+
+    def tasks(self, split: Split | None = None) -> list[Task]:
+        """The domain's tasks (all, or one split), with seed provenance."""
+        chosen = self._get_tasks(task_split_name=split)
+        test_ids = self.splits.get("test", frozenset())
+        return [
+            Task(
+                id=f"{self.name}-{t.id}",
+                domain=self.name,
+                spec=TaskSpec.model_validate(t.model_dump(mode="json")),
+                provenance=Provenance(
+                    origin=Origin.SEED, split="test" if t.id in test_ids else "train"
+                ),
+            )
+            for t in chosen
+        ]
+
+    def episode(self, task: Task) -> Episode:
+        """A fresh environment in the task's initial state."""
+        env = self._make_env()
+        spec = to_tau2_task(task)
+        state = spec.initial_state
+        env.set_state(
+            initialization_data=state.initialization_data if state else None,
+            initialization_actions=state.initialization_actions if state else None,
+            message_history=(state.message_history or []) if state else [],
+        )
+        return Episode(env)
+
+    def replay(self, task: Task, calls: Sequence[ToolCall]) -> Episode:
+        """Rebuild the state after `calls` (a trajectory's prefix) on a fresh environment."""
+        episode = self.episode(task)
+        for call in calls:
+            episode.step(call)
+        return episode
+
+    def gold_hashes(self, task: Task) -> tuple[str | None, str | None]:
+        """Agent and user DB hashes after tau2's gold replay (errors ignored), cached."""
+        key = hashlib.sha256(task.spec.model_dump_json().encode()).hexdigest()
+        if key not in self._gold:
+            episode = self.episode(task)
+            criteria = task.spec.evaluation_criteria
+            for action in (criteria.actions or []) if criteria else []:
+                try:
+                    episode.env.make_tool_call(
+                        tool_name=action.name, requestor=action.requestor, **action.arguments
+                    )
+                except Exception as error:  # tau2 ignores failing gold actions too
+                    log.debug("gold action failed", action=action.name, error=str(error))
+            self._gold[key] = episode.db_hashes()
+        return self._gold[key]
+
+    def reward(
+        self,
+        task: Task,
+        episode: Episode,
+        messages: Sequence[ChatMessage],
+        termination: TerminationReason,
+    ) -> RewardBreakdown:
+        """tau2's reward for a finished conversation whose tool calls ran in `episode`."""
+        if termination not in STOPPED:
+            return RewardBreakdown(reward=0.0, info={"note": f"terminated: {termination.value}"})
+        criteria = task.spec.evaluation_criteria
+        if criteria is None:
+            return RewardBreakdown(reward=1.0, info={"note": "no evaluation criteria"})
+        basis = set(criteria.reward_basis)
+        if RewardBasis.NL_ASSERTION in basis:
+            raise UnsupportedTask(f"{task.id}: NL assertions need an LLM judge")
+        components: dict[str, float] = {}
+        db_match: bool | None = None
+        if basis & {RewardBasis.DB, RewardBasis.ENV_ASSERTION} and (
+            criteria.actions is not None or criteria.env_assertions is not None
+        ):
+            db_match = episode.db_hashes() == self.gold_hashes(task)
+            if RewardBasis.DB in basis:
+                components["DB"] = 1.0 if db_match else 0.0
+            if RewardBasis.ENV_ASSERTION in basis:
+                components["ENV_ASSERTION"] = self._assertions(task, episode)
+        tau2_task, tau2_messages = to_tau2_task(task), to_tau2_messages(messages)
+        if RewardBasis.ACTION in basis:
+            components["ACTION"] = ActionEvaluator.calculate_reward(tau2_task, tau2_messages).reward
+        missing: list[str] = []
+        if RewardBasis.COMMUNICATE in basis:
+            result = CommunicateEvaluator.calculate_reward(tau2_task, tau2_messages)
+            components["COMMUNICATE"] = result.reward
+            missing = [c.info for c in result.communicate_checks or [] if not c.met]
+        reward = 1.0
+        for value in components.values():
+            reward *= value
+        return RewardBreakdown(
+            reward=reward, components=components, db_match=db_match, missing_communication=missing
+        )
+
+    def _assertions(self, task: Task, episode: Episode) -> float:
+        spec = to_tau2_task(task)
+        assertions = spec.evaluation_criteria.env_assertions if spec.evaluation_criteria else None
+        met = [
+            episode.env.run_env_assertion(a, raise_assertion_error=False) for a in assertions or []
+        ]
+        return 1.0 if all(met) else 0.0

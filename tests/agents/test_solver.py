@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from sentinel.agents.llm import Completion, OpenAIChatClient, RawToolCall, parse_arguments
+from sentinel.agents.solver import RESPOND, Solver, strict_tools
+from sentinel.config import RolloutSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.schemas import ChatMessage, ToolCall
+
+pytestmark = pytest.mark.anyio
+SETTINGS = RolloutSettings(max_tokens=96, temperature=1.0)
+OPENING = [
+    ChatMessage(role="assistant", content="Hi! How can I help you today?"),
+    ChatMessage(role="user", content="Please cancel order #W2378156, I ordered by mistake."),
+]
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+class Scripted:
+    """A stand-in endpoint that returns fixed completions: only for error handling."""
+
+    model = "scripted"
+
+    def __init__(self, *completions: Completion) -> None:
+        self.completions = list(completions)
+
+    async def complete(self, messages: list[dict[str, Any]], **_: Any) -> Completion:
+        return self.completions.pop(0)
+
+
+async def test_real_turn_records_tokens_that_match_the_served_text(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], model_dir: Path
+) -> None:
+    solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
+    turn = await solver.act(OPENING)
+    assert turn.tokens is not None
+    assert turn.tokens.message_index == len(OPENING)
+    assert len(turn.tokens.completion_token_ids) == len(turn.tokens.logprobs) > 0
+    assert all(lp <= 0.0 for lp in turn.tokens.logprobs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.decode(turn.tokens.prompt_token_ids)
+    assert "<policy>" in prompt
+    assert "Please cancel order #W2378156" in prompt
+    sampled = tokenizer.decode(turn.tokens.completion_token_ids, skip_special_tokens=True)
+    if turn.malformed is None:  # a finished turn: the parsed call is what was sampled
+        name = turn.message.tool_calls[0].name if turn.message.tool_calls else RESPOND
+        assert f'"name": "{name}"' in sampled
+        if turn.message.tool_calls:
+            for value in turn.message.tool_calls[0].arguments.values():
+                assert str(value) in sampled
+        else:
+            assert (turn.message.content or "") in sampled
+    else:
+        assert turn.message.error
+        assert turn.message.content == sampled.strip() or sampled.startswith("<tool_call>")
+
+
+async def test_history_renders_assistant_text_as_respond_calls(retail: Tau2Domain) -> None:
+    solver = Solver(Scripted(), retail.policy, retail.tool_schemas, SETTINGS)
+    call = ToolCall(id="c1", name="get_order_details", arguments={"order_id": "#W1"})
+    rendered = solver.render([
+        *OPENING,
+        ChatMessage(role="assistant", tool_calls=[call]),
+        ChatMessage(role="tool", content='{"status": "pending"}', tool_call_id="c1"),
+    ])  # fmt: skip
+    assert rendered[0]["role"] == "system"
+    assert rendered[1]["tool_calls"][0]["function"]["name"] == RESPOND
+    assert parse_arguments(rendered[1]["tool_calls"][0]["function"]["arguments"]) == {
+        "content": "Hi! How can I help you today?"
+    }
+    assert rendered[3]["tool_calls"][0]["function"]["name"] == "get_order_details"
+    assert rendered[4] == {"role": "tool", "tool_call_id": "c1", "content": '{"status": "pending"}'}
+
+
+def test_tools_are_strict_and_strings_capped(retail: Tau2Domain) -> None:
+    tools = strict_tools(retail.tool_schemas, 40)
+    assert len(tools) == 16
+    assert all(t["function"]["strict"] for t in tools)
+    order_id = tools[[t["function"]["name"] for t in tools].index("get_order_details")]
+    assert order_id["function"]["parameters"]["properties"]["order_id"]["maxLength"] == 40
+    assert "strict" not in retail.tool_schemas[0]["function"]  # the domain's own are untouched
+
+
+@pytest.mark.parametrize(
+    ("completion", "reason"),
+    [
+        (Completion(content='<tool_call>\n{"name": "get_us', finish_reason="length"), "cut off"),
+        (Completion(content="<tool_call>{oops</tool_call>", finish_reason="stop"), "no parseable"),
+        (Completion(content="", finish_reason="stop"), "no parseable"),
+        (
+            Completion(tool_calls=[RawToolCall(id="1", name="rm_rf", arguments="{}")]),
+            "unknown tool 'rm_rf'",
+        ),
+        (
+            Completion(tool_calls=[RawToolCall(id="1", name="get_order_details", arguments="{x")]),
+            "arguments are not JSON",
+        ),
+        (
+            Completion(tool_calls=[RawToolCall(id="1", name=RESPOND, arguments='{"content": 3}')]),
+            "needs a string 'content'",
+        ),
+        (
+            Completion(tool_calls=[RawToolCall(id="1", name=RESPOND, arguments="[1]")]),
+            "must be a JSON object",
+        ),
+    ],
+)
+async def test_malformed_output_becomes_a_reason_not_a_crash(
+    retail: Tau2Domain, completion: Completion, reason: str
+) -> None:
+    solver = Solver(Scripted(completion), retail.policy, retail.tool_schemas, SETTINGS)
+    turn = await solver.act(OPENING)
+    assert turn.malformed is not None
+    assert reason in turn.malformed
+    assert turn.message.error
+    assert turn.tokens is None  # the stand-in returns no token ids
+
+
+async def test_plain_text_from_a_server_without_tool_choice_is_a_message(
+    retail: Tau2Domain,
+) -> None:
+    text = Completion(content="Could you give me your email? ###STOP###", finish_reason="stop")
+    turn = await Solver(Scripted(text), retail.policy, retail.tool_schemas, SETTINGS).act(OPENING)
+    assert turn.malformed is None
+    assert turn.stops

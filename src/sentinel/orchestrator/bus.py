@@ -294,6 +294,11 @@ class _Batch:
 
     read: int = 0  # entries new to the group (not swept)
     claimed: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.read + self.claimed
+
     done: list[tuple[str, str]] = field(default_factory=list)  # (entry id, key)
     duplicates: list[str] = field(default_factory=list)
     dead: list[tuple[str, dict[str, str], str, int]] = field(default_factory=list)
@@ -319,39 +324,61 @@ class Consumer(Generic[M]):
         self._cursor = SWEEP_START
         self._next_sweep = 0.0  # sweep at once: a replacement picks up a dead one's work
         self._in_flight: dict[str, str] = {}  # entry id -> done-marker key
+        self._slots = anyio.Semaphore(max(self.settings.concurrency, self.settings.batch_size))
         self.log = log.bind(stream=stream, group=group, consumer=name)
 
     async def run(self, stop: anyio.Event | None = None) -> None:
+        """Read while handlers run, up to `concurrency` entries in flight, until `stop`.
+
+        Each read batch is handled and settled on its own, so one slow handler holds back
+        only its own batch. On stop, reading ends and running handlers finish.
+        """
         await self.bus.ensure_group(self.stream, self.group)
         self.log.info("consumer started", model=self.model.type_name())
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_leases)
-            while stop is None or not stop.is_set():
-                await self.poll()
+            async with anyio.create_task_group() as handlers:
+                while stop is None or not stop.is_set():
+                    await self._slots.acquire()  # wait for room
+                    self._slots.release()
+                    fetched = await self._fetch(self._slots.value)
+                    if fetched is not None:
+                        for _ in range(fetched[0].size):
+                            self._slots.acquire_nowait()
+                        handlers.start_soon(self._handle_batch, *fetched)
             tg.cancel_scope.cancel()
         self.log.info("consumer stopped")
 
     async def poll(self) -> int:
-        """Handle one batch: abandoned entries first, else new ones. Returns its size."""
+        """Fetch and handle one batch, then return its size (for tests and benchmarks)."""
+        fetched = await self._fetch(self.settings.batch_size)
+        if fetched is None:
+            return 0
+        for _ in range(fetched[0].size):
+            self._slots.acquire_nowait()
+        await self._handle_batch(*fetched)
+        return fetched[0].size
+
+    async def _fetch(self, room: int) -> tuple[_Batch, list[Entry], dict[str, int]] | None:
+        """Abandoned entries first (when a sweep is due), else new ones; None if nothing."""
+        count = max(1, min(room, self.settings.batch_size))
         attempts: dict[str, int] = {}
         entries: list[Entry] = []
         if time.monotonic() >= self._next_sweep:
-            entries, attempts = await self._sweep()
+            entries, attempts = await self._sweep(count)
         batch = _Batch(claimed=len(entries))
         if not entries:
-            entries = await self._read()
+            entries = await self._read(count)
             batch.read = len(entries)
-        if entries:
-            await self._handle_batch(batch, entries, attempts)
-        return len(entries)
+        return (batch, entries, attempts) if entries else None
 
-    async def _read(self) -> list[Entry]:
+    async def _read(self, count: int) -> list[Entry]:
         try:
             reply: list[tuple[str, list[Entry]]] = await self.bus.redis.xreadgroup(  # type: ignore[assignment]
                 self.group,
                 self.name,
                 {self.key: ">"},
-                count=self.settings.batch_size,
+                count=count,
                 block=self.settings.block_ms,
             )
         except ResponseError as error:
@@ -362,7 +389,7 @@ class Consumer(Generic[M]):
             return []
         return reply[0][1] if reply else []
 
-    async def _sweep(self) -> tuple[list[Entry], dict[str, int]]:
+    async def _sweep(self, count: int) -> tuple[list[Entry], dict[str, int]]:
         """Claim entries idle past `claim_idle_ms` (from dead or failed handlers)."""
         try:
             cursor, claimed, *_ = await self.bus.redis.xautoclaim(
@@ -371,7 +398,7 @@ class Consumer(Generic[M]):
                 self.name,
                 min_idle_time=self.settings.claim_idle_ms,
                 start_id=self._cursor,
-                count=self.settings.batch_size,
+                count=count,
             )
         except ResponseError as error:
             if not _nogroup(error):
@@ -398,6 +425,15 @@ class Consumer(Generic[M]):
         return cast("list[Entry]", claimed), attempts
 
     async def _handle_batch(
+        self, batch: _Batch, entries: list[Entry], attempts: dict[str, int]
+    ) -> None:
+        try:
+            await self._decode_claim_run_settle(batch, entries, attempts)
+        finally:
+            for _ in range(batch.size):
+                self._slots.release()
+
+    async def _decode_claim_run_settle(
         self, batch: _Batch, entries: list[Entry], attempts: dict[str, int]
     ) -> None:
         ready: list[Envelope[M]] = []
@@ -455,15 +491,9 @@ class Consumer(Generic[M]):
     async def _run_handlers(
         self, batch: _Batch, envelopes: list[Envelope[M]], ids: dict[str, str]
     ) -> None:
-        queue = iter(envelopes)
-
-        async def worker() -> None:
-            for envelope in queue:
-                await self._run_one(batch, envelope, ids[envelope.key])
-
         async with anyio.create_task_group() as tg:
-            for _ in range(min(self.settings.concurrency, len(envelopes))):
-                tg.start_soon(worker)
+            for envelope in envelopes:
+                tg.start_soon(self._run_one, batch, envelope, ids[envelope.key])
 
     async def _run_one(self, batch: _Batch, envelope: Envelope[M], entry_id: str) -> None:
         try:

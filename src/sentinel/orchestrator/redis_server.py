@@ -16,13 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import redis
 
 from sentinel.config import Settings
 from sentinel.logs import get_logger
-from sentinel.process import free_port, read_record, start_child, stop_child, write_record
+from sentinel.process import Service, free_port, read_record, start_child, stop_child, write_record
 
 log = get_logger(__name__)
 
@@ -61,7 +60,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(Service):
     """A redis-server child process with AOF persistence in `directory`."""
 
     def __init__(self, directory: Path, binary: Path | None = None) -> None:
@@ -116,18 +115,6 @@ class RedisServer:
         self.record.unlink(missing_ok=True)
         log.info("redis stopped", url=self.url)
         self.process = None
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def recorded_url(run_dir: Path) -> str | None:

@@ -14,13 +14,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
 from sentinel.config import ServeSettings, Settings
 from sentinel.logs import get_logger
-from sentinel.process import free_port, read_record, start_child, stop_child, write_record
+from sentinel.process import Service, free_port, read_record, start_child, stop_child, write_record
 
 log = get_logger(__name__)
 
@@ -67,7 +66,7 @@ def ensure_policy_server(settings: Settings) -> Iterator[str]:
         yield server.url
 
 
-class VLLMServer:
+class VLLMServer(Service):
     def __init__(self, settings: ServeSettings, model_dir: Path, run_dir: Path) -> None:
         self.settings = settings
         self.model_dir = model_dir
@@ -141,15 +140,3 @@ class VLLMServer:
         (self.directory / "server.json").unlink(missing_ok=True)
         log.info("vllm stopped", url=self.url)
         self.process = None
-
-    def __enter__(self) -> VLLMServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -1,0 +1,432 @@
+"""Replaying untrusted tasks in a child process, for the validator.
+
+A proposed task is data written by an LLM: its gold actions name any tool with any arguments,
+and its initial state is arbitrary JSON that tau2 loads into a live database. Replaying it can
+hang, exhaust memory or crash the interpreter (retail's `calculate` evals `9**9**9**9`
+happily), and a Celery worker that dies with it gets the same poison task redelivered forever
+(FIELD_NOTES §6). So the replay runs in a child, `python -m sentinel.envs.sandbox`, which reads
+a `ReplayRequest` as JSON on stdin and writes a `ReplayOutcome` on stdout. The parent never
+trusts the child to end:
+
+- The child caps its own CPU time and address space (RLIMIT_CPU, RLIMIT_AS) and asks to die
+  with its parent (PR_SET_PDEATHSIG) before it reads the request; anyio has no `preexec_fn`,
+  and nothing untrusted reaches the child before that point.
+- It gets a scrubbed environment (no proxies, no keys), a temporary working directory that is
+  also its HOME, its own process group, and no network when `unshare --net` works here (root,
+  or unprivileged user namespaces); otherwise the outcome says `network_isolated=False`.
+- The parent enforces the wall clock and an output cap, SIGKILLs the whole process group on
+  timeout, overflow or exit (grandchildren too), and turns every way the child can end into a
+  `ReplayOutcome` with a `RejectionReason`. Only a failure to start a child raises.
+
+A fresh child costs seconds, nearly all of it importing tau2 (litellm is imported only for the
+user simulator's prompt, never here); the replay itself takes ~0.2 s.
+`warm=N` keeps N children that have done their imports waiting on stdin, which hides the
+start-up latency but not its CPU. `Sandbox` is the seam for other backends (a Kubernetes Job,
+a remote service).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Protocol, Self
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+from pydantic import ConfigDict, Field, ValidationError
+
+from sentinel.logs import configure_logging, get_logger
+from sentinel.schemas import RejectionCode, RejectionReason, Task, ToolCall
+from sentinel.schemas.message import Strict
+
+if TYPE_CHECKING:
+    from sentinel.envs.tau2 import Tau2Domain
+
+log = get_logger(__name__)
+
+STDERR_TAIL_BYTES = 8192  # of the child's stderr, for crash reasons
+_PR_SET_PDEATHSIG = 1
+
+# Tests only: misbehaviour the child performs before the replay, to prove the limits hold.
+DebugAction = Literal["hang", "eat_memory", "crash"]
+
+
+class SandboxLimits(Strict):
+    """Per-replay limits.
+
+    tau2 imports cachebox, whose allocator reserves 1 GB of address space up front when
+    RLIMIT_AS allows it and makes do without when it does not.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu_s: int = Field(default=20, gt=0)  # CPU time, the child's start-up (~3 s) included
+    memory_mb: int = Field(default=1024, gt=0)  # address space; tau2 needs ~450 MB of it
+    wall_s: float = Field(default=30.0, gt=0)
+    max_output_bytes: int = Field(default=1_000_000, gt=0)  # the outcome JSON on stdout
+    max_result_chars: int = Field(default=4096, gt=0)  # kept of each action's result
+
+
+class ReplayRequest(Strict):
+    domain: str
+    task: Task
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
+    debug_action: DebugAction | None = None  # tests only; see DebugAction
+
+
+class ActionResult(Strict):
+    name: str
+    error: bool
+    content: str  # at most limits.max_result_chars
+
+
+class ReplayOutcome(Strict):
+    ok: bool  # the replay ran to the end (its actions may still have failed)
+    results: list[ActionResult] = Field(default_factory=list)
+    db_hash_before: str | None = None
+    db_hash_after: str | None = None
+    user_db_hash_after: str | None = None
+    duration_s: float = 0.0  # from taking a child to the outcome, start-up included
+    network_isolated: bool = False
+    failure: RejectionReason | None = None
+
+
+class Sandbox(Protocol):
+    async def replay(self, request: ReplayRequest) -> ReplayOutcome: ...
+
+
+def _failed(code: RejectionCode, detail: str) -> ReplayOutcome:
+    return ReplayOutcome(ok=False, failure=RejectionReason(code=code, detail=detail))
+
+
+# --- the parent ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    process: Process
+    workdir: tempfile.TemporaryDirectory[str]
+
+
+@dataclass
+class _Output:
+    """What the child wrote: stdout up to a cap, and the tail of stderr."""
+
+    limit: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytes = b""
+    overflow: bool = False
+
+    async def read_stdout(self, stream: ByteReceiveStream, pgid: int) -> None:
+        async for chunk in stream:
+            self.stdout += chunk
+            if len(self.stdout) > self.limit:
+                self.overflow = True
+                _kill_group(pgid)
+                return
+
+    async def read_stderr(self, stream: ByteReceiveStream) -> None:
+        async for chunk in stream:  # drain it all, or a chatty child blocks
+            self.stderr = (self.stderr + chunk)[-STDERR_TAIL_BYTES:]
+
+    def last_line(self) -> str:
+        lines = self.stderr.decode(errors="replace").strip().splitlines()
+        return lines[-1][:500] if lines else ""
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+async def _feed(process: Process, data: bytes) -> None:
+    assert process.stdin is not None
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        await process.stdin.send(data)
+        await process.stdin.aclose()  # EOF: the child reads the request to the end
+
+
+def _judge(returncode: int, output: _Output) -> ReplayOutcome:
+    """The outcome of a child that ended within the wall clock."""
+    if output.overflow:
+        return _failed(RejectionCode.TOO_LARGE, f"outcome exceeds {output.limit} bytes")
+    if returncode < 0:  # stderr ends with unrelated logs: a signal leaves no last words
+        name = signal.Signals(-returncode).name
+        hint = {"SIGXCPU": " (CPU limit)", "SIGKILL": " (CPU hard limit or OOM killer)"}
+        return _failed(RejectionCode.SANDBOX_CRASH, f"killed by {name}{hint.get(name, '')}")
+    if returncode != 0:  # a traceback's last line names the exception
+        return _failed(RejectionCode.SANDBOX_CRASH, f"exit code {returncode}: {output.last_line()}")
+    try:
+        return ReplayOutcome.model_validate_json(bytes(output.stdout))
+    except ValidationError as error:
+        return _failed(RejectionCode.SANDBOX_CRASH, f"unreadable outcome: {error}"[:500])
+
+
+class LocalProcessSandbox:
+    """Each replay in a fresh, limited child process on this machine.
+
+    `limits` are the defaults of the warm pool; a request with other limits gets a cold child.
+    At most `max_concurrency` children run at once (default: one per CPU). With `warm > 0`,
+    use it as an async context manager (or call `aclose`) so idle children are stopped.
+    """
+
+    def __init__(
+        self,
+        limits: SandboxLimits | None = None,
+        *,
+        warm: int = 0,
+        preload: Sequence[str] = ("retail",),
+        max_concurrency: int | None = None,
+        isolate_network: bool = True,
+    ) -> None:
+        self.limits = limits or SandboxLimits()
+        self.id = uuid.uuid4().hex[:12]  # SENTINEL_SANDBOX in the children's environment
+        self.warm = warm
+        self.preload = tuple(preload)
+        self._limiter = anyio.CapacityLimiter(max_concurrency or os.cpu_count() or 1)
+        self._pool: list[_Child] = []
+        self._network: bool | None = None if isolate_network else False
+        self._unshare = shutil.which("unshare") or "unshare"
+
+    async def replay(self, request: ReplayRequest) -> ReplayOutcome:
+        async with self._limiter:
+            network = await self.network_isolated()
+            start = time.perf_counter()
+            child = await self._take(request.limits, network)
+            try:
+                outcome = await self._run(child, request)
+            finally:
+                await self._dispose(child)
+            await self._refill(network)  # after the replay, so it does not compete for CPU
+        outcome = outcome.model_copy(
+            update={"duration_s": time.perf_counter() - start, "network_isolated": network}
+        )
+        log.info(
+            "sandbox replay",
+            task=request.task.id,
+            ok=outcome.ok,
+            failure=outcome.failure.code.value if outcome.failure else None,
+            duration_s=round(outcome.duration_s, 3),
+        )
+        return outcome
+
+    async def network_isolated(self) -> bool:
+        """Whether `unshare --net` works here; checked once."""
+        if self._network is None:
+            works = False
+            with contextlib.suppress(OSError):
+                check = [self._unshare, "--net", "--", "true"]
+                works = (await anyio.run_process(check, check=False)).returncode == 0
+            if not works:
+                log.warning("sandbox children will have network access: unshare --net failed")
+            self._network = works
+        return self._network
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, []
+        for child in pool:
+            await self._dispose(child)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self, child: _Child, request: ReplayRequest) -> ReplayOutcome:
+        process, limits = child.process, request.limits
+        assert process.stdout is not None
+        assert process.stderr is not None
+        output = _Output(limit=limits.max_output_bytes)
+        with anyio.move_on_after(limits.wall_s) as deadline:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_feed, process, request.model_dump_json().encode())
+                tg.start_soon(output.read_stdout, process.stdout, process.pid)
+                tg.start_soon(output.read_stderr, process.stderr)
+                returncode = await process.wait()
+                _kill_group(process.pid)  # grandchildren would hold our pipes open
+        if deadline.cancelled_caught:
+            return _failed(RejectionCode.SANDBOX_TIMEOUT, f"no outcome within {limits.wall_s:g} s")
+        return _judge(returncode, output)
+
+    async def _take(self, limits: SandboxLimits, network: bool) -> _Child:
+        """A warm child if the pool has one for these limits, else a fresh one."""
+        if self.warm and limits == self.limits:
+            while self._pool:
+                child = self._pool.pop()
+                if child.process.returncode is None:
+                    return child
+                await self._dispose(child)  # died while idle
+            return await self._spawn(limits, network, self.preload)
+        return await self._spawn(limits, network, preload=())
+
+    async def _refill(self, network: bool) -> None:
+        while len(self._pool) < self.warm:
+            self._pool.append(await self._spawn(self.limits, network, self.preload))
+
+    async def _spawn(self, limits: SandboxLimits, network: bool, preload: Sequence[str]) -> _Child:
+        workdir = tempfile.TemporaryDirectory(prefix="sentinel-sandbox-")
+        argv = [
+            *([self._unshare, "--net", "--"] if network else []),
+            sys.executable, "-s", "-P", "-m", "sentinel.envs.sandbox",
+            "--cpu-s", str(limits.cpu_s), "--memory-mb", str(limits.memory_mb),
+            "--parent-pid", str(os.getpid()), "--preload", ",".join(preload),
+        ]  # fmt: skip
+        try:
+            process = await anyio.open_process(
+                argv, cwd=workdir.name, env=self._env(workdir.name), start_new_session=True
+            )
+        except BaseException:
+            workdir.cleanup()
+            raise
+        return _Child(process, workdir)
+
+    def _env(self, home: str) -> dict[str, str]:
+        """Only what the child needs: no proxies, no credentials, nothing inherited."""
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "HOME": home,
+            "TMPDIR": home,
+            "LANG": "C.UTF-8",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at import
+            "OPENBLAS_NUM_THREADS": "1",  # numpy's thread pool, per child, is wasted here
+            "SENTINEL_SANDBOX": self.id,
+        }
+        if pythonpath := os.environ.get("PYTHONPATH"):  # a source checkout, not installed
+            env["PYTHONPATH"] = pythonpath
+        return env
+
+    async def _dispose(self, child: _Child) -> None:
+        """Kill the child's group (a no-op once it is gone), reap it, remove its directory."""
+        with anyio.CancelScope(shield=True):
+            _kill_group(child.process.pid)
+            await child.process.aclose()
+            await anyio.to_thread.run_sync(child.workdir.cleanup)
+
+
+# --- the child ----------------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _set_limit(kind: int, soft: int, hard: int) -> None:
+    _, current_hard = resource.getrlimit(kind)
+    if current_hard != resource.RLIM_INFINITY:  # never ask for more than we are allowed
+        soft, hard = min(soft, current_hard), min(hard, current_hard)
+    resource.setrlimit(kind, (soft, hard))
+
+
+def _apply_limits(cpu_s: int, memory_mb: int) -> None:
+    _set_limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)  # SIGXCPU, then SIGKILL a second later
+    _set_limit(resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20)
+    _set_limit(resource.RLIMIT_CORE, 0, 0)
+
+
+def _claim_stdout() -> int:
+    """Keep stdout for the outcome alone: whatever else prints there goes to stderr."""
+    sys.stdout.flush()
+    out = os.dup(1)  # not inherited by grandchildren
+    os.dup2(2, 1)
+    return out
+
+
+def _misbehave(action: DebugAction) -> None:
+    """Tests only: what a hostile task could make the child do."""
+    if action == "crash":
+        ctypes.string_at(0)  # SIGSEGV
+    elif action == "eat_memory":
+        hog = [bytes(64 << 20) for _ in range(64)]  # 4 GB of address space, lazily zeroed
+        del hog
+    elif action == "hang":
+        subprocess.Popen(["sleep", "600"])  # a grandchild, to prove the group is killed
+        while True:  # spin: uses CPU, so the CPU limit applies too
+            pass
+
+
+def _domain(name: str, loaded: dict[str, Tau2Domain]) -> Tau2Domain:
+    from sentinel.envs.tau2 import Tau2Domain  # slow (~3 s): only in the child
+
+    if name not in loaded:
+        loaded[name] = Tau2Domain(name)
+        _ = loaded[name].tool_names  # loads the database once, warming tau2's code paths
+    return loaded[name]
+
+
+def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayOutcome:
+    """The replay itself, in this process: every gold action in order on a fresh environment."""
+    episode = _domain(request.domain, loaded).episode(request.task)
+    before, _ = episode.db_hashes()
+    criteria = request.task.spec.evaluation_criteria
+    results = []
+    for i, action in enumerate((criteria.actions or []) if criteria else []):
+        call = ToolCall(
+            id=f"gold-{i}", name=action.name, arguments=action.arguments,
+            requestor=action.requestor,
+        )  # fmt: skip
+        result = episode.step(call)  # errors come back as results
+        content = result.content[: request.limits.max_result_chars]
+        results.append(ActionResult(name=action.name, error=result.error, content=content))
+    after, user_after = episode.db_hashes()
+    return ReplayOutcome(
+        ok=True,
+        results=results,
+        db_hash_before=before,
+        db_hash_after=after,
+        user_db_hash_after=user_after,
+    )
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sentinel.envs.sandbox")
+    parser.add_argument("--cpu-s", type=int, required=True)
+    parser.add_argument("--memory-mb", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--preload", default="", help="domains to load before reading stdin")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The child: limits first, then (warm) imports, then the request from stdin."""
+    args = _arguments(argv)
+    _die_with_parent(args.parent_pid)
+    _apply_limits(args.cpu_s, args.memory_mb)
+    out = _claim_stdout()
+    configure_logging("WARNING", "json")
+    loaded: dict[str, Tau2Domain] = {}
+    for name in filter(None, args.preload.split(",")):
+        _domain(name, loaded)
+    request = ReplayRequest.model_validate_json(sys.stdin.buffer.read())
+    if request.debug_action:
+        _misbehave(request.debug_action)
+    outcome = run_replay(request, loaded)
+    with os.fdopen(out, "wb") as stream:
+        stream.write(outcome.model_dump_json().encode())
+    sys.stderr.flush()
+    os._exit(0)  # skip tearing down litellm & co (~0.3 s): the outcome is out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Rollout groups into GRPO samples: staleness, dynamic filtering, advantages, packing, weights.
+
+Every sampled assistant turn carries the exact prompt and completion token ids the server
+saw and produced, so nothing is re-tokenized. Turns of one trajectory are packed into one
+sequence when each turn's prompt extends the previous sequence token for token (the usual
+case), else they become separate sequences; either way only the policy's sampled tokens carry
+loss, and of those only the ones the grammar did not force (see FORCED_LOGPROB). Each loss
+token gets a weight such that the weighted sum over the whole step is the
+chosen aggregation, so gradient accumulation over any split of the batch gives one answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import fmean, pstdev
+from typing import Literal
+
+from sentinel.schemas import RolloutGroup, Trajectory
+
+EPS = 1e-6
+# A sampled token with behaviour logprob above this was forced: under guided decoding vLLM
+# reports logprobs after the grammar mask, and a token the grammar allowed alone has
+# probability 1 under the sampling policy, so it carries no learning signal.
+FORCED_LOGPROB = -1e-4
+
+
+@dataclass
+class Sample:
+    """One token sequence; arrays are indexed by position in `input_ids`."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]  # True on tokens the policy sampled (and the grammar did not force)
+    behaviour_logprobs: list[float]  # the server's logprob of each sampled token, 0 elsewhere
+    advantage: float
+    weight: float  # per loss token
+    trajectory_id: str
+
+
+@dataclass
+class GRPOBatch:
+    samples: list[Sample]
+    groups: int  # groups received
+    filtered_groups: int = 0  # zero reward variance: nothing to learn
+    stale_groups: int = 0  # produced by a policy older than max_staleness
+    rewards: list[float] = field(default_factory=list)  # of the groups kept
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(sum(s.loss_mask) for s in self.samples)
+
+    @property
+    def mean_reward(self) -> float | None:
+        return fmean(self.rewards) if self.rewards else None
+
+
+def pack(trajectory: Trajectory) -> list[tuple[list[int], list[bool], list[float]]]:
+    """The trajectory's turns as few sequences as the prefix property allows."""
+    sequences: list[tuple[list[int], list[bool], list[float]]] = []
+    for turn in trajectory.turns:
+        prompt, completion = turn.prompt_token_ids, turn.completion_token_ids
+        current = sequences[-1] if sequences else None
+        if current is not None and prompt[: len(current[0])] == current[0]:
+            ids, mask, behaviour = current
+            extra = prompt[len(ids) :]
+        else:
+            ids, mask, behaviour = [], [], []
+            sequences.append((ids, mask, behaviour))
+            extra = prompt
+        ids.extend(extra)
+        mask.extend([False] * len(extra))
+        behaviour.extend([0.0] * len(extra))
+        ids.extend(completion)
+        mask.extend(lp < FORCED_LOGPROB for lp in turn.logprobs)
+        behaviour.extend(turn.logprobs)
+    return sequences
+
+
+def advantages(
+    groups: Sequence[RolloutGroup], scale: Literal["group", "batch", "none"]
+) -> dict[str, float]:
+    """Trajectory-level r - mean(group), optionally divided by the group's or batch's std."""
+    raw: dict[str, float] = {}
+    group_std: dict[str, float] = {}
+    for group in groups:
+        rewards = group.rewards
+        mean, std = fmean(rewards), pstdev(rewards)
+        for trajectory, reward in zip(group.trajectories, rewards, strict=True):
+            raw[trajectory.id] = reward - mean
+            group_std[trajectory.id] = std
+    if scale == "group":
+        return {t: a / (group_std[t] + EPS) for t, a in raw.items()}
+    if scale == "batch" and len(raw) > 1:
+        std = pstdev(raw.values())
+        return {t: a / (std + EPS) for t, a in raw.items()}
+    return raw
+
+
+def build_batch(
+    groups: Sequence[RolloutGroup],
+    *,
+    current_version: int,
+    max_staleness: int,
+    scale: Literal["group", "batch", "none"],
+    aggregation: Literal["token_mean", "sequence_mean"],
+) -> GRPOBatch:
+    fresh = [g for g in groups if current_version - g.policy_version <= max_staleness]
+    kept = [g for g in fresh if g.informative]
+    batch = GRPOBatch(
+        samples=[],
+        groups=len(groups),
+        stale_groups=len(groups) - len(fresh),
+        filtered_groups=len(fresh) - len(kept),
+        rewards=[r for g in kept for r in g.rewards],
+    )
+    advantage = advantages(kept, scale)
+    packed = {t.id: pack(t) for g in kept for t in g.trajectories}
+    trajectories = [
+        t for g in kept for t in g.trajectories if any(any(m) for _, m, _ in packed[t.id])
+    ]
+    total_tokens = sum(sum(m) for seqs in packed.values() for _, m, _ in seqs)
+    for trajectory in trajectories:
+        own_tokens = sum(sum(m) for _, m, _ in packed[trajectory.id])
+        weight = (
+            1.0 / total_tokens
+            if aggregation == "token_mean"
+            else 1.0 / (own_tokens * len(trajectories))
+        )
+        for ids, mask, behaviour in packed[trajectory.id]:
+            batch.samples.append(
+                Sample(ids, mask, behaviour, advantage[trajectory.id], weight, trajectory.id)
+            )
+    return batch
+
+
+def micro_batches(samples: Sequence[Sample], max_tokens: int) -> list[list[Sample]]:
+    """Split samples into micro-batches of at most `max_tokens` padded tokens (at least one)."""
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    for sample in ordered:
+        width = max([len(sample.input_ids), *(len(s.input_ids) for s in current)])
+        if current and width * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(sample)
+    if current:
+        batches.append(current)
+    return batches

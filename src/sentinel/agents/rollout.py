@@ -84,6 +84,13 @@ class RolloutRunner:
             policy_version=version,
         )
 
+    async def aclose(self) -> None:
+        """Close the endpoints' connections (call before the event loop ends)."""
+        for client in (self.solver.client, self.user.client):
+            close = getattr(client, "aclose", None)
+            if close is not None:
+                await close()
+
     async def run(self, task: Task, group_id: str | None = None) -> Trajectory:
         async with self.limiter:
             episode = await anyio.to_thread.run_sync(self.domain.episode, task)

@@ -17,7 +17,7 @@ COPY src ./src
 # A wheel first, then the venv from it: the final stage never sees the source tree or a compiler.
 RUN pip install --upgrade pip \
     && pip wheel --no-deps --wheel-dir /wheels . \
-    && pip install "$(ls /wheels/*.whl)[tau2]" \
+    && pip install "$(ls /wheels/*.whl)[tau2,workers]" \
     && python -m compileall -q /opt/venv
 
 FROM python:3.11.11-slim-bookworm

@@ -161,6 +161,22 @@ class Tau2Domain:
         return frozenset(schema["function"]["name"] for schema in self.tool_schemas)
 
     @cached_property
+    def tool_kinds(self) -> dict[str, str]:
+        """Each agent tool's kind as tau2 declares it: read, write, think or generic."""
+        tools = self._template.tools
+        return {name: str(tools.tool_type(name).value) for name in self.tool_names}
+
+    @cached_property
+    def write_tools(self) -> frozenset[str]:
+        return frozenset(name for name, kind in self.tool_kinds.items() if kind == "write")
+
+    @cached_property
+    def database(self) -> dict[str, Any]:
+        """The agent-side database in its initial state, as plain JSON data (do not mutate)."""
+        db = self._template.tools.db
+        return dict(db.model_dump(mode="json")) if db is not None else {}
+
+    @cached_property
     def splits(self) -> dict[str, frozenset[str]]:
         return {name: frozenset(ids) for name, ids in self._get_split().items()}
 

@@ -141,6 +141,54 @@ class TrainerSettings(Section):
     seed: int = 0
 
 
+class ControllerSettings(Section):
+    """Failed trajectories to diagnoses to the error-pattern library."""
+
+    max_tokens: int = Field(384, ge=16)  # per diagnosis
+    temperature: float = Field(0.0, ge=0)
+    max_prompt_chars: int = Field(12_000, ge=1000)  # of the trajectory shown to the LLM
+    merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
+    max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
+    publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis
+
+
+class ProposerSettings(Section):
+    """Error patterns to executable tasks, with self-evolving prompts (EigenData)."""
+
+    tasks_per_pattern: int = Field(4, ge=1)
+    max_tokens: int = Field(768, ge=64)  # per proposed task
+    temperature: float = Field(0.8, ge=0)
+    revise_after: int = Field(8, ge=1)  # verdicts on a prompt version before revising it
+    min_acceptance: float = Field(0.5, ge=0, le=1)  # revise when acceptance falls below
+    mutation_after: int = Field(4, ge=0)  # consecutive rejections of a pattern: mutate seeds
+    max_lessons: int = Field(6, ge=1)  # rejection lessons carried in a prompt version
+    seed: int | None = None  # entity sampling; None: random
+
+
+class ValidationSettings(Section):
+    """Checks every proposal passes before it joins the task pool."""
+
+    cpu_s: int = Field(20, gt=0)  # sandbox limits per replay
+    memory_mb: int = Field(1024, gt=0)
+    wall_s: float = Field(30.0, gt=0)
+    warm: int = Field(2, ge=0)  # sandbox children kept with tau2 imported
+    max_concurrency: int | None = Field(None, ge=1)  # sandbox children at once; None: CPUs
+    max_task_chars: int = Field(20_000, ge=1000)  # a proposal's JSON, before anything runs
+    max_actions: int = Field(20, ge=1)
+    scenario_similarity: float = Field(0.85, gt=0, le=1)  # above it, a near-duplicate
+    probe_rollouts: int = Field(0, ge=0)  # Solver rollouts of the difficulty probe; 0: off
+
+
+class WorkerSettings(Section):
+    """Celery workers (validate, rollout queues); reasons in sentinel.workers.app."""
+
+    concurrency: int = Field(2, ge=1)
+    soft_time_limit_s: int = Field(300, ge=1)
+    time_limit_s: int = Field(360, ge=1)
+    visibility_timeout_s: int = Field(3600, ge=1)
+    max_attempts: int = Field(3, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
@@ -158,6 +206,11 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     rollout: RolloutSettings = RolloutSettings()
     trainer: TrainerSettings = TrainerSettings()
+    controller: ControllerSettings = ControllerSettings()
+    proposer: ProposerSettings = ProposerSettings()
+    validation: ValidationSettings = ValidationSettings()
+    workers: WorkerSettings = WorkerSettings()
+    domain: Literal["retail", "airline", "telecom"] = "retail"  # tau2 domain of the loop
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
@@ -169,6 +222,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed "
                 f"bus.block_ms ({self.bus.block_ms} ms), or blocking reads time out"
+            )
+        workers = self.workers
+        if not workers.soft_time_limit_s < workers.time_limit_s < workers.visibility_timeout_s:
+            raise ValueError(
+                "workers: soft_time_limit_s < time_limit_s < visibility_timeout_s is required, "
+                "or Celery redelivers tasks that are still running"
             )
         return self
 

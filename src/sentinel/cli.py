@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,9 +15,10 @@ import anyio
 import typer
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from sentinel import __version__
-from sentinel.config import ConfigError, Settings, load_settings
+from sentinel.config import ConfigError, LLMEndpoint, Settings, load_settings
 from sentinel.logs import Format, configure_logging, get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.monitor import (
@@ -32,6 +34,7 @@ from sentinel.serving.model import ModelUnavailable, prepare_model
 from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
+    from sentinel.agents.llm import OpenAIChatClient
     from sentinel.envs.tau2 import Tau2Domain
     from sentinel.evaluation import EvalReport
 
@@ -43,6 +46,8 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+worker_app = typer.Typer(help="Celery workers.", no_args_is_help=True)
+app.add_typer(worker_app, name="worker")
 
 log = get_logger("sentinel.cli")
 out = Console(width=None if sys.stdout.isatty() else 200)  # tables stay whole in pipes
@@ -359,6 +364,160 @@ def trainer(ctx: typer.Context) -> None:
             await worker.run()
 
     _run(work)
+
+
+NoLLMOption = Annotated[
+    bool, typer.Option("--no-llm", help="Deterministic only: no LLM endpoint is called.")
+]
+
+
+def _client(endpoint: LLMEndpoint, enabled: bool) -> OpenAIChatClient | None:
+    from sentinel.agents.llm import OpenAIChatClient
+
+    return OpenAIChatClient(endpoint) if enabled else None
+
+
+@app.command()
+def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
+    """Diagnose failed trajectories (signals + LLM) into the error-pattern library, and
+    publish patterns for the Proposer."""
+    from sentinel.agents.controller import Controller
+    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.orchestrator.patterns import PatternLibrary
+    from sentinel.orchestrator.pool import TaskPool
+
+    settings = _settings(ctx)
+    domain = Tau2Domain(settings.domain)
+
+    async def work() -> None:
+        async with _bus(settings) as bus:
+            prefix = settings.bus.prefix
+            pool = TaskPool(bus.redis, prefix, domain.tasks("train"))
+            library = PatternLibrary(bus.redis, prefix, settings.controller.merge_similarity)
+            client = _client(settings.llm.controller, not no_llm)
+            agent = Controller(domain, pool, library, bus, settings.controller, client)
+            try:
+                await agent.run()
+            finally:
+                if client:
+                    await client.aclose()
+
+    _run(work)
+
+
+@app.command()
+def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
+    """Write grounded tasks for each error pattern (mutating seeds when that keeps failing),
+    and learn from validation verdicts (self-evolving prompts)."""
+    from sentinel.agents.prompts import PromptBook
+    from sentinel.agents.proposer import Proposer
+    from sentinel.envs.tau2 import Tau2Domain
+
+    settings = _settings(ctx)
+    domain = Tau2Domain(settings.domain)
+
+    async def work() -> None:
+        async with _bus(settings) as bus:
+            book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
+            client = _client(settings.llm.proposer, not no_llm)
+            agent = Proposer(domain, book, bus, settings.proposer, client)
+            try:
+                await agent.run()
+            finally:
+                if client:
+                    await client.aclose()
+
+    _run(work)
+
+
+@worker_app.command("validate")
+def worker_validate(
+    ctx: typer.Context,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default: workers.concurrency).")
+    ] = None,
+) -> None:
+    """Run a Celery worker on the `validate` queue (sandboxed replay and checks)."""
+    from sentinel.workers.app import VALIDATE_QUEUE, make_app
+
+    settings = _settings(ctx)
+    try:
+        url = resolve_url(settings)
+    except RedisUnavailable as error:
+        _fail(str(error), code=3)
+    celery = make_app(settings, url)
+    celery.worker_main(
+        [
+            "worker", "--queues", VALIDATE_QUEUE, "--hostname", f"{VALIDATE_QUEUE}@%h",
+            "--concurrency", str(concurrency or settings.workers.concurrency),
+            "--loglevel", settings.log.level, "--without-gossip", "--without-mingle",
+        ]
+    )  # fmt: skip
+
+
+@app.command()
+def orchestrator(ctx: typer.Context) -> None:
+    """Run the orchestrator: for now, it dispatches proposals to the `validate` queue."""
+    from sentinel.orchestrator.dispatch import ValidationDispatcher
+    from sentinel.workers.app import make_app
+
+    settings = _settings(ctx)
+
+    async def work() -> None:
+        async with _bus(settings) as bus:
+            celery = make_app(settings, resolve_url(settings))
+            await ValidationDispatcher(bus, celery).run()
+
+    _run(work)
+
+
+@app.command()
+def patterns(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Show the error-pattern library: each pattern's failures and share per policy version."""
+    from sentinel.orchestrator.patterns import PatternLibrary
+
+    settings = _settings(ctx)
+
+    async def show() -> None:
+        async with _bus(settings) as bus:
+            library = PatternLibrary(bus.redis, settings.bus.prefix)
+            rows = [(p, await library.trend(p)) for p in await library.all()]
+        if as_json:
+            for pattern, trend in rows:
+                print(json.dumps({**pattern.model_dump(mode="json"), "share": trend}))
+            return
+        table = Table("pattern", "title", "tools", "failures", "share by version")
+        for pattern, trend in rows:
+            shares = " ".join(f"v{v}:{share:.0%}" for v, share in trend.items())
+            total = str(sum(pattern.frequency.values()))
+            table.add_row(pattern.id, pattern.title, ", ".join(pattern.tools), total, shares)
+        out.print(table)
+
+    anyio.run(show)
+
+
+@app.command()
+def prompts(ctx: typer.Context) -> None:
+    """Show the Proposer's prompt versions: lessons, and acceptance by validation."""
+    from sentinel.agents.prompts import PromptBook
+
+    settings = _settings(ctx)
+
+    async def show() -> None:
+        async with _bus(settings) as bus:
+            book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
+            for version in await book.versions():
+                tally = await book.tally(f"version:{version.version}")
+                print(json.dumps({
+                    **version.model_dump(mode="json"),
+                    "accepted": tally.accepted, "verdicts": tally.verdicts,
+                    "rejections": tally.codes,
+                }))  # fmt: skip
+
+    anyio.run(show)
 
 
 @dlq_app.command("list")

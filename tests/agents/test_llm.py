@@ -2,10 +2,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any, Literal
 
 import pytest
+from pydantic import BaseModel
 
-from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClient
+from sentinel.agents.llm import (
+    Completion,
+    ContextLengthExceeded,
+    LLMError,
+    MalformedOutput,
+    Messages,
+    OpenAIChatClient,
+    complete_structured,
+)
 from sentinel.config import LLMEndpoint
 from sentinel.process import free_port
 
@@ -54,3 +64,45 @@ async def test_structured_output_follows_the_schema(llm: Client) -> None:
     value = json.loads(completion.content)
     assert value["colour"] in ("red", "green")
     assert isinstance(value["count"], int)
+
+
+class Colour(BaseModel):
+    colour: Literal["red", "green"]
+
+
+class Scripted:
+    """A stand-in endpoint that answers from a script (error handling only)."""
+
+    model = "scripted"
+
+    def __init__(self, *answers: tuple[str, str]) -> None:
+        self.answers = list(answers)
+        self.seen: list[Messages] = []
+
+    async def complete(self, messages: Messages, **_: Any) -> Completion:
+        self.seen.append(messages)
+        content, finish = self.answers.pop(0)
+        return Completion(content=content, finish_reason=finish)
+
+
+async def test_structured_output_is_repaired_once_with_the_error_shown() -> None:
+    client = Scripted(('{"colour": "blue"}', "stop"), ('```json\n{"colour": "red"}\n```', "stop"))
+    value = await complete_structured(
+        client, [{"role": "user", "content": "?"}], Colour, max_tokens=9
+    )
+    assert value == Colour(colour="red")
+    assert "colour" in client.seen[1][-1]["content"]  # the repair names the field
+
+
+async def test_truncated_output_twice_is_malformed_output() -> None:
+    client = Scripted(('{"colour": "re', "length"), ('{"col', "length"))
+    with pytest.raises(MalformedOutput, match="cut off") as caught:
+        await complete_structured(client, [{"role": "user", "content": "?"}], Colour, max_tokens=3)
+    assert caught.value.raw == '{"col'
+
+
+async def test_structured_output_from_the_real_server_parses(llm: Client) -> None:
+    value = await complete_structured(
+        llm(), [{"role": "user", "content": "Pick a colour."}], Colour, max_tokens=20
+    )
+    assert value.colour in ("red", "green")

@@ -9,10 +9,11 @@ trainer learns from exactly what was sampled.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+import re
+from typing import Any, Protocol, TypeVar
 
 import openai
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from sentinel.config import LLMEndpoint
 
@@ -25,6 +26,17 @@ class LLMError(RuntimeError):
 
 class ContextLengthExceeded(LLMError):
     """The prompt no longer fits the model's context."""
+
+
+class MalformedOutput(LLMError):
+    """The model's answer does not parse as the requested structure, even after a repair."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+T = TypeVar("T", bound=BaseModel)
 
 
 class RawToolCall(BaseModel):
@@ -138,3 +150,58 @@ def parse_arguments(raw: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
     return value
+
+
+async def complete_structured(
+    client: ChatClient,
+    messages: Messages,
+    model: type[T],
+    *,
+    schema: dict[str, Any] | None = None,
+    max_tokens: int,
+    temperature: float = 0.0,
+) -> T:
+    """An answer parsed as `model`, decoded under `schema` (default: the model's own).
+
+    Servers with structured output (vLLM, OpenAI) keep the JSON well-formed; what can still go
+    wrong (truncation at max_tokens, a server that ignores the schema, values the schema
+    cannot express) gets one repair round in which the model sees its error. Raises
+    MalformedOutput if that fails too.
+    """
+    schema = schema or model.model_json_schema()
+    conversation = list(messages)
+    for attempt in range(2):
+        completion = await client.complete(
+            conversation, max_tokens=max_tokens, temperature=temperature, json_schema=schema
+        )
+        raw = completion.content or ""
+        try:
+            return model.model_validate_json(_json_text(raw))
+        except ValidationError as error:
+            problem = _first_problem(error, truncated=completion.finish_reason == "length")
+            if attempt == 1:
+                raise MalformedOutput(f"{model.__name__}: {problem}", raw) from None
+            conversation += [
+                {"role": "assistant", "content": raw},
+                {"role": "user", "content": f"That JSON is invalid: {problem}. Answer again, "
+                 "shorter, with only the corrected JSON."},
+            ]  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+
+
+def _json_text(raw: str) -> str:
+    """The JSON inside an answer: without code fences or prose around the outer object."""
+    text = _FENCE.sub("", raw.strip())
+    start, end = text.find("{"), text.rfind("}")
+    return text[start : end + 1] if 0 <= start < end else text
+
+
+def _first_problem(error: ValidationError, *, truncated: bool) -> str:
+    if truncated:
+        return "the answer was cut off at the token limit"
+    item = error.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in item["loc"]) or "the answer"
+    return f"{where}: {item['msg']}"

@@ -1,0 +1,251 @@
+"""The Controller: failed trajectories in, diagnoses and error patterns out.
+
+Deterministic failure signals (`agents.signals`) come first, and they also shape what the
+LLM may answer: its JSON schema only offers the categories and steps the signals found
+(any category when they found nothing) and the domain's tool names. A strong model picks the
+root cause among the evidence and explains it; a weak one cannot invent a category, and when
+the endpoint fails or answers nonsense the diagnosis falls back to the signals alone. Either
+way the diagnosis joins the pattern library, so a failure is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from sentinel.agents.llm import ChatClient, LLMError, complete_structured
+from sentinel.agents.signals import (
+    PRIORITY,
+    failure_signals,
+    first_wrong_step,
+    primary_category,
+)
+from sentinel.config import ControllerSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.logs import get_logger
+from sentinel.orchestrator.bus import Bus, Reject
+from sentinel.orchestrator.patterns import PatternLibrary
+from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import (
+    ChatMessage,
+    Envelope,
+    FailureCategory,
+    FailureDiagnosis,
+    FailureSignal,
+    Task,
+    TerminationReason,
+    Trajectory,
+)
+
+log = get_logger(__name__)
+
+GROUP = "controller"
+MAX_TOOLS = 3
+LINE_CHARS = 300
+
+SYSTEM = """You are the Controller of a training loop for a customer-service agent.
+You read one conversation in which the agent failed its task, and you diagnose the root cause:
+the category, the first wrong step (the [number] of a message), a one-sentence summary of the
+mistake, short evidence quotes, and the tools involved. Answer with JSON only."""
+
+
+class DiagnosisDraft(BaseModel):
+    """What the LLM writes; the Controller checks it against the signals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: FailureCategory
+    first_wrong_step: int | None = None
+    summary: str = Field(max_length=400)
+    evidence: list[str] = Field(default_factory=list, max_length=3)
+    tools: list[str] = Field(default_factory=list, max_length=MAX_TOOLS)
+
+
+def draft_schema(signals: Sequence[FailureSignal], tools: Sequence[str]) -> dict[str, Any]:
+    """The draft's JSON schema, narrowed to what the evidence allows."""
+    found = {s.category for s in signals} or set(FailureCategory)
+    categories = [c.value for c in PRIORITY if c in found]  # weak models favour the first
+    steps = sorted({s.step for s in signals if s.step is not None})
+    step: dict[str, Any] = {"enum": steps} if steps else {"type": "null"}
+    return {
+        "type": "object",
+        "properties": {
+            "category": {"enum": categories},
+            "first_wrong_step": step,
+            "summary": {"type": "string", "maxLength": 300},
+            "evidence": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 160},
+                "maxItems": 3,
+            },
+            "tools": {"type": "array", "items": {"enum": sorted(tools)}, "maxItems": MAX_TOOLS},
+        },
+        "required": ["category", "first_wrong_step", "summary", "evidence", "tools"],
+        "additionalProperties": False,
+    }
+
+
+def render_transcript(messages: Sequence[ChatMessage], max_chars: int) -> str:
+    """One numbered line per message; the middle is cut when too long."""
+    lines = [f"[{i}] {_line(m)}"[:LINE_CHARS] for i, m in enumerate(messages) if m.role != "system"]
+    text = "\n".join(lines)
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+def _line(message: ChatMessage) -> str:
+    if message.tool_calls:
+        calls = ", ".join(f"{c.name}({json.dumps(c.arguments)})" for c in message.tool_calls)
+        return f"{message.role} calls {calls}"
+    flag = " (error)" if message.error else ""
+    return f"{message.role}{flag}: {(message.content or '').strip()}"
+
+
+def render_prompt(
+    task: Task, trajectory: Trajectory, signals: Sequence[FailureSignal], max_chars: int
+) -> str:
+    scenario = task.spec.user_scenario.instructions
+    goal = scenario if isinstance(scenario, str) else scenario.task_instructions
+    criteria = task.spec.evaluation_criteria
+    actions = (criteria.actions or []) if criteria else []
+    gold = [f"{a.name}({json.dumps(a.arguments)})" for a in actions]
+    reward = trajectory.reward.model_dump(exclude={"info"}) if trajectory.reward else None
+    findings = [f"- {s.category.value} at step {s.step}: {s.detail}" for s in signals]
+    return "\n".join(
+        [
+            f"Task: {goal}",
+            "Expected actions:", *(f"- {g}" for g in gold),
+            f"Ended by: {trajectory.termination.value}; reward: {json.dumps(reward)}",
+            "Automatic findings:", *(findings or ["- none"]),
+            "Conversation:", render_transcript(trajectory.messages, max_chars),
+        ]
+    )  # fmt: skip
+
+
+class Controller:
+    def __init__(
+        self,
+        domain: Tau2Domain,
+        pool: TaskPool,
+        library: PatternLibrary,
+        bus: Bus,
+        settings: ControllerSettings,
+        client: ChatClient | None = None,
+    ) -> None:
+        self.domain = domain
+        self.pool = pool
+        self.library = library
+        self.bus = bus
+        self.settings = settings
+        self.client = client  # None: deterministic signals only
+
+    async def diagnose(self, task: Task, trajectory: Trajectory) -> FailureDiagnosis:
+        signals = await anyio.to_thread.run_sync(failure_signals, task, trajectory, self.domain)
+        draft: DiagnosisDraft | None = None
+        if self.client is not None:
+            draft = await self._ask(task, trajectory, signals)
+        return self._decide(task, trajectory, signals, draft)
+
+    async def _ask(
+        self, task: Task, trajectory: Trajectory, signals: Sequence[FailureSignal]
+    ) -> DiagnosisDraft | None:
+        assert self.client is not None
+        prompt = render_prompt(task, trajectory, signals, self.settings.max_prompt_chars)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        try:
+            return await complete_structured(
+                self.client,
+                messages,
+                DiagnosisDraft,
+                schema=draft_schema(signals, sorted(self.domain.tool_names)),
+                max_tokens=self.settings.max_tokens,
+                temperature=self.settings.temperature,
+            )
+        except LLMError as error:  # includes MalformedOutput: the signals still diagnose
+            log.warning("diagnosis without the LLM", trajectory=trajectory.id, error=str(error))
+            return None
+
+    def _decide(
+        self,
+        task: Task,
+        trajectory: Trajectory,
+        signals: Sequence[FailureSignal],
+        draft: DiagnosisDraft | None,
+    ) -> FailureDiagnosis:
+        """The LLM's choice where the evidence allows it, the signals' otherwise."""
+        allowed = {s.category for s in signals}
+        category = primary_category(signals)
+        if draft is not None and (not allowed or draft.category in allowed):
+            category = draft.category
+        chosen = [s for s in signals if s.category == category] or list(signals)
+        step = first_wrong_step(chosen)
+        if draft is not None and draft.first_wrong_step in {s.step for s in chosen}:
+            step = draft.first_wrong_step
+        summary = draft.summary.strip() if draft and draft.summary.strip() else _summary(chosen)
+        return FailureDiagnosis(
+            id=f"diagnosis-{trajectory.id}",
+            trajectory_id=trajectory.id,
+            task_id=task.id,
+            policy_version=trajectory.policy_version,
+            category=category,
+            first_wrong_step=step,
+            summary=summary,
+            evidence=[*(s.detail for s in chosen[:3]), *(draft.evidence if draft else [])],
+            tools=self._tools(task, trajectory, chosen, draft),
+            signals=list(signals),
+            diagnoser_model=self.client.model if draft and self.client else None,
+        )
+
+    def _tools(
+        self,
+        task: Task,
+        trajectory: Trajectory,
+        chosen: Sequence[FailureSignal],
+        draft: DiagnosisDraft | None,
+    ) -> list[str]:
+        """The signals' tools first; the LLM's only if the task or the agent used them."""
+        criteria = task.spec.evaluation_criteria
+        used = {c.name for m in trajectory.messages for c in m.tool_calls}
+        used |= {a.name for a in (criteria.actions or [])} if criteria else set()
+        tools = [s.tool for s in chosen if s.tool]
+        tools += [t for t in (draft.tools if draft else []) if t in used]
+        return list(dict.fromkeys(tools))[:MAX_TOOLS]
+
+    async def handle(self, envelope: Envelope[Trajectory]) -> None:
+        trajectory = envelope.payload
+        if trajectory.succeeded or trajectory.termination == TerminationReason.INFRA_ERROR:
+            return  # a success teaches nothing here; an infra error is not the Solver's fault
+        task = await self.pool.get(trajectory.task_id)
+        if task is None:
+            raise Reject(f"unknown task {trajectory.task_id!r}: not a seed nor in the pool")
+        diagnosis = await self.diagnose(task, trajectory)
+        await self.bus.publish(Stream.DIAGNOSES, diagnosis)
+        added = await self.library.add(diagnosis, self.settings.max_examples)
+        total = sum(added.pattern.frequency.values())
+        if added.counted and (added.created or total % self.settings.publish_every == 0):
+            key = f"{added.pattern.id}:{total}"
+            await self.bus.publish(Stream.PATTERNS, added.pattern, key=key)
+        log.info(
+            "diagnosed",
+            trajectory=trajectory.id,
+            category=diagnosis.category.value,
+            pattern=added.pattern.id,
+            new_pattern=added.created,
+            llm=diagnosis.diagnoser_model is not None,
+        )
+
+    async def run(self, stop: anyio.Event | None = None) -> None:
+        await self.bus.consume(Stream.TRAJECTORIES, GROUP, None, Trajectory, self.handle, stop=stop)
+
+
+def _summary(signals: Sequence[FailureSignal]) -> str:
+    if not signals:
+        return "The task failed without a detectable cause."
+    return f"{signals[0].category.value.replace('_', ' ')}: {signals[0].detail}"[:400]

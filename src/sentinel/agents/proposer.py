@@ -1,0 +1,325 @@
+"""The Proposer: error patterns in, executable tau2 tasks out.
+
+For each pattern it samples real database entities that fit the pattern's tools
+(`agents.grounding`), and the LLM writes the customer's scenario and the gold actions around
+them. The gold actions' JSON schema offers only the grounded ids, so even a tiny model writes
+runnable actions; the scenario always carries the user's real identifiers. The prompt
+carries the current version's lessons from validation (`agents.prompts`). When proposals
+for a pattern keep failing, or the endpoint is down, it mutates a seed train task toward the
+pattern instead. Proposals go to the proposals stream; verdicts come back on the
+validations stream and update the prompt statistics.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from sentinel.agents.grounding import (
+    Grounding,
+    GroundingUnsupported,
+    actions_schema,
+    ground,
+    mutate,
+)
+from sentinel.agents.llm import ChatClient, LLMError, MalformedOutput, complete_structured
+from sentinel.agents.prompts import Origin as ProposalOrigin
+from sentinel.agents.prompts import PromptBook, PromptVersion
+from sentinel.config import ProposerSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.logs import get_logger
+from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import (
+    Action,
+    Envelope,
+    ErrorPattern,
+    EvaluationCriteria,
+    Origin,
+    Provenance,
+    RejectionCode,
+    RejectionReason,
+    Task,
+    TaskProposal,
+    TaskSpec,
+    UserInstructions,
+    UserScenario,
+    ValidationResult,
+)
+
+log = get_logger(__name__)
+
+GROUP = "proposer"
+FEEDBACK_GROUP = "proposer-feedback"
+MUTATOR = "mutation"
+MAX_LOOKUPS = 3
+MAX_WRITES = 2
+
+SYSTEM = """You write training tasks for a customer-service agent of an online retailer.
+A task is a customer's situation (what they want and what they know) plus the exact tool
+calls a perfect agent makes to solve it. The task must exercise the weakness described, use
+only the entities given, and be solvable under the store's policy. Answer with JSON only."""
+
+
+class TaskDraft(BaseModel):
+    """What the LLM writes for one task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    persona: str = Field(max_length=300)
+    reason_for_call: str = Field(max_length=600)
+    known_info: str = Field(max_length=600)
+    unknown_info: str = Field(max_length=400)
+    task_instructions: str = Field(max_length=1200)
+    lookups: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_LOOKUPS)
+    writes: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_WRITES)
+
+
+def draft_schema(lookups: dict[str, Any], writes: dict[str, Any]) -> dict[str, Any]:
+    """The gold actions first, in two lists so that every task has a write; then short texts
+    (constrained decoding writes fields in this order, so a long text cannot cut the actions).
+    """
+
+    def text(limit: int) -> dict[str, Any]:
+        return {"type": "string", "maxLength": limit}
+
+    properties = {
+        "lookups": lookups,
+        "writes": writes,
+        "reason_for_call": text(160),
+        "known_info": text(120),
+        "unknown_info": text(100),
+        "task_instructions": text(200),
+        "persona": text(80),
+    }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def render_prompt(pattern: ErrorPattern | None, grounding: Grounding, prompt: PromptVersion) -> str:
+    target = (
+        f"Weakness to target: {pattern.title}. {pattern.description}\n"
+        f"Tools involved: {', '.join(pattern.tools) or 'any'}"
+        if pattern
+        else "Write a typical, realistic customer request."
+    )
+    lessons = [f"- {lesson}" for lesson in prompt.lessons]
+    return "\n".join(
+        [
+            target,
+            "Entities (use only these ids):",
+            grounding.describe(),
+            *(["Lessons from rejected tasks:", *lessons] if lessons else []),
+            "Write one task as JSON.",
+        ]
+    )
+
+
+def identify(known_info: str, grounding: Grounding) -> str:
+    """The user's real identifiers, so the agent can find them whatever the model wrote."""
+    user = grounding.user
+    facts = f"You are {user.name}; your email is {user.email} and your zip code is {user.zip}."
+    return f"{facts} {known_info}".strip()
+
+
+def restate(writes: Sequence[Action], reason: str) -> str:
+    """What the customer wants, from the gold writes, so the request is never nonsense."""
+    wants = [
+        f"{w.name.replace('_', ' ')} ({', '.join(f'{k}: {v}' for k, v in w.arguments.items())})"
+        for w in writes
+    ]
+    return f"You want the agent to: {'; '.join(wants)}. {reason}".strip()
+
+
+class Proposer:
+    def __init__(
+        self,
+        domain: Tau2Domain,
+        book: PromptBook,
+        bus: Bus,
+        settings: ProposerSettings,
+        client: ChatClient | None = None,
+    ) -> None:
+        self.domain = domain
+        self.book = book
+        self.bus = bus
+        self.settings = settings
+        self.client = client  # None: mutation only
+        self.rng = random.Random(settings.seed)
+        self.seeds = [t for t in domain.tasks("train") if _writes(t, domain)]
+
+    async def propose(self, pattern: ErrorPattern | None) -> list[TaskProposal]:
+        """`tasks_per_pattern` proposals for a pattern (None: untargeted, synthetic)."""
+        mutate_now = self.client is None
+        if pattern is not None:
+            mutate_now |= await self.book.streak(pattern.id) >= self.settings.mutation_after > 0
+        proposals: list[TaskProposal] = []
+
+        async def one() -> None:  # concurrent: the server batches them
+            proposal = None if mutate_now else await self._write(pattern)
+            proposal = proposal or self._mutation(pattern)
+            if proposal is not None:
+                proposals.append(proposal)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.settings.tasks_per_pattern):
+                tg.start_soon(one)
+        return proposals
+
+    async def _write(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+        """One LLM-written proposal; None if the domain or the endpoint cannot give one."""
+        assert self.client is not None
+        prompt = await self.book.current()
+        tools = pattern.tools if pattern and pattern.tools else sorted(self.domain.write_tools)
+        try:
+            grounding = ground(self.domain, tools, self.rng)
+        except GroundingUnsupported as error:
+            log.info("no grounding; mutating instead", reason=str(error))
+            return None
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": render_prompt(pattern, grounding, prompt)},
+        ]
+        writes = [t for t in tools if t in self.domain.write_tools]
+        schema = draft_schema(
+            actions_schema(self.domain, grounding, [], MAX_LOOKUPS, min_actions=0),
+            actions_schema(
+                self.domain, grounding, writes or sorted(self.domain.write_tools), MAX_WRITES,
+                lookups=False,
+            ),
+        )  # fmt: skip
+        task_id = f"proposed-{uuid.uuid4().hex[:12]}"
+        try:
+            draft = await complete_structured(
+                self.client, messages, TaskDraft, schema=schema,
+                max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
+            )  # fmt: skip
+        except MalformedOutput as error:
+            await self._unparseable(task_id, pattern, prompt, error)
+            return None
+        except LLMError as error:
+            log.warning("proposer endpoint failed; mutating instead", error=str(error))
+            return None
+        task = self._task(task_id, draft, grounding, pattern, prompt)
+        return await self._proposal(task, pattern, prompt.version, self.client.model)
+
+    async def _unparseable(
+        self, task_id: str, pattern: ErrorPattern | None, prompt: PromptVersion, error: LLMError
+    ) -> None:
+        """Malformed output is a rejection too: it teaches the next prompt version."""
+        proposal_id = f"proposal-{task_id}"
+        origin = ProposalOrigin(prompt_version=prompt.version, pattern_id=pattern and pattern.id)
+        verdict = ValidationResult(
+            proposal_id=proposal_id, task_id=task_id, accepted=False,
+            reasons=[RejectionReason(code=RejectionCode.SCHEMA, detail=str(error)[:500])],
+        )  # fmt: skip
+        await self.book.remember(proposal_id, origin)
+        await self.bus.publish(Stream.VALIDATIONS, verdict)
+        log.info("proposal unparseable", task=task_id, error=str(error)[:200])
+
+    def _task(
+        self,
+        task_id: str,
+        draft: TaskDraft,
+        grounding: Grounding,
+        pattern: ErrorPattern | None,
+        prompt: PromptVersion,
+    ) -> Task:
+        actions = [
+            Action(action_id=str(i), name=a.get("name", ""), arguments=a.get("arguments", {}))
+            for i, a in enumerate([*draft.lookups, *draft.writes])
+        ]
+        instructions = UserInstructions(
+            domain=self.domain.name,
+            reason_for_call=restate(actions[len(draft.lookups) :], draft.reason_for_call),
+            known_info=identify(draft.known_info, grounding),
+            unknown_info=draft.unknown_info or None,
+            task_instructions=draft.task_instructions,
+        )
+        spec = TaskSpec(
+            id=task_id,
+            description={"purpose": pattern.title if pattern else "synthetic"},
+            user_scenario=UserScenario(persona=draft.persona, instructions=instructions),
+            evaluation_criteria=EvaluationCriteria(actions=actions, communicate_info=[]),
+        )
+        provenance = Provenance(
+            origin=Origin.PROPOSED if pattern else Origin.SYNTHETIC,
+            parent_trajectory_ids=pattern.example_trajectory_ids[-5:] if pattern else [],
+            pattern_id=pattern.id if pattern else None,
+            prompt_version=prompt.name,
+            generation=1,
+        )
+        return Task(id=task_id, domain=self.domain.name, spec=spec, provenance=provenance)
+
+    def _mutation(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+        """A seed train task transformed toward the pattern; None if nothing fits."""
+        tools = set(pattern.tools) if pattern else set()
+        seeds = [s for s in self.seeds if tools & _gold_tools(s)] or self.seeds
+        for seed in self.rng.sample(seeds, k=min(len(seeds), 8)):
+            task = mutate(seed, self.domain, self.rng, sorted(tools) or None)
+            if task is not None:
+                update = {"pattern_id": pattern.id if pattern else None}
+                task = task.model_copy(
+                    update={"provenance": task.provenance.model_copy(update=update)}
+                )
+                return TaskProposal(
+                    task=task, pattern_id=update["pattern_id"], prompt_version=MUTATOR,
+                    proposer_model=MUTATOR, rationale=f"mutated from {seed.id}",
+                )  # fmt: skip
+        log.warning("no seed task could be mutated", pattern=pattern.id if pattern else None)
+        return None
+
+    async def _proposal(
+        self, task: Task, pattern: ErrorPattern | None, version: int, model: str
+    ) -> TaskProposal:
+        proposal = TaskProposal(
+            id=f"proposal-{task.id}", task=task, pattern_id=pattern.id if pattern else None,
+            prompt_version=f"v{version}", proposer_model=model,
+        )  # fmt: skip
+        origin = ProposalOrigin(prompt_version=version, pattern_id=proposal.pattern_id)
+        await self.book.remember(proposal.id, origin)
+        return proposal
+
+    async def handle_pattern(self, envelope: Envelope[ErrorPattern]) -> None:
+        pattern = envelope.payload
+        proposals = await self.propose(pattern)
+        if proposals:
+            await self.bus.publish_many(Stream.PROPOSALS, proposals)
+        log.info(
+            "proposed",
+            pattern=pattern.id,
+            proposals=len(proposals),
+            mutated=sum(p.proposer_model == MUTATOR for p in proposals),
+        )
+
+    async def handle_verdict(self, envelope: Envelope[ValidationResult]) -> None:
+        await self.book.record(envelope.payload)
+
+    async def run(self, stop: anyio.Event | None = None) -> None:
+        """Patterns to proposals, and verdicts to prompt statistics, until `stop`."""
+        verdicts = self.bus.consumer(
+            Stream.VALIDATIONS, FEEDBACK_GROUP, ValidationResult, self.handle_verdict
+        )
+        patterns = self.bus.consumer(Stream.PATTERNS, GROUP, ErrorPattern, self.handle_pattern)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(verdicts.run, stop)
+            await patterns.run(stop)
+            tg.cancel_scope.cancel()
+
+
+def _gold_tools(task: Task) -> set[str]:
+    criteria = task.spec.evaluation_criteria
+    return {a.name for a in (criteria.actions or [])} if criteria else set()
+
+
+def _writes(task: Task, domain: Tau2Domain) -> bool:
+    return bool(_gold_tools(task) & domain.write_tools)

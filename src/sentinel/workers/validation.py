@@ -1,0 +1,162 @@
+"""The `validate` queue: proposals in, verdicts and accepted tasks out on Redis Streams.
+
+Celery tasks are synchronous, and the validator is async with warm sandbox children. Each
+worker process therefore starts, on its first task, one event loop in a thread (an anyio
+blocking portal) holding the Redis client, the sandbox pool and the validator for the life
+of the process; a task hands its proposal to that loop and waits. Every path ends in a
+verdict on the `validations` stream: an unparseable proposal, an infrastructure failure that
+outlived its retries, a task over its time limit. Accepted tasks join the pool and the
+`tasks` stream; both are keyed, so a redelivered task is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import AsyncExitStack, ExitStack
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from celery import Task as CeleryTask
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
+
+from sentinel.config import Settings
+from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.logs import get_logger
+from sentinel.orchestrator.bus import Bus, connect
+from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import RejectionCode, RejectionReason, TaskProposal, ValidationResult
+from sentinel.validator import RedisTaskIndex, Validator, reject_unparseable
+from sentinel.workers.app import settings_of
+
+log = get_logger(__name__)
+
+RETRY_DELAY_S = 5
+ATTEMPTS_TTL_S = 7 * 24 * 3600
+
+
+class ValidationService:
+    """What one worker process keeps between tasks; runs on its own event loop."""
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.stack = AsyncExitStack()
+
+    async def start(self) -> None:
+        settings, v = self.settings, self.settings.validation
+        self.bus = Bus(connect(self.redis_url, settings), settings.bus)
+        self.stack.push_async_callback(self.bus.aclose)
+        domain = await anyio.to_thread.run_sync(Tau2Domain, settings.domain)
+        limits = SandboxLimits(cpu_s=v.cpu_s, memory_mb=v.memory_mb, wall_s=v.wall_s)
+        sandbox = LocalProcessSandbox(
+            limits, warm=v.warm, preload=(domain.name,), max_concurrency=v.max_concurrency
+        )
+        self.stack.push_async_callback(sandbox.aclose)
+        index = RedisTaskIndex(self.bus.redis, settings.bus.prefix, domain)
+        self.validator = Validator(domain, sandbox, v, index)
+        self.pool = TaskPool(self.bus.redis, settings.bus.prefix)
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+
+    async def attempt(self, proposal_id: str) -> int:
+        key = f"{self.settings.bus.prefix}:attempts:validate:{proposal_id}"
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, ATTEMPTS_TTL_S)
+            attempts, _ = await pipe.execute()
+        return int(attempts)
+
+    async def validate(self, raw: str) -> ValidationResult:
+        try:
+            proposal = TaskProposal.model_validate_json(raw)
+        except ValidationError as error:
+            result = reject_unparseable(raw, error)
+        else:
+            result = await self.validator.validate(proposal)
+            if result.accepted:
+                await self.pool.add(proposal.task)
+                await self.bus.publish(Stream.TASKS, proposal.task)
+        await self.publish(result)
+        return result
+
+    async def publish(self, result: ValidationResult) -> None:
+        await self.bus.publish(Stream.VALIDATIONS, result)
+        log.info(
+            "validated",
+            proposal=result.proposal_id,
+            accepted=result.accepted,
+            reasons=[r.code.value for r in result.reasons],
+            duration_s=round(result.duration_s, 3),
+        )
+
+
+class _Process:
+    """The service of this worker process, started on first use (after Celery's fork)."""
+
+    lock = threading.Lock()
+    pid: int | None = None
+    portal: BlockingPortal
+    service: ValidationService
+    stack: ExitStack
+
+    @classmethod
+    def get(cls, task: CeleryTask[Any, Any]) -> tuple[BlockingPortal, ValidationService]:
+        with cls.lock:
+            if cls.pid != os.getpid():
+                settings, url = settings_of(task.app)
+                cls.stack = ExitStack()
+                cls.portal = cls.stack.enter_context(start_blocking_portal())
+                cls.service = ValidationService(settings, url)
+                cls.portal.call(cls.service.start)
+                cls.pid = os.getpid()
+            return cls.portal, cls.service
+
+
+def _give_up(proposal_id: str, task_id: str, code: RejectionCode, detail: str) -> ValidationResult:
+    return ValidationResult(
+        proposal_id=proposal_id, task_id=task_id, accepted=False,
+        reasons=[RejectionReason(code=code, detail=detail)],
+    )  # fmt: skip
+
+
+def _ids(raw: str) -> tuple[str, str]:
+    """The proposal and task ids, if the payload has them, for verdicts about it."""
+    try:
+        proposal = TaskProposal.model_validate_json(raw)
+    except ValidationError:
+        return f"unparseable-{abs(hash(raw)):x}", "unknown"
+    return proposal.id, proposal.task.id
+
+
+@shared_task(bind=True, name="sentinel.validate", max_retries=None)
+def validate(self: CeleryTask[Any, Any], raw: str) -> None:
+    """Validate one proposal (its JSON); the verdict goes to the `validations` stream."""
+    portal, service = _Process.get(self)
+    proposal_id, task_id = _ids(raw)
+    attempts = portal.call(service.attempt, proposal_id)
+    limit = service.settings.workers.max_attempts
+    if attempts > limit:
+        detail = f"validation failed {limit} times (infrastructure); giving up"
+        verdict = _give_up(proposal_id, task_id, RejectionCode.SANDBOX_CRASH, detail)
+        portal.call(service.publish, verdict)
+        return
+    start = time.perf_counter()
+    try:
+        portal.call(service.validate, raw)
+    except SoftTimeLimitExceeded:
+        detail = f"validation exceeded {time.perf_counter() - start:.0f} s"
+        verdict = _give_up(proposal_id, task_id, RejectionCode.SANDBOX_TIMEOUT, detail)
+        portal.call(service.publish, verdict)
+    except Exception as error:  # infrastructure (Redis, sandbox start): retry, counted
+        log.warning(
+            "validation failed; retrying", proposal=proposal_id, attempt=attempts, error=str(error)
+        )
+        raise self.retry(exc=error, countdown=RETRY_DELAY_S) from error

@@ -1,0 +1,166 @@
+"""The Controller on real parts: SmolLM2 rollouts on tau2 retail fail, and it diagnoses them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from sentinel.agents.controller import Controller, draft_schema, render_prompt
+from sentinel.agents.llm import Completion, OpenAIChatClient
+from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.signals import primary_category
+from sentinel.agents.solver import Solver
+from sentinel.agents.user import UserSimulator
+from sentinel.config import ControllerSettings, RolloutSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.patterns import PatternLibrary
+from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.streams import Stream
+from sentinel.schemas import Envelope, FailureCategory, FailureDiagnosis, Trajectory
+
+pytestmark = pytest.mark.anyio
+ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48, concurrency=8)
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+@pytest.fixture(scope="module")
+async def failures(retail: Tau2Domain, policy_url: str) -> list[Trajectory]:
+    """Real failed trajectories: SmolLM2 as Solver and user on four retail train tasks."""
+    from sentinel.config import LLMEndpoint
+
+    solver_client = OpenAIChatClient(LLMEndpoint(base_url=policy_url))
+    user_client = OpenAIChatClient(LLMEndpoint(base_url=policy_url))
+    solver = Solver(solver_client, retail.policy, retail.tool_schemas, ROLLOUTS)
+    runner = RolloutRunner(retail, solver, UserSimulator(user_client, ROLLOUTS), settings=ROLLOUTS)
+    tasks = [t for t in retail.tasks("train") if t.spec.evaluation_criteria][:4]
+    trajectories: list[Trajectory] = []
+    async with anyio.create_task_group() as tg:
+        for task in tasks:
+
+            async def one(task: Any = task) -> None:
+                trajectories.append(await runner.run(task))
+
+            tg.start_soon(one)
+    await runner.aclose()
+    failed = [t for t in trajectories if not t.succeeded]
+    assert failed, "SmolLM2 solved every task in 4 turns: pick harder tasks"
+    return failed
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
+    return "asyncio"
+
+
+def controller(
+    retail: Tau2Domain, bus: Bus, client: Any, settings: ControllerSettings | None = None
+) -> Controller:
+    prefix = bus.settings.prefix
+    return Controller(
+        retail,
+        TaskPool(bus.redis, prefix, retail.tasks("train")),
+        PatternLibrary(bus.redis, prefix),
+        bus,
+        settings or ControllerSettings(max_tokens=200),
+        client,
+    )
+
+
+async def test_real_failures_become_diagnoses_and_a_persisted_library(
+    retail: Tau2Domain,
+    failures: list[Trajectory],
+    bus: Bus,
+    llm: Callable[..., OpenAIChatClient],
+) -> None:
+    agent = controller(retail, bus, llm())
+    await bus.publish_many(Stream.TRAJECTORIES, failures)
+    consumer = bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle)
+    while await consumer.poll():
+        pass
+    entries = await bus.redis.xrange(bus.keys.stream(Stream.DIAGNOSES))
+    diagnoses = [Envelope.from_wire(fields, FailureDiagnosis).payload for _, fields in entries]
+    assert len(diagnoses) == len(failures)
+    for diagnosis in diagnoses:
+        assert diagnosis.signals, "every real failure has some deterministic evidence"
+        assert diagnosis.category in {s.category for s in diagnosis.signals}
+        assert diagnosis.summary
+        assert set(diagnosis.tools) <= retail.tool_names
+    assert sum(d.diagnoser_model == "smol" for d in diagnoses) >= 1  # the LLM answered
+    library = PatternLibrary(bus.redis, bus.settings.prefix)  # as another process sees it
+    patterns = await library.all()
+    assert 1 <= len(patterns) <= len(failures)
+    assert sum(sum(p.frequency.values()) for p in patterns) == len(failures)
+    assert await library.failures() == {0: len(failures)}
+    published = await bus.redis.xlen(bus.keys.stream(Stream.PATTERNS))
+    assert published >= len(patterns)
+
+
+async def test_successes_and_infra_errors_are_not_diagnosed(
+    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+) -> None:
+    agent = controller(retail, bus, None)
+    success = failures[0].model_copy(
+        update={"id": "ok", "reward": failures[0].reward.model_copy(update={"reward": 1.0})}  # type: ignore[union-attr]
+    )
+    await bus.publish(Stream.TRAJECTORIES, success)
+    consumer = bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle)
+    assert await consumer.poll() == 1
+    assert await bus.redis.xlen(bus.keys.stream(Stream.DIAGNOSES)) == 0
+
+
+class Garbage:
+    """A stand-in endpoint that never answers valid JSON (error handling only)."""
+
+    model = "garbage"
+
+    async def complete(self, *_: Any, **__: Any) -> Completion:
+        return Completion(content="I think the agent was sad.", finish_reason="stop")
+
+
+async def test_malformed_llm_output_falls_back_to_the_signals(
+    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+) -> None:
+    trajectory = failures[0]
+    task = await TaskPool(bus.redis, "x", retail.tasks("train")).get(trajectory.task_id)
+    assert task is not None
+    diagnosis = await controller(retail, bus, Garbage()).diagnose(task, trajectory)
+    assert diagnosis.diagnoser_model is None
+    assert diagnosis.category == primary_category(diagnosis.signals)
+    assert diagnosis.summary
+
+
+async def test_unknown_tasks_are_dead_lettered_with_the_reason(
+    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+) -> None:
+    orphan = failures[0].model_copy(update={"id": "orphan", "task_id": "retail-nope"})
+    await bus.publish(Stream.TRAJECTORIES, orphan)
+    agent = controller(retail, bus, None)
+    await bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle).poll()
+    [letter] = await bus.dead_letters(Stream.TRAJECTORIES)
+    assert "retail-nope" in letter.reason
+
+
+def test_the_schema_offers_only_what_the_signals_found(
+    retail: Tau2Domain, failures: list[Trajectory]
+) -> None:
+    from sentinel.agents.signals import failure_signals
+
+    trajectory = failures[0]
+    task = next(t for t in retail.tasks("train") if t.id == trajectory.task_id)
+    signals = failure_signals(task, trajectory, retail)
+    schema = draft_schema(signals, sorted(retail.tool_names))
+    assert set(schema["properties"]["category"]["enum"]) == {s.category.value for s in signals}
+    assert set(schema["properties"]["tools"]["items"]["enum"]) == retail.tool_names
+    empty = draft_schema([], ["a"])
+    assert set(empty["properties"]["category"]["enum"]) == {c.value for c in FailureCategory}
+    prompt = render_prompt(task, trajectory, signals, 4000)
+    assert "Expected actions:" in prompt
+    assert "[1]" in prompt

@@ -1,0 +1,160 @@
+"""Deterministic failure signals on real tau2 retail tasks and hand-built trajectories."""
+
+from __future__ import annotations
+
+import pytest
+
+from sentinel.agents.signals import failure_signals, first_wrong_step, primary_category
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.schemas import (
+    ChatMessage,
+    FailureCategory,
+    RewardBreakdown,
+    Task,
+    TerminationReason,
+    ToolCall,
+    Trajectory,
+)
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+@pytest.fixture(scope="module")
+def cancel_task(retail: Tau2Domain) -> Task:
+    """A train task whose only write cancels a pending order."""
+    for task in retail.tasks("train"):
+        actions = task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
+        writes = [a for a in actions if a.name in retail.write_tools]
+        if [a.name for a in writes] == ["cancel_pending_order"]:
+            return task
+    raise AssertionError("no cancellation task in retail train")
+
+
+def conversation(
+    task: Task, *, confirm: bool = True, change: dict[str, object] | None = None, drop: str = ""
+) -> list[ChatMessage]:
+    """The gold actions as a conversation: the user asks, the agent acts, with a yes before
+    every write (unless `confirm` is False)."""
+    messages = [ChatMessage(role="user", content="Hi, I need help with an order.")]
+    for i, action in enumerate(task.spec.evaluation_criteria.actions or []):  # type: ignore[union-attr]
+        if action.name == drop:
+            continue
+        arguments = (
+            {**action.arguments, **(change or {})}
+            if action.name.startswith("cancel")
+            else action.arguments
+        )
+        if action.name.startswith("cancel") and confirm:
+            messages.append(ChatMessage(role="user", content="Yes, please go ahead."))
+        call = ToolCall(id=f"c{i}", name=action.name, arguments=arguments)
+        messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+        messages.append(ChatMessage(role="tool", content="{}", tool_call_id=f"c{i}"))
+    return messages
+
+
+def trajectory(
+    messages: list[ChatMessage],
+    termination: TerminationReason = TerminationReason.AGENT_STOP,
+    missing: list[str] | None = None,
+    malformed: int = 0,
+) -> Trajectory:
+    return Trajectory(
+        task_id="t", domain="retail", policy_version=0, policy_model="m", messages=messages,
+        termination=termination, malformed_turns=malformed,
+        reward=RewardBreakdown(reward=0.0, missing_communication=missing or []),
+    )  # fmt: skip
+
+
+def categories(signals: list) -> list[FailureCategory]:  # type: ignore[type-arg]
+    return [s.category for s in signals]
+
+
+def test_the_gold_conversation_has_no_signal(retail: Tau2Domain, cancel_task: Task) -> None:
+    assert failure_signals(cancel_task, trajectory(conversation(cancel_task)), retail) == []
+
+
+def test_a_dropped_write_is_a_missing_action(retail: Tau2Domain, cancel_task: Task) -> None:
+    messages = conversation(cancel_task, drop="cancel_pending_order")
+    [signal] = failure_signals(cancel_task, trajectory(messages), retail)
+    assert signal.category == FailureCategory.MISSING_ACTION
+    assert signal.step is None
+    assert signal.tool == "cancel_pending_order"
+
+
+def test_another_reason_is_wrong_arguments_naming_it(retail: Tau2Domain, cancel_task: Task) -> None:
+    messages = conversation(cancel_task, change={"reason": "too expensive"})
+    [signal] = failure_signals(cancel_task, trajectory(messages), retail)
+    assert signal.category == FailureCategory.WRONG_ARGUMENTS
+    assert "reason: expected" in signal.detail
+    assert '"too expensive"' in signal.detail
+    assert messages[signal.step or 0].tool_calls[0].name == "cancel_pending_order"
+
+
+def test_unknown_and_foreign_orders_are_wrong_entities(
+    retail: Tau2Domain, cancel_task: Task
+) -> None:
+    missing = conversation(cancel_task, change={"order_id": "#W0000000"})
+    found = failure_signals(cancel_task, trajectory(missing), retail)
+    assert primary_category(found) == FailureCategory.WRONG_ENTITY
+    assert any("does not exist" in s.detail for s in found)
+    gold_order = next(
+        a.arguments["order_id"]
+        for a in cancel_task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
+        if a.name == "cancel_pending_order"
+    )
+    owner = retail.database["orders"][gold_order]["user_id"]
+    other = next(
+        i for i, o in retail.database["orders"].items()
+        if o["user_id"] != owner and o["status"] == "pending"
+    )  # fmt: skip
+    foreign = conversation(cancel_task, change={"order_id": other})
+    found = failure_signals(cancel_task, trajectory(foreign), retail)
+    assert any(f"belongs to" in s.detail and other in s.detail for s in found)
+
+
+def test_a_write_without_a_yes_misses_confirmation(retail: Tau2Domain, cancel_task: Task) -> None:
+    messages = conversation(cancel_task, confirm=False)
+    [signal] = failure_signals(cancel_task, trajectory(messages), retail)
+    assert signal.category == FailureCategory.MISSING_CONFIRMATION
+
+
+def test_cancelling_a_delivered_order_violates_the_policy(
+    retail: Tau2Domain, cancel_task: Task
+) -> None:
+    gold_order = next(
+        a.arguments["order_id"]
+        for a in cancel_task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
+        if a.name == "cancel_pending_order"
+    )
+    delivered = next(i for i, o in retail.database["orders"].items() if o["status"] == "delivered")
+    messages = conversation(cancel_task, change={"order_id": delivered})
+    found = failure_signals(cancel_task, trajectory(messages), retail)
+    assert FailureCategory.POLICY_VIOLATION in categories(found)
+    twice = conversation(cancel_task)
+    twice += twice[-3:]  # the same cancellation again: the order is cancelled by then
+    found = failure_signals(cancel_task, trajectory(twice), retail)
+    assert [s.detail for s in found if s.category == FailureCategory.POLICY_VIOLATION] == [
+        f"cancel_pending_order on order {gold_order} whose status is 'cancelled'"
+    ]
+
+
+def test_outcome_signals_and_their_order(retail: Tau2Domain, cancel_task: Task) -> None:
+    messages = conversation(cancel_task, confirm=False)
+    messages.insert(1, ChatMessage(role="assistant", content="<garbage", error=True))
+    found = failure_signals(
+        cancel_task,
+        trajectory(messages, TerminationReason.MAX_STEPS, missing=["10.50"], malformed=1),
+        retail,
+    )
+    assert categories(found) == [
+        FailureCategory.MALFORMED_OUTPUT,
+        FailureCategory.MISSING_CONFIRMATION,
+        FailureCategory.UNFINISHED,
+        FailureCategory.MISSING_COMMUNICATION,
+    ]
+    assert first_wrong_step(found) == 1
+    assert primary_category(found) == FailureCategory.MISSING_CONFIRMATION
+    assert primary_category([]) == FailureCategory.OTHER

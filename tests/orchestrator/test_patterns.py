@@ -1,0 +1,75 @@
+"""The error-pattern library on a real Redis: merging, idempotence, concurrency, trends."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.patterns import PatternLibrary
+from sentinel.schemas import FailureCategory, FailureDiagnosis
+
+pytestmark = pytest.mark.anyio
+
+
+def diagnosis(
+    i: int,
+    category: FailureCategory = FailureCategory.WRONG_ARGUMENTS,
+    tools: tuple[str, ...] = ("modify_pending_order_items",),
+    version: int = 0,
+) -> FailureDiagnosis:
+    return FailureDiagnosis(
+        id=f"d-{i}",
+        trajectory_id=f"t-{i}",
+        task_id="retail-1",
+        policy_version=version,
+        category=category,
+        summary="The agent passed the old item id as the new one.",
+        tools=list(tools),
+    )
+
+
+@pytest.fixture
+def library(bus: Bus) -> PatternLibrary:
+    return PatternLibrary(bus.redis, bus.settings.prefix, merge_similarity=0.5)
+
+
+async def test_similar_diagnoses_merge_and_others_found_patterns(library: PatternLibrary) -> None:
+    first = await library.add(diagnosis(0))
+    same = await library.add(diagnosis(1))
+    assert first.created and not same.created
+    assert same.pattern.id == first.pattern.id
+    assert same.pattern.example_trajectory_ids == ["t-0", "t-1"]
+    other_tool = await library.add(diagnosis(2, tools=("cancel_pending_order",)))
+    other_category = await library.add(diagnosis(3, category=FailureCategory.MISSING_ACTION))
+    assert other_tool.created and other_category.created
+    patterns = await library.all()
+    assert [sum(p.frequency.values()) for p in patterns] == [2, 1, 1]
+    assert patterns[0].title == "wrong arguments in modify_pending_order_items"
+
+
+async def test_a_diagnosis_counts_once_even_when_redelivered(library: PatternLibrary) -> None:
+    await library.add(diagnosis(0))
+    again = await library.add(diagnosis(0))
+    assert not again.counted
+    assert again.pattern.frequency == {0: 1}
+    assert await library.failures() == {0: 1}
+
+
+async def test_concurrent_controllers_lose_no_count(library: PatternLibrary) -> None:
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(library.add, diagnosis(i, version=i % 2))
+    [pattern] = await library.all()
+    assert pattern.frequency == {0: 10, 1: 10}
+
+
+async def test_trend_is_the_share_of_failures_per_policy_version(library: PatternLibrary) -> None:
+    for i in range(4):  # version 0: 3 of 4 failures are this pattern
+        tools = ("cancel_pending_order",) if i == 3 else ("modify_pending_order_items",)
+        await library.add(diagnosis(i, tools=tools, version=0))
+    for i in range(4, 8):  # version 1: 1 of 4
+        tools = ("cancel_pending_order",) if i != 4 else ("modify_pending_order_items",)
+        await library.add(diagnosis(i, tools=tools, version=1))
+    pattern = next(p for p in await library.all() if "modify" in p.tools[0])
+    assert await library.trend(pattern) == {0: 0.75, 1: 0.25}

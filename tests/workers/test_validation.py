@@ -1,0 +1,164 @@
+"""The `validate` queue end to end: a real Celery worker process on a real Redis, the
+dispatcher, the sandbox, and verdicts on the validations stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from subprocess import Popen
+
+import anyio
+import pytest
+
+from sentinel.config import Settings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.dispatch import ValidationDispatcher
+from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.streams import Stream
+from sentinel.process import start_child, stop_child
+from sentinel.schemas import (
+    Action,
+    Envelope,
+    EvaluationCriteria,
+    Origin,
+    Provenance,
+    RejectionCode,
+    Task,
+    TaskProposal,
+    TaskSpec,
+    UserInstructions,
+    UserScenario,
+    ValidationResult,
+)
+from sentinel.workers.app import make_app
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+def cancellation(retail: Tau2Domain, name: str, actions: list[Action] | None = None) -> Task:
+    """A new, correct task: cancel a pending order that no tau2 task touches."""
+    used = {json.dumps(t.spec.model_dump(mode="json")) for t in retail.tasks()}
+    orders = retail.database["orders"]
+    order_id, order = next(
+        (i, o)
+        for i, o in orders.items()
+        if o["status"] == "pending" and not any(i in u for u in used)
+    )
+    user = retail.database["users"][order["user_id"]]
+    actions = actions or [
+        Action(action_id="0", name="find_user_id_by_email", arguments={"email": user["email"]}),
+        Action(action_id="1", name="get_order_details", arguments={"order_id": order_id}),
+        Action(
+            action_id="2",
+            name="cancel_pending_order",
+            arguments={"order_id": order_id, "reason": "no longer needed"},
+        ),
+    ]
+    spec = TaskSpec(
+        id=name,
+        user_scenario=UserScenario(
+            instructions=UserInstructions(
+                domain="retail",
+                reason_for_call=f"You want to cancel order {order_id}: you no longer need it.",
+                known_info=f"Your email is {user['email']}.",
+                task_instructions="Confirm the cancellation when asked.",
+            )
+        ),
+        evaluation_criteria=EvaluationCriteria(actions=actions, communicate_info=[]),
+    )
+    provenance = Provenance(origin=Origin.PROPOSED)
+    return Task(id=name, domain="retail", spec=spec, provenance=provenance)
+
+
+def proposal(task: Task) -> TaskProposal:
+    return TaskProposal(
+        id=f"proposal-{task.id}", task=task, prompt_version="v1", proposer_model="test"
+    )
+
+
+@pytest.fixture
+def worker_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "validation": settings.validation.model_copy(
+                update={"cpu_s": 4, "wall_s": 10, "warm": 1, "memory_mb": 1024}
+            )
+        }
+    )
+
+
+@pytest.fixture
+def worker(worker_settings: Settings, tmp_path: Path) -> Iterator[Popen[bytes]]:
+    env = {
+        **os.environ,
+        "SENTINEL_REDIS_URL": worker_settings.redis_url or "",
+        "SENTINEL_RUN_DIR": str(worker_settings.run_dir),
+        "SENTINEL_BUS__PREFIX": worker_settings.bus.prefix,
+        "SENTINEL_VALIDATION__CPU_S": "4",
+        "SENTINEL_VALIDATION__WALL_S": "10",
+        "SENTINEL_VALIDATION__WARM": "1",
+        "SENTINEL_LOG__FORMAT": "json",
+    }
+    argv = [sys.executable, "-m", "sentinel", "worker", "validate", "--concurrency", "1"]
+    process = start_child(argv, tmp_path / "worker.log", env)
+    yield process
+    stop_child(process)
+
+
+async def verdicts(bus: Bus, count: int, timeout_s: float = 120) -> list[ValidationResult]:
+    key = bus.keys.stream(Stream.VALIDATIONS)
+    with anyio.fail_after(timeout_s):
+        while await bus.redis.xlen(key) < count:
+            await anyio.sleep(0.5)
+    entries = await bus.redis.xrange(key)
+    return [Envelope.from_wire(fields, ValidationResult).payload for _, fields in entries]
+
+
+@pytest.fixture
+async def dispatched(bus: Bus, worker_settings: Settings) -> AsyncIterator[anyio.Event]:
+    stop = anyio.Event()
+    celery = make_app(worker_settings, worker_settings.redis_url or "")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ValidationDispatcher(bus, celery).run, stop)
+        yield stop
+        stop.set()
+
+
+async def test_proposals_flow_through_celery_to_verdicts_and_the_pool(
+    retail: Tau2Domain,
+    bus: Bus,
+    worker: Popen[bytes],
+    dispatched: anyio.Event,
+) -> None:
+    good = cancellation(retail, "proposed-good")
+    unknown = cancellation(retail, "proposed-unknown-tool")
+    unknown.spec.evaluation_criteria.actions[2].name = "refund_everything"  # type: ignore[index, union-attr]
+    hostile = cancellation(retail, "proposed-hostile")
+    hostile.spec.evaluation_criteria.actions.insert(  # type: ignore[union-attr]
+        0, Action(action_id="x", name="calculate", arguments={"expression": "9**9**9**9"})
+    )
+    after = cancellation(retail, "proposed-after")  # the same as good: a duplicate
+    for task in (good, unknown, hostile, after):
+        await bus.publish(Stream.PROPOSALS, proposal(task))
+    results = {v.task_id: v for v in await verdicts(bus, 4)}
+    assert results["proposed-good"].accepted, results["proposed-good"].reasons
+    assert results["proposed-good"].target_db_hash
+    codes = {t: [r.code for r in v.reasons] for t, v in results.items()}
+    assert codes["proposed-unknown-tool"] == [RejectionCode.UNKNOWN_TOOL]
+    assert codes["proposed-hostile"][0] in {
+        RejectionCode.SANDBOX_TIMEOUT, RejectionCode.SANDBOX_CRASH
+    }  # fmt: skip
+    assert codes["proposed-after"] == [RejectionCode.DUPLICATE]
+    assert worker.poll() is None, "the worker survived the hostile proposal"
+    pool = TaskPool(bus.redis, bus.settings.prefix)
+    assert await pool.get("proposed-good") == good
+    assert await bus.redis.xlen(bus.keys.stream(Stream.TASKS)) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sentinel.schemas import (
     Action,
     ChatMessage,
@@ -30,6 +32,9 @@ from sentinel.schemas import (
     UserScenario,
     ValidationResult,
 )
+
+if TYPE_CHECKING:
+    from sentinel.envs.tau2 import Tau2Domain
 
 
 def task(i: int = 0) -> Task:
@@ -155,3 +160,35 @@ def examples() -> list[Message]:
             duration_s=6.8,
         ),
     ]
+
+
+def cancellation(retail: Tau2Domain, name: str, nth: int = 0) -> Task:
+    """A new, correct task: cancel the `nth` pending order that no tau2 task mentions."""
+    used = " ".join(t.spec.model_dump_json() for t in retail.tasks())
+    orders = retail.database["orders"]
+    fresh = [(i, o) for i, o in orders.items() if o["status"] == "pending" and i not in used]
+    order_id, order = fresh[nth]
+    user = retail.database["users"][order["user_id"]]
+    actions = [
+        Action(action_id="0", name="find_user_id_by_email", arguments={"email": user["email"]}),
+        Action(action_id="1", name="get_order_details", arguments={"order_id": order_id}),
+        Action(
+            action_id="2",
+            name="cancel_pending_order",
+            arguments={"order_id": order_id, "reason": "no longer needed"},
+        ),
+    ]
+    spec = TaskSpec(
+        id=name,
+        user_scenario=UserScenario(
+            instructions=UserInstructions(
+                domain="retail",
+                reason_for_call=f"You want to cancel order {order_id}: you no longer need it.",
+                known_info=f"Your email is {user['email']}.",
+                task_instructions="Confirm the cancellation when asked.",
+            )
+        ),
+        evaluation_criteria=EvaluationCriteria(actions=actions, communicate_info=[]),
+    )
+    provenance = Provenance(origin=Origin.PROPOSED)
+    return Task(id=name, domain="retail", spec=spec, provenance=provenance)

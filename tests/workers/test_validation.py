@@ -3,7 +3,6 @@ dispatcher, the sandbox, and verdicts on the validations stream."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,18 +22,13 @@ from sentinel.process import start_child, stop_child
 from sentinel.schemas import (
     Action,
     Envelope,
-    EvaluationCriteria,
-    Origin,
-    Provenance,
     RejectionCode,
     Task,
     TaskProposal,
-    TaskSpec,
-    UserInstructions,
-    UserScenario,
     ValidationResult,
 )
 from sentinel.workers.app import make_app
+from tests.factories import cancellation
 
 pytestmark = pytest.mark.anyio
 
@@ -42,41 +36,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module")
 def retail() -> Tau2Domain:
     return Tau2Domain("retail")
-
-
-def cancellation(retail: Tau2Domain, name: str, actions: list[Action] | None = None) -> Task:
-    """A new, correct task: cancel a pending order that no tau2 task touches."""
-    used = {json.dumps(t.spec.model_dump(mode="json")) for t in retail.tasks()}
-    orders = retail.database["orders"]
-    order_id, order = next(
-        (i, o)
-        for i, o in orders.items()
-        if o["status"] == "pending" and not any(i in u for u in used)
-    )
-    user = retail.database["users"][order["user_id"]]
-    actions = actions or [
-        Action(action_id="0", name="find_user_id_by_email", arguments={"email": user["email"]}),
-        Action(action_id="1", name="get_order_details", arguments={"order_id": order_id}),
-        Action(
-            action_id="2",
-            name="cancel_pending_order",
-            arguments={"order_id": order_id, "reason": "no longer needed"},
-        ),
-    ]
-    spec = TaskSpec(
-        id=name,
-        user_scenario=UserScenario(
-            instructions=UserInstructions(
-                domain="retail",
-                reason_for_call=f"You want to cancel order {order_id}: you no longer need it.",
-                known_info=f"Your email is {user['email']}.",
-                task_instructions="Confirm the cancellation when asked.",
-            )
-        ),
-        evaluation_criteria=EvaluationCriteria(actions=actions, communicate_info=[]),
-    )
-    provenance = Provenance(origin=Origin.PROPOSED)
-    return Task(id=name, domain="retail", spec=spec, provenance=provenance)
 
 
 def proposal(task: Task) -> TaskProposal:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import re
-import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from sentinel.envs.tau2 import STOPPED, Tau2Domain
+from sentinel.envs.tau2 import STOPPED, Entities, Tau2Domain, id_arguments
 from sentinel.schemas import (
     Action,
     FailureCategory,
@@ -70,46 +69,6 @@ PRIORITY = [  # the most informative category first
     FailureCategory.UNFINISHED,
     FailureCategory.OTHER,
 ]
-
-
-@dataclass
-class _Index:
-    """Every id in a domain's database, and the user who owns it where there is one."""
-
-    ids: set[str] = field(default_factory=set)
-    owner: dict[str, str] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)  # order id -> initial status
-
-
-_INDEXES: weakref.WeakKeyDictionary[Tau2Domain, _Index] = weakref.WeakKeyDictionary()
-
-
-def _index(domain: Tau2Domain) -> _Index:
-    if domain not in _INDEXES:
-        index = _Index()
-        for table in domain.database.values():
-            if isinstance(table, dict):
-                for key, record in table.items():
-                    _add(index, str(key), record)
-        _INDEXES[domain] = index
-    return _INDEXES[domain]
-
-
-def _add(index: _Index, key: str, record: Any) -> None:
-    index.ids.add(key)
-    if not isinstance(record, dict):
-        return
-    if isinstance(owner := record.get("user_id"), str):
-        index.owner[key] = owner
-    if isinstance(status := record.get("status"), str):
-        index.status[key] = status
-    for name, value in record.items():
-        if name.endswith("_id") and isinstance(value, str):
-            index.ids.add(value)
-        if name in {"variants", "payment_methods"} and isinstance(value, dict):
-            index.ids.update(value)
-            if name == "payment_methods":
-                index.owner.update((pm, key) for pm in value)
 
 
 @dataclass
@@ -178,7 +137,7 @@ def _gold_signals(gold: list[Action], calls: list[_Call]) -> Iterator[FailureSig
         )  # fmt: skip
 
 
-def _task_user(gold: list[Action], index: _Index) -> str | None:
+def _task_user(gold: list[Action], index: Entities) -> str | None:
     for action in gold:
         if isinstance(user := action.arguments.get("user_id"), str):
             return user
@@ -188,17 +147,11 @@ def _task_user(gold: list[Action], index: _Index) -> str | None:
     return None
 
 
-def _ids(arguments: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    for name, value in arguments.items():
-        if name.endswith("_id") and isinstance(value, str):
-            yield name, value
-        elif name.endswith("_ids") and isinstance(value, list):
-            yield from ((name, v) for v in value if isinstance(v, str))
-
-
-def _entity_signals(calls: list[_Call], index: _Index, user: str | None) -> Iterator[FailureSignal]:
+def _entity_signals(
+    calls: list[_Call], index: Entities, user: str | None
+) -> Iterator[FailureSignal]:
     for c in calls:
-        for name, value in _ids(c.call.arguments):
+        for name, value in id_arguments(c.call.arguments):
             owner = index.owner.get(value)
             if value not in index.ids:
                 detail = f"{c.call.name}: {name} {value!r} does not exist"
@@ -229,7 +182,7 @@ def _tool_signals(
 
 
 def _policy_signals(
-    calls: list[_Call], gold: list[Action], domain: Tau2Domain, index: _Index
+    calls: list[_Call], gold: list[Action], domain: Tau2Domain, index: Entities
 ) -> Iterator[FailureSignal]:
     if domain.name != "retail":
         return
@@ -291,7 +244,7 @@ def _outcome_signals(trajectory: Trajectory) -> Iterator[FailureSignal]:
 
 def failure_signals(task: Task, trajectory: Trajectory, domain: Tau2Domain) -> list[FailureSignal]:
     """Every deterministic finding, by step; findings without a step last."""
-    index, gold, calls = _index(domain), _gold(task), _calls(trajectory)
+    index, gold, calls = domain.entities, _gold(task), _calls(trajectory)
     signals = [
         *_gold_signals(gold, calls),
         *_entity_signals(calls, index, _task_user(gold, index)),

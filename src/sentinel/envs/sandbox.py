@@ -94,11 +94,17 @@ class ActionResult(Strict):
 
 
 class ReplayOutcome(Strict):
+    """Agent and user DB hashes before, after the gold actions, and after only their reads
+    (what a trajectory that looks things up but changes nothing would leave)."""
+
     ok: bool  # the replay ran to the end (its actions may still have failed)
     results: list[ActionResult] = Field(default_factory=list)
     db_hash_before: str | None = None
+    user_db_hash_before: str | None = None
     db_hash_after: str | None = None
     user_db_hash_after: str | None = None
+    read_only_db_hash: str | None = None
+    read_only_user_db_hash: str | None = None
     duration_s: float = 0.0  # from taking a child to the outcome, start-up included
     network_isolated: bool = False
     failure: RejectionReason | None = None
@@ -371,31 +377,39 @@ def _domain(name: str, loaded: dict[str, Tau2Domain]) -> Tau2Domain:
 
     if name not in loaded:
         loaded[name] = Tau2Domain(name)
-        _ = loaded[name].tool_names  # loads the database once, warming tau2's code paths
+        _ = loaded[name].initial_hashes  # parses and hashes the database once, warming tau2
     return loaded[name]
 
 
 def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayOutcome:
-    """The replay itself, in this process: every gold action in order on a fresh environment."""
-    episode = _domain(request.domain, loaded).episode(request.task)
-    before, _ = episode.db_hashes()
-    criteria = request.task.spec.evaluation_criteria
+    """The replay itself, in this process: every gold action in order on a fresh environment,
+    then only the reads on another."""
+    domain, task = _domain(request.domain, loaded), request.task
+    before = domain.initial_hashes if task.spec.initial_state is None else None
+    episode = domain.episode(task)
+    before = before or episode.db_hashes()
+    criteria = task.spec.evaluation_criteria
+    calls = [
+        ToolCall(id=f"gold-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)
+        for i, a in enumerate((criteria.actions or []) if criteria else [])
+    ]
     results = []
-    for i, action in enumerate((criteria.actions or []) if criteria else []):
-        call = ToolCall(
-            id=f"gold-{i}", name=action.name, arguments=action.arguments,
-            requestor=action.requestor,
-        )  # fmt: skip
+    for call in calls:
         result = episode.step(call)  # errors come back as results
         content = result.content[: request.limits.max_result_chars]
-        results.append(ActionResult(name=action.name, error=result.error, content=content))
-    after, user_after = episode.db_hashes()
+        results.append(ActionResult(name=call.name, error=result.error, content=content))
+    after = episode.db_hashes()
+    reads = [c for c in calls if c.name not in domain.write_tools]
+    read_only = after if len(reads) == len(calls) else domain.replay(task, reads).db_hashes()
     return ReplayOutcome(
         ok=True,
         results=results,
-        db_hash_before=before,
-        db_hash_after=after,
-        user_db_hash_after=user_after,
+        db_hash_before=before[0],
+        user_db_hash_before=before[1],
+        db_hash_after=after[0],
+        user_db_hash_after=after[1],
+        read_only_db_hash=read_only[0],
+        read_only_user_db_hash=read_only[1],
     )
 
 

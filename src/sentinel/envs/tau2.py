@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
@@ -62,6 +62,49 @@ STOPPED = {TerminationReason.AGENT_STOP, TerminationReason.USER_STOP}
 
 class UnsupportedTask(ValueError):
     """A task this adapter cannot score faithfully (e.g. natural-language assertions)."""
+
+
+@dataclass
+class Entities:
+    """Every id in a domain's database, its owner (a user) and status where it has them."""
+
+    ids: set[str] = field(default_factory=set)
+    owner: dict[str, str] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def index(cls, database: dict[str, Any]) -> Entities:
+        entities = cls()
+        for table in database.values():
+            if isinstance(table, dict):
+                for key, record in table.items():
+                    entities._add(str(key), record)
+        return entities
+
+    def _add(self, key: str, record: Any) -> None:
+        self.ids.add(key)
+        if not isinstance(record, dict):
+            return
+        if isinstance(owner := record.get("user_id"), str):
+            self.owner[key] = owner
+        if isinstance(status := record.get("status"), str):
+            self.status[key] = status
+        for name, value in record.items():
+            if name.endswith("_id") and isinstance(value, str):
+                self.ids.add(value)
+            elif name in {"variants", "payment_methods"} and isinstance(value, dict):
+                self.ids.update(value)
+                if name == "payment_methods":
+                    self.owner.update((method, key) for method in value)
+
+
+def id_arguments(arguments: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """The entity ids among a tool call's arguments: `*_id` values and `*_ids` items."""
+    for name, value in arguments.items():
+        if name.endswith("_id") and isinstance(value, str):
+            yield name, value
+        elif name.endswith("_ids") and isinstance(value, list):
+            yield from ((name, v) for v in value if isinstance(v, str))
 
 
 @dataclass(frozen=True)
@@ -148,6 +191,23 @@ class Tau2Domain:
         return self._make_env()
 
     @cached_property
+    def _snapshot(self) -> tuple[Any, str] | None:
+        """The parsed database's class and JSON: new environments copy it, not the file."""
+        db = self._template.tools.db
+        return (type(db), db.model_dump_json()) if db is not None else None
+
+    def _fresh_env(self) -> Environment:
+        if self._snapshot is None:
+            return self._make_env()
+        db_class, raw = self._snapshot
+        return self._make_env(db=db_class.model_validate_json(raw))
+
+    @cached_property
+    def initial_hashes(self) -> tuple[str | None, str | None]:
+        """Agent and user DB hashes of a fresh environment (a task without initial state)."""
+        return Episode(self._fresh_env()).db_hashes()
+
+    @cached_property
     def policy(self) -> str:
         return str(self._template.get_policy())
 
@@ -177,6 +237,10 @@ class Tau2Domain:
         return dict(db.model_dump(mode="json")) if db is not None else {}
 
     @cached_property
+    def entities(self) -> Entities:
+        return Entities.index(self.database)
+
+    @cached_property
     def splits(self) -> dict[str, frozenset[str]]:
         return {name: frozenset(ids) for name, ids in self._get_split().items()}
 
@@ -198,7 +262,7 @@ class Tau2Domain:
 
     def episode(self, task: Task) -> Episode:
         """A fresh environment in the task's initial state."""
-        env = self._make_env()
+        env = self._fresh_env()
         spec = to_tau2_task(task)
         state = spec.initial_state
         env.set_state(

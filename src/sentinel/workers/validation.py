@@ -131,8 +131,9 @@ def _ids(raw: str) -> tuple[str, str]:
     """The proposal and task ids, if the payload has them, for verdicts about it."""
     try:
         proposal = TaskProposal.model_validate_json(raw)
-    except ValidationError:
-        return f"unparseable-{abs(hash(raw)):x}", "unknown"
+    except ValidationError as error:
+        verdict = reject_unparseable(raw, error)
+        return verdict.proposal_id, verdict.task_id
     return proposal.id, proposal.task.id
 
 

@@ -1,0 +1,436 @@
+"""Validation: only tasks that are runnable, checkable and new join the pool.
+
+A proposal goes through stages, cheapest first; the first stage that finds problems ends it,
+with every problem that stage found as a machine-readable reason for the Proposer:
+
+1. static checks, without an environment: size, domain, gold actions present, known tools,
+   arguments that match each tool's parameters, entity ids that exist in the database, and
+   no prompt-injection text in what the user simulator or the evaluator will read;
+2. the gold actions replayed in a sandboxed child (`envs.sandbox`): every gold write must
+   succeed, and a task with writes must change the database;
+3. a discriminative checker: by tau2's reward, the no-op trajectory and one of only the gold
+   reads must both fail;
+4. novelty: no test-split task may share its gold-action signature or a near-identical
+   scenario (leakage), and neither may a task already in the pool (duplicate);
+5. optionally, a difficulty probe: K Solver rollouts must solve it sometimes, not always.
+
+An accepted task claims its signature in the pool index atomically, so of two concurrent
+duplicates one is accepted. Bad input never raises; only infrastructure failures do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from sentinel.config import ValidationSettings
+from sentinel.envs.sandbox import ReplayOutcome, ReplayRequest, Sandbox, SandboxLimits
+from sentinel.envs.tau2 import Tau2Domain, id_arguments
+from sentinel.logs import get_logger
+from sentinel.schemas import (
+    Action,
+    RejectionCode,
+    RejectionReason,
+    RewardBasis,
+    Task,
+    TaskProposal,
+    UserInstructions,
+    ValidationResult,
+)
+
+log = get_logger(__name__)
+
+Reasons = list[RejectionReason]
+INJECTION = re.compile(
+    r"ignore\s+(all\s+|any\s+|the\s+)?(previous|prior|above|earlier|your)\s+(instructions|rules)"
+    r"|system\s+prompt|you\s+are\s+now\b|developer\s+mode|jailbreak"
+    r"|<\|im_(start|end)\|>|</?(system|tool_call|policy|instructions)>"
+    r"|\b(assistant|system)\s*:\s*\n",
+    re.IGNORECASE,
+)
+JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
+}
+SHINGLE = 3
+
+
+class DifficultyProbe(Protocol):
+    async def solve_rate(self, task: Task, k: int) -> float: ...
+
+
+class TaskIndex(Protocol):
+    """What the pool already holds, for de-duplication."""
+
+    async def duplicate_of(self, signature: str, shingles: frozenset[str], task_id: str,
+                           threshold: float) -> str | None: ...  # fmt: skip
+
+    async def claim(self, signature: str, shingles: frozenset[str], task_id: str) -> str | None:
+        """Take the signature for `task_id`; the id of the task that holds it otherwise."""
+        ...
+
+
+def _reason(code: RejectionCode, detail: str) -> RejectionReason:
+    return RejectionReason(code=code, detail=detail[:500])
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower()
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        items = [_canonical(v) for v in value]
+        return (
+            sorted(items, key=json.dumps) if all(not isinstance(v, dict) for v in items) else items
+        )
+    return value
+
+
+def gold_actions(task: Task) -> list[Action]:
+    criteria = task.spec.evaluation_criteria
+    return list(criteria.actions or []) if criteria else []
+
+
+def gold_signature(task: Task, write_tools: Iterable[str]) -> str:
+    """What the task makes happen: its writes (its reads if it has none), canonicalized:
+    sorted keys, sorted id lists, lower-cased strings, in any order."""
+    writes = frozenset(write_tools)
+    actions = gold_actions(task)
+    chosen = [a for a in actions if a.name in writes] or actions
+    canonical = sorted(json.dumps([a.name, _canonical(a.arguments)]) for a in chosen)
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()[:32]
+
+
+def scenario_shingles(task: Task) -> frozenset[str]:
+    """Word 3-shingles of what the user simulator is told, for near-duplicate detection."""
+    instructions = task.spec.user_scenario.instructions
+    if isinstance(instructions, UserInstructions):
+        parts = [instructions.reason_for_call, instructions.known_info or "",
+                 instructions.unknown_info or "", instructions.task_instructions]  # fmt: skip
+        text = " ".join(parts)
+    else:
+        text = instructions
+    words = re.findall(r"[a-z0-9#_@.]+", text.lower())
+    return frozenset(" ".join(words[i : i + SHINGLE]) for i in range(max(1, len(words) - 2)))
+
+
+def similarity(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+_PROPOSAL_ID = re.compile(r'^\s*\{\s*"id"\s*:\s*"([^"]{1,200})"')
+_TASK_ID = re.compile(r'"task"\s*:\s*\{\s*"id"\s*:\s*"([^"]{1,200})"')
+
+
+def reject_unparseable(raw: str, error: ValidationError | ValueError) -> ValidationResult:
+    """The verdict on a payload that is not a TaskProposal (truncated JSON, wrong fields):
+    its ids salvaged from the text where they can be, so the verdict still finds its way."""
+    proposal_id, task_id = _PROPOSAL_ID.search(raw), _TASK_ID.search(raw)
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+    return ValidationResult(
+        proposal_id=proposal_id.group(1) if proposal_id else f"unparseable-{digest}",
+        task_id=task_id.group(1) if task_id else "unknown",
+        accepted=False,
+        reasons=[_reason(RejectionCode.SCHEMA, f"not a valid TaskProposal: {error}")],
+    )
+
+
+class RedisTaskIndex:
+    """Signatures and scenario shingles of the pool's tasks, seeded with the train split."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, domain: Tau2Domain) -> None:
+        self.redis = redis
+        self.domain = domain
+        self.signatures = f"{prefix}:pool:{domain.name}:signatures"  # signature -> task id
+        self.scenarios = f"{prefix}:pool:{domain.name}:scenarios"  # task id -> shingles JSON
+        self._seeded = False
+
+    async def _seed(self) -> None:
+        if self._seeded:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task in self.domain.tasks("train"):
+                pipe.hsetnx(self.signatures, gold_signature(task, self.domain.write_tools), task.id)
+                pipe.hsetnx(self.scenarios, task.id, json.dumps(sorted(scenario_shingles(task))))
+            await pipe.execute()
+        self._seeded = True
+
+    async def duplicate_of(
+        self, signature: str, shingles: frozenset[str], task_id: str, threshold: float
+    ) -> str | None:
+        await self._seed()
+        holder = await self.redis.hget(self.signatures, signature)
+        if holder is not None and holder != task_id:
+            return str(holder)
+        for other, raw in (await self.redis.hgetall(self.scenarios)).items():
+            if other != task_id and similarity(shingles, frozenset(json.loads(raw))) >= threshold:
+                return str(other)
+        return None
+
+    async def claim(self, signature: str, shingles: frozenset[str], task_id: str) -> str | None:
+        await self._seed()
+        if not await self.redis.hsetnx(self.signatures, signature, task_id):
+            holder = await self.redis.hget(self.signatures, signature)
+            if holder != task_id:  # a redelivered proposal finds its own claim
+                return str(holder)
+        await self.redis.hset(self.scenarios, task_id, json.dumps(sorted(shingles)))
+        return None
+
+
+class Validator:
+    def __init__(
+        self,
+        domain: Tau2Domain,
+        sandbox: Sandbox,
+        settings: ValidationSettings,
+        index: TaskIndex,
+        probe: DifficultyProbe | None = None,
+    ) -> None:
+        self.domain = domain
+        self.sandbox = sandbox
+        self.settings = settings
+        self.index = index
+        self.probe = probe
+        self.limits = SandboxLimits(
+            cpu_s=settings.cpu_s, memory_mb=settings.memory_mb, wall_s=settings.wall_s
+        )
+        self.parameters = {
+            s["function"]["name"]: s["function"].get("parameters", {}) for s in domain.tool_schemas
+        }
+        self.test = [
+            (t.id, gold_signature(t, domain.write_tools), scenario_shingles(t))
+            for t in domain.tasks("test")
+        ]
+
+    async def validate(self, proposal: TaskProposal) -> ValidationResult:
+        start = time.perf_counter()
+        task = proposal.task
+        verdict: dict[str, Any] = {}
+        reasons = self.static(proposal)
+        if not reasons:
+            outcome = await self.sandbox.replay(
+                ReplayRequest(domain=self.domain.name, task=task, limits=self.limits)
+            )
+            reasons = self.replayed(task, outcome) or self.discriminative(task, outcome)
+            verdict["target_db_hash"] = outcome.db_hash_after
+        if not reasons:
+            reasons = await self.novel(task)
+        if not reasons and self.probe is not None and self.settings.probe_rollouts:
+            reasons = await self.difficulty(task, verdict)
+        if not reasons:
+            reasons = await self.claim(task)
+        return ValidationResult(
+            proposal_id=proposal.id,
+            task_id=task.id,
+            accepted=not reasons,
+            reasons=reasons,
+            duration_s=time.perf_counter() - start,
+            **verdict,
+        )
+
+    # --- 1. static -----------------------------------------------------------------------
+
+    def static(self, proposal: TaskProposal) -> Reasons:
+        task = proposal.task
+        size = len(proposal.model_dump_json())
+        if size > self.settings.max_task_chars:
+            detail = f"{size} characters (at most {self.settings.max_task_chars})"
+            return [_reason(RejectionCode.TOO_LARGE, detail)]
+        reasons = self._shape(task)
+        if reasons:
+            return reasons
+        for i, action in enumerate(gold_actions(task)):
+            reasons += self._action(i, action)
+        return reasons + self._injection(task)
+
+    def _shape(self, task: Task) -> Reasons:
+        actions, criteria = gold_actions(task), task.spec.evaluation_criteria
+        if task.domain != self.domain.name:
+            return [
+                _reason(RejectionCode.SCHEMA, f"domain {task.domain!r}, not {self.domain.name!r}")
+            ]
+        if task.provenance.split == "test":
+            return [_reason(RejectionCode.TEST_LEAKAGE, "claims to be a test-split task")]
+        if not actions:
+            return [_reason(RejectionCode.SCHEMA, "no gold actions: nothing to check")]
+        if len(actions) > self.settings.max_actions:
+            detail = f"{len(actions)} gold actions (at most {self.settings.max_actions})"
+            return [_reason(RejectionCode.TOO_LARGE, detail)]
+        if criteria and RewardBasis.NL_ASSERTION in criteria.reward_basis:
+            return [_reason(RejectionCode.SCHEMA, "NL assertions need an LLM judge")]
+        return []
+
+    def _action(self, i: int, action: Action) -> Reasons:
+        where = f"action {i} ({action.name})"
+        if action.requestor == "user":
+            return []  # user tools are not the agent's; the replay checks them
+        if action.name not in self.parameters:
+            valid = ", ".join(sorted(self.parameters))
+            return [
+                _reason(RejectionCode.UNKNOWN_TOOL, f"{where}: no such tool; use one of {valid}")
+            ]
+        reasons = self._arguments(where, action.arguments, self.parameters[action.name])
+        for name, value in id_arguments(action.arguments):
+            if value not in self.domain.entities.ids:
+                detail = f"{where}: {name} {value!r} does not exist"
+                reasons.append(_reason(RejectionCode.UNKNOWN_ENTITY, detail))
+        return reasons
+
+    def _arguments(self, where: str, arguments: dict[str, Any], schema: dict[str, Any]) -> Reasons:
+        properties: dict[str, Any] = schema.get("properties", {})
+        problems = [
+            f"missing {name!r}" for name in schema.get("required", []) if name not in arguments
+        ]
+        problems += [f"unknown argument {name!r}" for name in arguments if name not in properties]
+        for name, value in arguments.items():
+            expected = properties.get(name, {}).get("type")
+            if expected in JSON_TYPES and not _is(value, expected):
+                problems.append(f"{name!r} must be {expected}, got {type(value).__name__}")
+        return [_reason(RejectionCode.BAD_ARGUMENTS, f"{where}: {p}") for p in problems]
+
+    def _injection(self, task: Task) -> Reasons:
+        criteria = task.spec.evaluation_criteria
+        texts = [
+            task.spec.user_scenario.model_dump_json(),
+            *(criteria.communicate_info or [] if criteria else []),
+        ]
+        for text in texts:
+            if match := INJECTION.search(text):
+                return [
+                    _reason(RejectionCode.INJECTION, f"instruction-like text: {match.group(0)!r}")
+                ]
+        return []
+
+    # --- 2. replay -------------------------------------------------------------------------
+
+    def replayed(self, task: Task, outcome: ReplayOutcome) -> Reasons:
+        if outcome.failure is not None:
+            return [outcome.failure]
+        failed = [
+            _reason(RejectionCode.GOLD_WRITE_FAILED, f"action {i} ({r.name}): {r.content}")
+            for i, r in enumerate(outcome.results)
+            if r.error and r.name in self.domain.write_tools
+        ]
+        if failed:
+            return failed
+        writes = any(a.name in self.domain.write_tools for a in gold_actions(task))
+        unchanged = (outcome.db_hash_before, outcome.user_db_hash_before) == (
+            outcome.db_hash_after, outcome.user_db_hash_after,
+        )  # fmt: skip
+        if writes and unchanged:
+            return [
+                _reason(
+                    RejectionCode.NO_STATE_CHANGE, "the gold writes leave the database as it was"
+                )
+            ]
+        return []
+
+    # --- 3. discriminative -------------------------------------------------------------------
+
+    def discriminative(self, task: Task, outcome: ReplayOutcome) -> Reasons:
+        target = (outcome.db_hash_after, outcome.user_db_hash_after)
+        actions = gold_actions(task)
+        agent_actions = [a for a in actions if a.requestor == "assistant"]
+        reads = [a for a in agent_actions if a.name not in self.domain.write_tools]
+        passing = []
+        if self._passes(
+            task, (outcome.db_hash_before, outcome.user_db_hash_before), target, not agent_actions
+        ):
+            passing.append("the no-op trajectory")
+        if self._passes(
+            task,
+            (outcome.read_only_db_hash, outcome.read_only_user_db_hash),
+            target,
+            len(reads) == len(agent_actions),
+        ):
+            passing.append("a trajectory of only the gold reads")
+        if passing:
+            detail = f"{' and '.join(passing)} would score 1: the checker cannot tell success"
+            return [_reason(RejectionCode.NOT_DISCRIMINATIVE, detail)]
+        return []
+
+    @staticmethod
+    def _passes(
+        task: Task,
+        hashes: tuple[str | None, str | None],
+        target: tuple[str | None, str | None],
+        has_all_actions: bool,
+    ) -> bool:
+        """Whether a silent trajectory ending with `hashes` would earn tau2's reward of 1."""
+        criteria = task.spec.evaluation_criteria
+        if criteria is None:
+            return True
+        basis = set(criteria.reward_basis)
+        checks = {
+            RewardBasis.DB: hashes == target,
+            RewardBasis.ENV_ASSERTION: hashes == target,
+            RewardBasis.COMMUNICATE: not criteria.communicate_info,  # it says nothing
+            RewardBasis.ACTION: has_all_actions,
+        }
+        return all(checks[b] for b in basis if b in checks)
+
+    # --- 4. novelty ----------------------------------------------------------------------------
+
+    async def novel(self, task: Task) -> Reasons:
+        signature, shingles = self._fingerprint(task)
+        threshold = self.settings.scenario_similarity
+        for test_id, test_signature, test_shingles in self.test:
+            if signature == test_signature:
+                return [
+                    _reason(RejectionCode.TEST_LEAKAGE, f"same gold actions as test task {test_id}")
+                ]
+            if similarity(shingles, test_shingles) >= threshold:
+                return [_reason(RejectionCode.TEST_LEAKAGE, f"scenario copies test task {test_id}")]
+        holder = await self.index.duplicate_of(signature, shingles, task.id, threshold)
+        if holder is not None:
+            return [_reason(RejectionCode.DUPLICATE, f"the pool already has it as {holder}")]
+        return []
+
+    async def claim(self, task: Task) -> Reasons:
+        signature, shingles = self._fingerprint(task)
+        holder = await self.index.claim(signature, shingles, task.id)
+        if holder is not None:
+            return [_reason(RejectionCode.DUPLICATE, f"accepted meanwhile as {holder}")]
+        return []
+
+    def _fingerprint(self, task: Task) -> tuple[str, frozenset[str]]:
+        return gold_signature(task, self.domain.write_tools), scenario_shingles(task)
+
+    # --- 5. difficulty ---------------------------------------------------------------------------
+
+    async def difficulty(self, task: Task, verdict: dict[str, Any]) -> Reasons:
+        assert self.probe is not None
+        p = await self.probe.solve_rate(task, self.settings.probe_rollouts)
+        verdict |= {"solve_rate": p, "learnability": 4 * p * (1 - p)}
+        if p >= 1.0:
+            return [
+                _reason(
+                    RejectionCode.TOO_EASY, f"solved in all {self.settings.probe_rollouts} probes"
+                )
+            ]
+        if p <= 0.0:
+            return [
+                _reason(
+                    RejectionCode.TOO_HARD,
+                    f"solved in none of {self.settings.probe_rollouts} probes",
+                )
+            ]
+        return []
+
+
+def _is(value: Any, expected: str) -> bool:
+    if isinstance(value, bool) and expected in ("integer", "number"):
+        return False
+    return isinstance(value, JSON_TYPES[expected])

@@ -112,7 +112,7 @@ def test_unknown_and_foreign_orders_are_wrong_entities(
     )  # fmt: skip
     foreign = conversation(cancel_task, change={"order_id": other})
     found = failure_signals(cancel_task, trajectory(foreign), retail)
-    assert any(f"belongs to" in s.detail and other in s.detail for s in found)
+    assert any("belongs to" in s.detail and other in s.detail for s in found)
 
 
 def test_a_write_without_a_yes_misses_confirmation(retail: Tau2Domain, cancel_task: Task) -> None:

@@ -37,12 +37,14 @@ def library(bus: Bus) -> PatternLibrary:
 async def test_similar_diagnoses_merge_and_others_found_patterns(library: PatternLibrary) -> None:
     first = await library.add(diagnosis(0))
     same = await library.add(diagnosis(1))
-    assert first.created and not same.created
+    assert first.created
+    assert not same.created
     assert same.pattern.id == first.pattern.id
     assert same.pattern.example_trajectory_ids == ["t-0", "t-1"]
     other_tool = await library.add(diagnosis(2, tools=("cancel_pending_order",)))
     other_category = await library.add(diagnosis(3, category=FailureCategory.MISSING_ACTION))
-    assert other_tool.created and other_category.created
+    assert other_tool.created
+    assert other_category.created
     patterns = await library.all()
     assert [sum(p.frequency.values()) for p in patterns] == [2, 1, 1]
     assert patterns[0].title == "wrong arguments in modify_pending_order_items"

@@ -25,9 +25,7 @@ async def test_seeds_and_added_tasks_are_found_by_id(bus: Bus) -> None:
 
 
 async def test_test_split_tasks_never_enter(bus: Bus) -> None:
-    leaked = task(3).model_copy(
-        update={"provenance": Provenance(origin=Origin.SEED, split="test")}
-    )
+    leaked = task(3).model_copy(update={"provenance": Provenance(origin=Origin.SEED, split="test")})
     with pytest.raises(ValueError, match="test-split"):
         TaskPool(bus.redis, bus.settings.prefix, [leaked])
     with pytest.raises(ValueError, match="test-split"):

@@ -172,6 +172,7 @@ class ValidationSettings(Section):
     memory_mb: int = Field(1024, gt=0)
     wall_s: float = Field(30.0, gt=0)
     warm: int = Field(2, ge=0)  # sandbox children kept with tau2 imported
+    replays_per_child: int = Field(32, ge=1)  # then a fresh child; 1: a fresh one per replay
     max_concurrency: int | None = Field(None, ge=1)  # sandbox children at once; None: CPUs
     max_task_chars: int = Field(20_000, ge=1000)  # a proposal's JSON, before anything runs
     max_actions: int = Field(20, ge=1)

@@ -31,7 +31,13 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from sentinel.config import ValidationSettings
-from sentinel.envs.sandbox import ReplayOutcome, ReplayRequest, Sandbox, SandboxLimits
+from sentinel.envs.sandbox import (
+    LocalProcessSandbox,
+    ReplayOutcome,
+    ReplayRequest,
+    Sandbox,
+    SandboxLimits,
+)
 from sentinel.envs.tau2 import Tau2Domain, id_arguments
 from sentinel.logs import get_logger
 from sentinel.schemas import (
@@ -76,8 +82,10 @@ class TaskIndex(Protocol):
     async def duplicate_of(self, signature: str, shingles: frozenset[str], task_id: str,
                            threshold: float) -> str | None: ...  # fmt: skip
 
-    async def claim(self, signature: str, shingles: frozenset[str], task_id: str) -> str | None:
-        """Take the signature for `task_id`; the id of the task that holds it otherwise."""
+    async def claim(
+        self, signature: str, shingles: frozenset[str], task_id: str, threshold: float
+    ) -> str | None:
+        """Record the task, atomically with a last duplicate check; a duplicate's id if any."""
         ...
 
 
@@ -155,6 +163,7 @@ class RedisTaskIndex:
         self.domain = domain
         self.signatures = f"{prefix}:pool:{domain.name}:signatures"  # signature -> task id
         self.scenarios = f"{prefix}:pool:{domain.name}:scenarios"  # task id -> shingles JSON
+        self.lock = f"{prefix}:pool:{domain.name}:lock"
         self._seeded = False
 
     async def _seed(self) -> None:
@@ -179,14 +188,31 @@ class RedisTaskIndex:
                 return str(other)
         return None
 
-    async def claim(self, signature: str, shingles: frozenset[str], task_id: str) -> str | None:
-        await self._seed()
-        if not await self.redis.hsetnx(self.signatures, signature, task_id):
-            holder = await self.redis.hget(self.signatures, signature)
-            if holder != task_id:  # a redelivered proposal finds its own claim
-                return str(holder)
-        await self.redis.hset(self.scenarios, task_id, json.dumps(sorted(shingles)))
+    async def claim(
+        self, signature: str, shingles: frozenset[str], task_id: str, threshold: float
+    ) -> str | None:
+        """Check again and record, under a lock: two concurrent near-duplicates (by scenario,
+        which no single Redis command can compare) cannot both get in."""
+        async with self.redis.lock(self.lock, timeout=30, blocking_timeout=60):
+            holder = await self.duplicate_of(signature, shingles, task_id, threshold)
+            if holder is not None:
+                return holder
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.signatures, signature, task_id)
+                pipe.hset(self.scenarios, task_id, json.dumps(sorted(shingles)))
+                await pipe.execute()
         return None
+
+
+def local_sandbox(settings: ValidationSettings, domain: str) -> LocalProcessSandbox:
+    """The sandbox the settings describe: child processes on this machine, reused."""
+    limits = SandboxLimits(
+        cpu_s=settings.cpu_s, memory_mb=settings.memory_mb, wall_s=settings.wall_s
+    )
+    return LocalProcessSandbox(
+        limits, warm=settings.warm, preload=(domain,), max_concurrency=settings.max_concurrency,
+        replays_per_child=settings.replays_per_child,
+    )  # fmt: skip
 
 
 class Validator:
@@ -205,7 +231,7 @@ class Validator:
         self.probe = probe
         self.limits = SandboxLimits(
             cpu_s=settings.cpu_s, memory_mb=settings.memory_mb, wall_s=settings.wall_s
-        )
+        )  # the same as local_sandbox's, so requests use its pool
         self.parameters = {
             s["function"]["name"]: s["function"].get("parameters", {}) for s in domain.tool_schemas
         }
@@ -400,7 +426,8 @@ class Validator:
 
     async def claim(self, task: Task) -> Reasons:
         signature, shingles = self._fingerprint(task)
-        holder = await self.index.claim(signature, shingles, task.id)
+        threshold = self.settings.scenario_similarity
+        holder = await self.index.claim(signature, shingles, task.id, threshold)
         if holder is not None:
             return [_reason(RejectionCode.DUPLICATE, f"accepted meanwhile as {holder}")]
         return []

@@ -324,3 +324,26 @@ async def test_warm_pool_replays_and_stops_idle_children(retail: Tau2Domain, tas
     assert [o.db_hash_after for o in outcomes] == [retail.gold_hashes(task)[0]] * 3
     assert sandbox_pids(sandbox.id) == []
     assert zombie_children() == []
+
+
+async def test_reused_children_serve_many_replays_and_die_with_a_failure(
+    retail: Tau2Domain, task: Task
+) -> None:
+    limits = SandboxLimits(cpu_s=3, wall_s=20)
+    request = ReplayRequest(domain="retail", task=task, limits=limits)
+    async with LocalProcessSandbox(limits, replays_per_child=3) as sandbox:
+        first = await sandbox.replay(request)
+        [pid] = sandbox_pids(sandbox.id)  # the child stays, idle, for the next request
+        second = await sandbox.replay(request)
+        assert sandbox_pids(sandbox.id) == [pid]
+        third = await sandbox.replay(request)  # its last: replaced afterwards
+        assert sandbox_pids(sandbox.id) == []
+        spin = await sandbox.replay(request.model_copy(update={"debug_action": "hang"}))
+        after = await sandbox.replay(request)  # a new child, with a fresh CPU allowance
+    gold = retail.gold_hashes(task)[0]
+    assert [o.db_hash_after for o in (first, second, third, after)] == [gold] * 4
+    assert third.duration_s < first.duration_s  # no start-up: the child was already there
+    assert spin.failure is not None
+    assert "SIGXCPU" in spin.failure.detail
+    assert sandbox_pids(sandbox.id) == []
+    assert zombie_children() == []

@@ -40,12 +40,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, Self
 
 import anyio
-from anyio.abc import ByteReceiveStream, Process
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import ConfigDict, Field, ValidationError
 
 from sentinel.logs import configure_logging, get_logger
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 STDERR_TAIL_BYTES = 8192  # of the child's stderr, for crash reasons
+STDERR_FILE = "stderr.log"  # in the child's directory
 _PR_SET_PDEATHSIG = 1
 
 # Tests only: misbehaviour the child performs before the replay, to prove the limits hold.
@@ -125,31 +128,20 @@ def _failed(code: RejectionCode, detail: str) -> ReplayOutcome:
 class _Child:
     process: Process
     workdir: tempfile.TemporaryDirectory[str]
+    stdout: BufferedByteReceiveStream
+    limits: SandboxLimits
+    replays: int = 0
 
-
-@dataclass
-class _Output:
-    """What the child wrote: stdout up to a cap, and the tail of stderr."""
-
-    limit: int
-    stdout: bytearray = field(default_factory=bytearray)
-    stderr: bytes = b""
-    overflow: bool = False
-
-    async def read_stdout(self, stream: ByteReceiveStream, pgid: int) -> None:
-        async for chunk in stream:
-            self.stdout += chunk
-            if len(self.stdout) > self.limit:
-                self.overflow = True
-                _kill_group(pgid)
-                return
-
-    async def read_stderr(self, stream: ByteReceiveStream) -> None:
-        async for chunk in stream:  # drain it all, or a chatty child blocks
-            self.stderr = (self.stderr + chunk)[-STDERR_TAIL_BYTES:]
-
-    def last_line(self) -> str:
-        lines = self.stderr.decode(errors="replace").strip().splitlines()
+    def stderr_tail(self) -> str:
+        """The last line the child wrote to stderr (a traceback ends with the exception)."""
+        try:
+            with open(Path(self.workdir.name) / STDERR_FILE, "rb") as stream:
+                stream.seek(0, os.SEEK_END)
+                stream.seek(max(0, stream.tell() - STDERR_TAIL_BYTES))
+                tail = stream.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = tail.strip().splitlines()
         return lines[-1][:500] if lines else ""
 
 
@@ -158,35 +150,23 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def _feed(process: Process, data: bytes) -> None:
-    assert process.stdin is not None
-    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-        await process.stdin.send(data)
-        await process.stdin.aclose()  # EOF: the child reads the request to the end
-
-
-def _judge(returncode: int, output: _Output) -> ReplayOutcome:
-    """The outcome of a child that ended within the wall clock."""
-    if output.overflow:
-        return _failed(RejectionCode.TOO_LARGE, f"outcome exceeds {output.limit} bytes")
+def _judge(returncode: int, child: _Child) -> ReplayOutcome:
+    """The outcome of a child that ended before answering."""
     if returncode < 0:  # stderr ends with unrelated logs: a signal leaves no last words
         name = signal.Signals(-returncode).name
         hint = {"SIGXCPU": " (CPU limit)", "SIGKILL": " (CPU hard limit or OOM killer)"}
         return _failed(RejectionCode.SANDBOX_CRASH, f"killed by {name}{hint.get(name, '')}")
-    if returncode != 0:  # a traceback's last line names the exception
-        return _failed(RejectionCode.SANDBOX_CRASH, f"exit code {returncode}: {output.last_line()}")
-    try:
-        return ReplayOutcome.model_validate_json(bytes(output.stdout))
-    except ValidationError as error:
-        return _failed(RejectionCode.SANDBOX_CRASH, f"unreadable outcome: {error}"[:500])
+    return _failed(RejectionCode.SANDBOX_CRASH, f"exit code {returncode}: {child.stderr_tail()}")
 
 
 class LocalProcessSandbox:
     """Each replay in a fresh, limited child process on this machine.
 
-    `limits` are the defaults of the warm pool; a request with other limits gets a cold child.
-    At most `max_concurrency` children run at once (default: one per CPU). With `warm > 0`,
-    use it as an async context manager (or call `aclose`) so idle children are stopped.
+    `limits` are the defaults of the pool; a request with other limits gets a cold child.
+    At most `max_concurrency` children run at once (default: one per CPU). A child serves up
+    to `replays_per_child` requests, one JSON line each, then is replaced (1: a fresh process
+    per replay); any failure (timeout, crash, oversized output) discards it. With `warm > 0`
+    or reuse, use it as an async context manager (or call `aclose`) so idle children stop.
     """
 
     def __init__(
@@ -197,11 +177,13 @@ class LocalProcessSandbox:
         preload: Sequence[str] = ("retail",),
         max_concurrency: int | None = None,
         isolate_network: bool = True,
+        replays_per_child: int = 1,
     ) -> None:
         self.limits = limits or SandboxLimits()
         self.id = uuid.uuid4().hex[:12]  # SENTINEL_SANDBOX in the children's environment
         self.warm = warm
         self.preload = tuple(preload)
+        self.replays_per_child = max(1, replays_per_child)
         self._limiter = anyio.CapacityLimiter(max_concurrency or os.cpu_count() or 1)
         self._pool: list[_Child] = []
         self._network: bool | None = None if isolate_network else False
@@ -212,10 +194,14 @@ class LocalProcessSandbox:
             network = await self.network_isolated()
             start = time.perf_counter()
             child = await self._take(request.limits, network)
+            reusable = False
             try:
-                outcome = await self._run(child, request)
+                outcome, reusable = await self._run(child, request)
             finally:
-                await self._dispose(child)
+                if reusable:
+                    self._pool.append(child)
+                else:
+                    await self._dispose(child)
             await self._refill(network)  # after the replay, so it does not compete for CPU
         outcome = outcome.model_copy(
             update={"duration_s": time.perf_counter() - start, "network_isolated": network}
@@ -257,53 +243,73 @@ class LocalProcessSandbox:
     ) -> None:
         await self.aclose()
 
-    async def _run(self, child: _Child, request: ReplayRequest) -> ReplayOutcome:
+    async def _run(self, child: _Child, request: ReplayRequest) -> tuple[ReplayOutcome, bool]:
+        """Send one request line, read one outcome line; and whether the child may go on."""
         process, limits = child.process, request.limits
-        assert process.stdout is not None
-        assert process.stderr is not None
-        output = _Output(limit=limits.max_output_bytes)
+        assert process.stdin is not None
+        line = b""
         with anyio.move_on_after(limits.wall_s) as deadline:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_feed, process, request.model_dump_json().encode())
-                tg.start_soon(output.read_stdout, process.stdout, process.pid)
-                tg.start_soon(output.read_stderr, process.stderr)
-                returncode = await process.wait()
-                _kill_group(process.pid)  # grandchildren would hold our pipes open
+            try:
+                await process.stdin.send(request.model_dump_json().encode() + b"\n")
+                line = await child.stdout.receive_until(b"\n", limits.max_output_bytes)
+                if len(line) > limits.max_output_bytes:  # it arrived in one chunk
+                    raise anyio.DelimiterNotFound(limits.max_output_bytes)
+            except anyio.DelimiterNotFound:
+                detail = f"outcome exceeds {limits.max_output_bytes} bytes"
+                return _failed(RejectionCode.TOO_LARGE, detail), False
+            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                return _judge(await process.wait(), child), False
         if deadline.cancelled_caught:
-            return _failed(RejectionCode.SANDBOX_TIMEOUT, f"no outcome within {limits.wall_s:g} s")
-        return _judge(returncode, output)
+            return _failed(
+                RejectionCode.SANDBOX_TIMEOUT, f"no outcome within {limits.wall_s:g} s"
+            ), False
+        child.replays += 1
+        try:
+            outcome = ReplayOutcome.model_validate_json(line)
+        except ValidationError as error:
+            return _failed(RejectionCode.SANDBOX_CRASH, f"unreadable outcome: {error}"[:500]), False
+        reusable = child.replays < self.replays_per_child and limits == self.limits
+        return outcome, reusable and outcome.ok
 
     async def _take(self, limits: SandboxLimits, network: bool) -> _Child:
-        """A warm child if the pool has one for these limits, else a fresh one."""
-        if self.warm and limits == self.limits:
-            while self._pool:
-                child = self._pool.pop()
-                if child.process.returncode is None:
-                    return child
-                await self._dispose(child)  # died while idle
-            return await self._spawn(limits, network, self.preload)
-        return await self._spawn(limits, network, preload=())
+        """An idle child of the pool if these are its limits, else a fresh one."""
+        pooled = limits == self.limits and (self.warm > 0 or self.replays_per_child > 1)
+        if not pooled:
+            return await self._spawn(limits, network, preload=(), replays=1)
+        while self._pool:
+            child = self._pool.pop()
+            if child.process.returncode is None:
+                return child
+            await self._dispose(child)  # died while idle
+        return await self._spawn(limits, network, self.preload, self.replays_per_child)
 
     async def _refill(self, network: bool) -> None:
         while len(self._pool) < self.warm:
-            self._pool.append(await self._spawn(self.limits, network, self.preload))
+            replays = self.replays_per_child
+            self._pool.append(await self._spawn(self.limits, network, self.preload, replays))
 
-    async def _spawn(self, limits: SandboxLimits, network: bool, preload: Sequence[str]) -> _Child:
+    async def _spawn(
+        self, limits: SandboxLimits, network: bool, preload: Sequence[str], replays: int
+    ) -> _Child:
         workdir = tempfile.TemporaryDirectory(prefix="sentinel-sandbox-")
         argv = [
             *([self._unshare, "--net", "--"] if network else []),
             sys.executable, "-s", "-P", "-m", "sentinel.envs.sandbox",
             "--cpu-s", str(limits.cpu_s), "--memory-mb", str(limits.memory_mb),
             "--parent-pid", str(os.getpid()), "--preload", ",".join(preload),
+            "--replays", str(replays),
         ]  # fmt: skip
         try:
-            process = await anyio.open_process(
-                argv, cwd=workdir.name, env=self._env(workdir.name), start_new_session=True
-            )
+            with open(Path(workdir.name) / STDERR_FILE, "wb") as stderr:  # noqa: ASYNC230 (local, tiny)
+                process = await anyio.open_process(
+                    argv, cwd=workdir.name, env=self._env(workdir.name), stderr=stderr,
+                    start_new_session=True,
+                )  # fmt: skip
         except BaseException:
             workdir.cleanup()
             raise
-        return _Child(process, workdir)
+        assert process.stdout is not None
+        return _Child(process, workdir, BufferedByteReceiveStream(process.stdout), limits)
 
     def _env(self, home: str) -> dict[str, str]:
         """Only what the child needs: no proxies, no credentials, nothing inherited."""
@@ -345,10 +351,22 @@ def _set_limit(kind: int, soft: int, hard: int) -> None:
     resource.setrlimit(kind, (soft, hard))
 
 
-def _apply_limits(cpu_s: int, memory_mb: int) -> None:
-    _set_limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)  # SIGXCPU, then SIGKILL a second later
+def _apply_limits(cpu_s: int, memory_mb: int, replays: int) -> None:
+    """CPU: `cpu_s` for start-up and one replay; a reused child gets a budget for all of its
+    replays as the hard limit, and `_renew_cpu` moves the soft one before each."""
+    hard = cpu_s + 1 if replays == 1 else cpu_s * (replays + 1) + 1
+    _set_limit(resource.RLIMIT_CPU, cpu_s, hard)  # SIGXCPU, then SIGKILL at the hard limit
     _set_limit(resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20)
     _set_limit(resource.RLIMIT_CORE, 0, 0)
+
+
+def _renew_cpu(cpu_s: int) -> None:
+    """`cpu_s` more seconds of CPU from now, for the next replay (within the hard budget)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = int(usage.ru_utime + usage.ru_stime) + 1
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = used + cpu_s if hard == resource.RLIM_INFINITY else min(used + cpu_s, hard - 1)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
 def _claim_stdout() -> int:
@@ -419,27 +437,33 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--preload", default="", help="domains to load before reading stdin")
+    parser.add_argument("--replays", type=int, default=1, help="requests to serve, one per line")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The child: limits first, then (warm) imports, then the request from stdin."""
+    """The child: limits first, then (warm) imports, then requests from stdin, one per line."""
     args = _arguments(argv)
     _die_with_parent(args.parent_pid)
-    _apply_limits(args.cpu_s, args.memory_mb)
+    _apply_limits(args.cpu_s, args.memory_mb, args.replays)
     out = _claim_stdout()
     configure_logging("WARNING", "json")
     loaded: dict[str, Tau2Domain] = {}
     for name in filter(None, args.preload.split(",")):
         _domain(name, loaded)
-    request = ReplayRequest.model_validate_json(sys.stdin.buffer.read())
-    if request.debug_action:
-        _misbehave(request.debug_action)
-    outcome = run_replay(request, loaded)
     with os.fdopen(out, "wb") as stream:
-        stream.write(outcome.model_dump_json().encode())
+        for served, line in enumerate(sys.stdin.buffer):
+            if args.replays > 1:  # each replay gets cpu_s, whatever start-up took
+                _renew_cpu(args.cpu_s)
+            request = ReplayRequest.model_validate_json(line)
+            if request.debug_action:
+                _misbehave(request.debug_action)
+            stream.write(run_replay(request, loaded).model_dump_json().encode() + b"\n")
+            stream.flush()
+            if served + 1 >= args.replays:
+                break
     sys.stderr.flush()
-    os._exit(0)  # skip tearing down litellm & co (~0.3 s): the outcome is out
+    os._exit(0)  # skip tearing down litellm & co (~0.3 s): the outcomes are out
 
 
 if __name__ == "__main__":

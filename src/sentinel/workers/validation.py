@@ -25,14 +25,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from sentinel.config import Settings
-from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.pool import TaskPool
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import RejectionCode, RejectionReason, TaskProposal, ValidationResult
-from sentinel.validator import RedisTaskIndex, Validator, reject_unparseable
+from sentinel.validator import RedisTaskIndex, Validator, local_sandbox, reject_unparseable
 from sentinel.workers.app import settings_of
 
 log = get_logger(__name__)
@@ -54,10 +53,7 @@ class ValidationService:
         self.bus = Bus(connect(self.redis_url, settings), settings.bus)
         self.stack.push_async_callback(self.bus.aclose)
         domain = await anyio.to_thread.run_sync(Tau2Domain, settings.domain)
-        limits = SandboxLimits(cpu_s=v.cpu_s, memory_mb=v.memory_mb, wall_s=v.wall_s)
-        sandbox = LocalProcessSandbox(
-            limits, warm=v.warm, preload=(domain.name,), max_concurrency=v.max_concurrency
-        )
+        sandbox = local_sandbox(v, domain.name)
         self.stack.push_async_callback(sandbox.aclose)
         index = RedisTaskIndex(self.bus.redis, settings.bus.prefix, domain)
         self.validator = Validator(domain, sandbox, v, index)

@@ -166,7 +166,7 @@ class Proposer:
 
         async def one() -> None:  # concurrent: the server batches them
             proposal = None if mutate_now else await self._write(pattern)
-            proposal = proposal or self._mutation(pattern)
+            proposal = proposal or await self._mutation(pattern)
             if proposal is not None:
                 proposals.append(proposal)
 
@@ -260,7 +260,14 @@ class Proposer:
         )
         return Task(id=task_id, domain=self.domain.name, spec=spec, provenance=provenance)
 
-    def _mutation(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+    async def _mutation(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+        proposal = self._mutate(pattern)
+        if proposal is not None:  # its verdict counts for the pattern (version 0: no prompt)
+            origin = ProposalOrigin(prompt_version=0, pattern_id=proposal.pattern_id)
+            await self.book.remember(proposal.id, origin)
+        return proposal
+
+    def _mutate(self, pattern: ErrorPattern | None) -> TaskProposal | None:
         """A seed train task transformed toward the pattern; None if nothing fits."""
         tools = set(pattern.tools) if pattern else set()
         seeds = [s for s in self.seeds if tools & _gold_tools(s)] or self.seeds
@@ -272,8 +279,9 @@ class Proposer:
                     update={"provenance": task.provenance.model_copy(update=update)}
                 )
                 return TaskProposal(
-                    task=task, pattern_id=update["pattern_id"], prompt_version=MUTATOR,
-                    proposer_model=MUTATOR, rationale=f"mutated from {seed.id}",
+                    id=f"proposal-{task.id}", task=task, pattern_id=update["pattern_id"],
+                    prompt_version=MUTATOR, proposer_model=MUTATOR,
+                    rationale=f"mutated from {seed.id}",
                 )  # fmt: skip
         log.warning("no seed task could be mutated", pattern=pattern.id if pattern else None)
         return None

@@ -413,7 +413,7 @@ def check_sentinel_line(line: list[str]) -> str:
 
 def test_the_cli_check_refuses_what_is_not_a_subcommand() -> None:
     assert check_sentinel_line(["--log-format", "json", "dlq", "list", "trajectories"])
-    for bad in (["orchestrator"], ["monitor", "--nope"], ["--verbose", "monitor"], []):
+    for bad in (["conductor"], ["monitor", "--nope"], ["--verbose", "monitor"], ["worker"], []):
         with pytest.raises(AssertionError):
             check_sentinel_line(bad)
 

@@ -300,7 +300,11 @@ class LocalProcessSandbox:
             "--replays", str(replays),
         ]  # fmt: skip
         try:
-            with open(Path(workdir.name) / STDERR_FILE, "wb") as stderr:  # noqa: ASYNC230 (local, tiny)
+            # shielded: a caller cancelled mid-spawn must still get the child, to kill it
+            with (
+                open(Path(workdir.name) / STDERR_FILE, "wb") as stderr,  # noqa: ASYNC230 (local, tiny)
+                anyio.CancelScope(shield=True),
+            ):
                 process = await anyio.open_process(
                     argv, cwd=workdir.name, env=self._env(workdir.name), stderr=stderr,
                     start_new_session=True,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic import ValidationError
 
-from sentinel.config import ValidationSettings
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.solver import Solver
+from sentinel.agents.user import UserSimulator
+from sentinel.config import RolloutSettings, ValidationSettings
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
@@ -22,6 +26,7 @@ from sentinel.schemas import (
 )
 from sentinel.validator import (
     RedisTaskIndex,
+    RolloutProbe,
     Validator,
     gold_signature,
     reject_unparseable,
@@ -193,3 +198,21 @@ def test_unparseable_proposals_become_schema_verdicts() -> None:
     result = reject_unparseable(raw, caught.value)
     assert (result.proposal_id, result.task_id, result.accepted) == ("p-9", "t-9", False)
     assert result.reasons[0].code == RejectionCode.SCHEMA
+
+
+async def test_the_difficulty_probe_runs_the_solver_and_scores_learnability(
+    retail: Tau2Domain, bus: Bus, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    rollouts = RolloutSettings(max_agent_turns=2, max_tokens=64, user_max_tokens=32)
+    solver = Solver(llm(), retail.policy, retail.tool_schemas, rollouts)
+    runner = RolloutRunner(retail, solver, UserSimulator(llm(), rollouts), settings=rollouts)
+    settings = SETTINGS.model_copy(update={"probe_rollouts": 2})
+    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10)) as sandbox:
+        index = RedisTaskIndex(bus.redis, "probe", retail)
+        validator = Validator(retail, sandbox, settings, index, RolloutProbe(runner))
+        result = await validator.validate(proposal(cancellation(retail, "probed", nth=7)))
+    p = result.solve_rate
+    assert p is not None
+    assert result.learnability == pytest.approx(4 * p * (1 - p))
+    expected = {0.0: [RejectionCode.TOO_HARD], 1.0: [RejectionCode.TOO_EASY]}.get(p, [])
+    assert [r.code for r in result.reasons] == expected

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import ValidationSettings
 from sentinel.envs.sandbox import (
     LocalProcessSandbox,
@@ -74,6 +75,17 @@ SHINGLE = 3
 
 class DifficultyProbe(Protocol):
     async def solve_rate(self, task: Task, k: int) -> float: ...
+
+
+class RolloutProbe:
+    """The difficulty probe: K concurrent rollouts of the current Solver on the task."""
+
+    def __init__(self, runner: RolloutRunner) -> None:
+        self.runner = runner
+
+    async def solve_rate(self, task: Task, k: int) -> float:
+        group = await self.runner.run_group(task, k)
+        return sum(t.succeeded for t in group.trajectories) / max(1, len(group.trajectories))
 
 
 class TaskIndex(Protocol):

@@ -24,6 +24,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.logs import get_logger
@@ -31,7 +32,13 @@ from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.pool import TaskPool
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import RejectionCode, RejectionReason, TaskProposal, ValidationResult
-from sentinel.validator import RedisTaskIndex, Validator, local_sandbox, reject_unparseable
+from sentinel.validator import (
+    RedisTaskIndex,
+    RolloutProbe,
+    Validator,
+    local_sandbox,
+    reject_unparseable,
+)
 from sentinel.workers.app import settings_of
 
 log = get_logger(__name__)
@@ -56,7 +63,12 @@ class ValidationService:
         sandbox = local_sandbox(v, domain.name)
         self.stack.push_async_callback(sandbox.aclose)
         index = RedisTaskIndex(self.bus.redis, settings.bus.prefix, domain)
-        self.validator = Validator(domain, sandbox, v, index)
+        probe = None
+        if v.probe_rollouts:  # the current Solver on the policy endpoint
+            runner = RolloutRunner.from_settings(settings, domain)
+            self.stack.push_async_callback(runner.aclose)
+            probe = RolloutProbe(runner)
+        self.validator = Validator(domain, sandbox, v, index, probe)
         self.pool = TaskPool(self.bus.redis, settings.bus.prefix)
 
     async def stop(self) -> None:

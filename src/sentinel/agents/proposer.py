@@ -179,7 +179,11 @@ class Proposer:
         """One LLM-written proposal; None if the domain or the endpoint cannot give one."""
         assert self.client is not None
         prompt = await self.book.current()
-        tools = pattern.tools if pattern and pattern.tools else sorted(self.domain.write_tools)
+        pattern_tools = pattern.tools if pattern else []
+        writes = [t for t in pattern_tools if t in self.domain.write_tools] or [
+            self.rng.choice(sorted(self.domain.write_tools))
+        ]  # a pattern about reads still needs a write to be checkable: any one
+        tools = list(dict.fromkeys([*writes, *pattern_tools]))
         try:
             grounding = ground(self.domain, tools, self.rng)
         except GroundingUnsupported as error:
@@ -189,14 +193,10 @@ class Proposer:
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": render_prompt(pattern, grounding, prompt)},
         ]
-        writes = [t for t in tools if t in self.domain.write_tools]
         schema = draft_schema(
             actions_schema(self.domain, grounding, [], MAX_LOOKUPS, min_actions=0),
-            actions_schema(
-                self.domain, grounding, writes or sorted(self.domain.write_tools), MAX_WRITES,
-                lookups=False,
-            ),
-        )  # fmt: skip
+            actions_schema(self.domain, grounding, writes, MAX_WRITES, lookups=False),
+        )
         task_id = f"proposed-{uuid.uuid4().hex[:12]}"
         try:
             draft = await complete_structured(

@@ -173,6 +173,10 @@ def test_overlay_renders_the_components(overlay: str, docs: list[Doc]) -> None:
         "PodDisruptionBudget/sentinel-redis",
         "Deployment/sentinel-monitor",
         "Deployment/sentinel-trainer",
+        "Deployment/sentinel-controller",
+        "Deployment/sentinel-proposer",
+        "Deployment/sentinel-orchestrator",
+        "Deployment/sentinel-worker-validate",
         "PersistentVolumeClaim/sentinel-shared",
         "NetworkPolicy/default-deny",
     }
@@ -640,6 +644,17 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(
     assert not allows(policies, "Egress", trainer, None, 443), "the trainer reaches outside"
     for name, labels in pods.items():
         assert allows(policies, "Egress", labels, None, 53), f"{name} cannot resolve DNS"
+    validate = pods["sentinel-worker-validate"]
+    assert reachable(policies, validate, redis, 6379)
+    for port in (443, 80, 8000, 6379):  # untrusted replays: Redis and DNS, nothing else
+        assert not allows(policies, "Egress", validate, None, port), f"validation reaches :{port}"
+    for name, labels in pods.items():
+        if name != "sentinel-redis":
+            assert not reachable(policies, validate, labels, 8000), f"validation reaches {name}"
+    for agent in ("sentinel-controller", "sentinel-proposer"):
+        assert reachable(policies, pods[agent], redis, 6379)
+        assert allows(policies, "Egress", pods[agent], None, 443), f"{agent}: no external LLM"
+    assert not allows(policies, "Egress", pods["sentinel-orchestrator"], None, 443)
     if overlay == "gpu-cluster":
         vllm = pods["sentinel-vllm"]
         assert reachable(policies, trainer, vllm, 8000)

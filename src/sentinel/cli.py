@@ -371,10 +371,17 @@ NoLLMOption = Annotated[
 ]
 
 
-def _client(endpoint: LLMEndpoint, enabled: bool) -> OpenAIChatClient | None:
+@asynccontextmanager
+async def _client(endpoint: LLMEndpoint, enabled: bool) -> AsyncIterator[OpenAIChatClient | None]:
+    """An agent's LLM client (None with --no-llm), closed before the event loop ends."""
     from sentinel.agents.llm import OpenAIChatClient
 
-    return OpenAIChatClient(endpoint) if enabled else None
+    client = OpenAIChatClient(endpoint) if enabled else None
+    try:
+        yield client
+    finally:
+        if client is not None:
+            await client.aclose()
 
 
 @app.command()
@@ -394,13 +401,8 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
             prefix = settings.bus.prefix
             pool = TaskPool(bus.redis, prefix, domain.tasks("train"))
             library = PatternLibrary(bus.redis, prefix, settings.controller.merge_similarity)
-            client = _client(settings.llm.controller, not no_llm)
-            agent = Controller(domain, pool, library, bus, settings.controller, client)
-            try:
-                await agent.run()
-            finally:
-                if client:
-                    await client.aclose()
+            async with _client(settings.llm.controller, not no_llm) as client:
+                await Controller(domain, pool, library, bus, settings.controller, client).run()
 
     _run(work)
 
@@ -419,13 +421,8 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     async def work() -> None:
         async with _bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
-            client = _client(settings.llm.proposer, not no_llm)
-            agent = Proposer(domain, book, bus, settings.proposer, client)
-            try:
-                await agent.run()
-            finally:
-                if client:
-                    await client.aclose()
+            async with _client(settings.llm.proposer, not no_llm) as client:
+                await Proposer(domain, book, bus, settings.proposer, client).run()
 
     _run(work)
 

@@ -140,7 +140,10 @@ class PromptBook:
                     pipe.hincrby(self._key("tally", scope), f"code:{reason.code.value}", 1)
             if origin.pattern_id:
                 streak = self._key("streak", origin.pattern_id)
-                pipe.delete(streak) if result.accepted else pipe.incr(streak)
+                if result.accepted:
+                    pipe.delete(streak)
+                else:
+                    pipe.incr(streak)
             for reason in result.reasons:
                 recent = self._key("rejections", origin.prompt_version)
                 pipe.lpush(recent, f"{reason.code.value}\t{reason.detail[:300]}")

@@ -82,16 +82,15 @@ class ValidationService:
             attempts, _ = await pipe.execute()
         return int(attempts)
 
-    async def validate(self, raw: str) -> ValidationResult:
-        try:
-            proposal = TaskProposal.model_validate_json(raw)
-        except ValidationError as error:
-            result = reject_unparseable(raw, error)
-        else:
-            result = await self.validator.validate(proposal)
-            if result.accepted:
-                await self.pool.add(proposal.task)
-                await self.bus.publish(Stream.TASKS, proposal.task)
+    async def validate(self, parsed: TaskProposal | ValidationResult) -> ValidationResult:
+        """Judge a proposal (or publish the verdict on one that did not parse)."""
+        if isinstance(parsed, ValidationResult):
+            await self.publish(parsed)
+            return parsed
+        result = await self.validator.validate(parsed)
+        if result.accepted:
+            await self.pool.add(parsed.task)
+            await self.bus.publish(Stream.TASKS, parsed.task)
         await self.publish(result)
         return result
 
@@ -135,21 +134,23 @@ def _give_up(proposal_id: str, task_id: str, code: RejectionCode, detail: str) -
     )  # fmt: skip
 
 
-def _ids(raw: str) -> tuple[str, str]:
-    """The proposal and task ids, if the payload has them, for verdicts about it."""
+def _parse(raw: str) -> TaskProposal | ValidationResult:
+    """The proposal, or the verdict on a payload that is not one (its ids salvaged)."""
     try:
-        proposal = TaskProposal.model_validate_json(raw)
+        return TaskProposal.model_validate_json(raw)
     except ValidationError as error:
-        verdict = reject_unparseable(raw, error)
-        return verdict.proposal_id, verdict.task_id
-    return proposal.id, proposal.task.id
+        return reject_unparseable(raw, error)
 
 
 @shared_task(bind=True, name="sentinel.validate", max_retries=None)
 def validate(self: CeleryTask[Any, Any], raw: str) -> None:
     """Validate one proposal (its JSON); the verdict goes to the `validations` stream."""
     portal, service = _Process.get(self)
-    proposal_id, task_id = _ids(raw)
+    parsed = _parse(raw)
+    if isinstance(parsed, TaskProposal):
+        proposal_id, task_id = parsed.id, parsed.task.id
+    else:
+        proposal_id, task_id = parsed.proposal_id, parsed.task_id
     attempts = portal.call(service.attempt, proposal_id)
     limit = service.settings.workers.max_attempts
     if attempts > limit:
@@ -159,7 +160,7 @@ def validate(self: CeleryTask[Any, Any], raw: str) -> None:
         return
     start = time.perf_counter()
     try:
-        portal.call(service.validate, raw)
+        portal.call(service.validate, parsed)
     except SoftTimeLimitExceeded:
         detail = f"validation exceeded {time.perf_counter() - start:.0f} s"
         verdict = _give_up(proposal_id, task_id, RejectionCode.SANDBOX_TIMEOUT, detail)

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)  ## the main job on the embedded defaults
-	$(VENV)/bin/sentinel up
+	$(VENV)/bin/sentinel --config configs/local.yaml up
 
 test: lint typecheck  ## everything CI checks
 	$(PY) -m pytest

@@ -108,7 +108,7 @@ def make_groups(
                 id=f"group-{g}", task_id=f"t{g}", policy_version=0, trajectories=trajectories
             )
         )
-    assert all(g.informative for g in made), "every group needs reward variance"
+    assert all(g.informative() for g in made), "every group needs reward variance"
     return made
 
 

@@ -8,6 +8,7 @@ from sentinel.schemas import (
     Action,
     ChatMessage,
     ErrorPattern,
+    EvalReport,
     EvaluationCriteria,
     FailureCategory,
     FailureDiagnosis,
@@ -20,6 +21,7 @@ from sentinel.schemas import (
     RejectionReason,
     RewardBreakdown,
     RolloutGroup,
+    RolloutRequest,
     Task,
     TaskProposal,
     TaskSpec,
@@ -158,8 +160,35 @@ def examples() -> list[Message]:
             tokens_per_s=300.5,
             peak_memory_mb=812.0,
             duration_s=6.8,
+            wait_s=1.5,
+            trained_groups=["g-1", "g-2"],
+            dropped_groups={"g-3": "uninformative: every reward equal"},
+        ),
+        RolloutRequest(task=task(2), size=4, policy_version=2, served_name="policy-v2"),
+        EvalReport(
+            policy="policy-v2",
+            policy_version=2,
+            tasks=10,
+            trials=2,
+            pass_hat_k={1: 0.4, 2: 0.3},
+            pass_at_k={1: 0.4, 2: 0.5},
+            mean_reward=0.4,
+            terminations={"user_stop": 20},
         ),
     ]
+
+
+def group(task_id: str, rewards: list[float], i: int = 0, version: int = 0) -> RolloutGroup:
+    """A rollout group of one trajectory per reward."""
+    trajectories = [
+        trajectory(i * 100 + n, r).model_copy(
+            update={"task_id": task_id, "policy_version": version}
+        )
+        for n, r in enumerate(rewards)
+    ]
+    return RolloutGroup(
+        id=f"g-{task_id}-{i}", task_id=task_id, policy_version=version, trajectories=trajectories
+    )
 
 
 def cancellation(retail: Tau2Domain, name: str, nth: int = 0) -> Task:

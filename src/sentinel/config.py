@@ -125,6 +125,7 @@ class TrainerSettings(Section):
     # Gradient accumulation splits a step by padded tokens. Activations cost ~1.7 MB per token
     # for SmolLM2-135M in float32 without checkpointing: 2048 tokens is ~3.5 GB.
     micro_batch_tokens: int = Field(2048, ge=64)
+    share_prefix: bool = True  # a group's common prompt runs once per micro-batch (exact)
     gradient_checkpointing: bool = False  # recompute activations: for long tau2 prompts
     advantage_scale: Literal["group", "batch", "none"] = "group"
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
@@ -133,6 +134,10 @@ class TrainerSettings(Section):
     tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling; None: off
     kl_beta: float = Field(0.0, ge=0)  # KL to the base model (LoRA disabled); 0: off
     max_staleness: int = Field(4, ge=0)  # groups from older policies are dropped and counted
+    # A failed rollout's reward becomes partial_credit x its share of gold actions done:
+    # weak models then get group variance to learn from. 0: tau2's binary reward (the papers').
+    partial_credit: float = Field(0.0, ge=0, lt=1)
+    flush_after_s: float = Field(60.0, gt=0)  # step on fewer groups once one waited this long
     checkpoint_every: int = Field(1, ge=1)
     publish_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -144,6 +149,7 @@ class TrainerSettings(Section):
 class ControllerSettings(Section):
     """Failed trajectories to diagnoses to the error-pattern library."""
 
+    use_llm: bool = True  # False: deterministic signals only (like --no-llm)
     max_tokens: int = Field(384, ge=16)  # per diagnosis
     temperature: float = Field(0.0, ge=0)
     max_prompt_chars: int = Field(12_000, ge=1000)  # of the trajectory shown to the LLM
@@ -156,6 +162,7 @@ class ProposerSettings(Section):
     """Error patterns to executable tasks, with self-evolving prompts (EigenData)."""
 
     tasks_per_pattern: int = Field(4, ge=1)
+    use_llm: bool = True  # False: seed mutation only (like --no-llm)
     max_tokens: int = Field(768, ge=64)  # per proposed task
     temperature: float = Field(0.8, ge=0)
     revise_after: int = Field(8, ge=1)  # verdicts on a prompt version before revising it
@@ -190,6 +197,26 @@ class WorkerSettings(Section):
     max_attempts: int = Field(3, ge=1)
 
 
+class LoopSettings(Section):
+    """The orchestrator's loop: what to roll out, how much, and when to evaluate."""
+
+    # failure_driven: SENTINEL. fixed: seed train tasks only. synthetic: proposed tasks for
+    # general tool patterns, not for failures. The same loop, so budgets compare.
+    mode: Literal["failure_driven", "fixed", "synthetic"] = "failure_driven"
+    group_size: int = Field(4, ge=2)  # G trajectories per rollout group
+    max_inflight: int = Field(4, ge=1)  # groups dispatched and not yet back
+    max_groups: int | None = Field(None, ge=1)  # the rollout budget; None: run until stopped
+    targeted_ratio: float = Field(0.5, ge=0, le=1)  # share of groups on proposed tasks
+    solve_window: int = Field(16, ge=1)  # recent rewards per task behind its solve rate
+    mastered: float = Field(0.9, gt=0, le=1)  # retire a task solved this often...
+    min_samples: int = Field(8, ge=1)  # ...over at least this many recent rollouts
+    eval_every: int = Field(5, ge=0)  # held-out evaluation every N policy versions; 0: ends only
+    eval_tasks: int | None = Field(None, ge=1)  # the first N test tasks; None: all
+    eval_trials: int = Field(4, ge=1)  # k of pass^k
+    inflight_timeout_s: float = Field(3600.0, gt=0)  # a group not back by then is written off
+    max_dropped_in_row: int = Field(8, ge=1)  # consecutive dropped groups that stop the loop
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
@@ -211,6 +238,7 @@ class Settings(BaseSettings):
     proposer: ProposerSettings = ProposerSettings()
     validation: ValidationSettings = ValidationSettings()
     workers: WorkerSettings = WorkerSettings()
+    loop: LoopSettings = LoopSettings()
     domain: Literal["retail", "airline", "telecom"] = "retail"  # tau2 domain of the loop
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.metrics import pass_table
-from sentinel.schemas import RolloutGroup, Task, TerminationReason, Trajectory
+from sentinel.schemas import EvalReport, RolloutGroup, Task, TerminationReason, Trajectory
 
 
 class TrialResult(BaseModel):
@@ -38,16 +38,6 @@ class TrialResult(BaseModel):
             trajectory_id=trajectory.id,
             policy=trajectory.policy_model,
         )
-
-
-class EvalReport(BaseModel):
-    policy: str
-    tasks: int
-    trials: int
-    pass_hat_k: dict[int, float]
-    pass_at_k: dict[int, float]
-    mean_reward: float
-    terminations: dict[str, int]
 
 
 def load_results(path: Path) -> list[TrialResult]:

@@ -3,19 +3,25 @@
 Each overlay is rendered with `kubectl kustomize`, validated against the Kubernetes schemas
 with kubernetes-validate (strict: unknown fields are errors) when it is installed, and
 checked against the project's policies: GPU limits, vLLM probes and /dev/shm, Redis AOF and
-PVC, pod hardening, resources, real `sentinel` subcommands, and settings that validate.
+PVC, pod hardening, resources, real `sentinel` subcommands, settings that validate, network
+paths, and the KEDA autoscaling of the Celery workers (targets, queue keys, credentials).
+checkov runs on the rendered overlays when it is installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
 
 import pytest
 import typer.main
@@ -34,6 +40,10 @@ PART_OF = "app.kubernetes.io/part-of"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 NOT_SETTINGS = {"SENTINEL_CONFIG"}  # read by load_settings itself, not a field
 PLACEHOLDER = "CHANGE-ME"
+# Custom resources: kubernetes-validate ships only the built-in schemas, so these kinds are
+# not schema-validated; the KEDA tests below check their fields, targets and references.
+KEDA_API = "keda.sh/v1alpha1"
+CUSTOM_KINDS = {(KEDA_API, "ScaledObject"), (KEDA_API, "TriggerAuthentication")}
 
 Doc = dict[str, Any]
 
@@ -177,6 +187,10 @@ def test_overlay_renders_the_components(overlay: str, docs: list[Doc]) -> None:
         "Deployment/sentinel-proposer",
         "Deployment/sentinel-orchestrator",
         "Deployment/sentinel-worker-validate",
+        "Deployment/sentinel-worker-rollout",
+        "ScaledObject/sentinel-worker-validate",
+        "ScaledObject/sentinel-worker-rollout",
+        "TriggerAuthentication/sentinel-redis",
         "PersistentVolumeClaim/sentinel-shared",
         "NetworkPolicy/default-deny",
     }
@@ -211,6 +225,8 @@ def test_manifests_validate_strictly_against_the_kubernetes_schemas(docs: list[D
 
     errors = []
     for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue  # no schema in kubernetes-validate: see test_keda_objects_use_known_fields
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -612,10 +628,76 @@ def reachable(policies: list[Doc], src: dict[str, str], dst: dict[str, str], por
     )
 
 
+OUTSIDE = "outside"  # a destination outside the namespace (the evaluator's ipBlocks)
+DNS = 53
+
+
+def pod_labels(docs: list[Doc]) -> dict[str, dict[str, str]]:
+    """Workload name -> its pods' labels."""
+    return {name.split("/")[1]: pod["metadata"]["labels"] for name, pod in pod_templates(docs)}
+
+
+def probe_ports(docs: list[Doc]) -> set[int]:
+    """The ports worth probing: every container and Service port, and the usual suspects."""
+    ports = {80, 443, 6379, 8000, 8080}
+    for _, _, container in all_containers(docs):
+        ports |= {p["containerPort"] for p in container.get("ports", [])}
+    for service in (d for d in docs if d["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            ports |= {p for p in (port["port"], port.get("targetPort")) if isinstance(p, int)}
+    return ports - {DNS}
+
+
+def destinations(
+    policies: list[Doc], source: str, pods: dict[str, dict[str, str]], ports: set[int]
+) -> set[tuple[str, int]]:
+    """Where the pods of workload `source` may open connections, DNS aside:
+    (workload, port) in the namespace, (OUTSIDE, port) beyond it."""
+    src = pods[source]
+    found = {
+        (name, port)
+        for name, labels in pods.items()
+        if name != source
+        for port in ports
+        if reachable(policies, src, labels, port)
+    }
+    return found | {(OUTSIDE, p) for p in ports if allows(policies, "Egress", src, None, p)}
+
+
+def endpoint(docs: list[Doc], url: str) -> tuple[str, int]:
+    """(workload, pod port) behind an in-cluster Service URL, else (OUTSIDE, port)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    for service in (d for d in docs if d["kind"] == "Service"):
+        name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+        suffixes = ("", f".{namespace}", f".{namespace}.svc", f".{namespace}.svc.cluster.local")
+        if host not in {name + suffix for suffix in suffixes}:
+            continue
+        spec = next((p for p in service["spec"]["ports"] if p["port"] == port), None)
+        assert spec is not None, f"{url}: Service {name} has no port {port}"
+        for workload, pod in pod_templates(docs):
+            if service["spec"]["selector"].items() <= pod["metadata"]["labels"].items():
+                target = spec.get("targetPort", port)
+                if isinstance(target, str):  # a named container port
+                    target = next(
+                        p["containerPort"]
+                        for c in containers(pod)
+                        for p in c.get("ports", [])
+                        if p.get("name") == target
+                    )
+                return workload.split("/")[1], int(target)
+        raise AssertionError(f"{url}: Service {name} selects no pod")
+    return OUTSIDE, port
+
+
 def test_network_policy_evaluator_is_not_vacuous() -> None:
     deny = {"spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
     assert reachable([], {"a": "1"}, {"b": "1"}, 80)
     assert not reachable([deny], {"a": "1"}, {"b": "1"}, 80)
+    pods = {"a": {"a": "1"}, "b": {"b": "1"}}
+    assert destinations([], "a", pods, {80}) == {("b", 80), (OUTSIDE, 80)}
+    assert destinations([deny], "a", pods, {80}) == set()
 
 
 def test_network_policies_deny_by_default_and_allow_only_what_is_needed(
@@ -627,7 +709,7 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(
     assert set(deny["policyTypes"]) == {"Ingress", "Egress"}
     assert not deny.get("ingress")
     assert not deny.get("egress")
-    pods = {name.split("/")[1]: pod["metadata"]["labels"] for name, pod in pod_templates(docs)}
+    pods = pod_labels(docs)
     redis, monitor, trainer = (
         pods["sentinel-redis"],
         pods["sentinel-monitor"],
@@ -654,13 +736,340 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(
     for agent in ("sentinel-controller", "sentinel-proposer"):
         assert reachable(policies, pods[agent], redis, 6379)
         assert allows(policies, "Egress", pods[agent], None, 443), f"{agent}: no external LLM"
-    assert not allows(policies, "Egress", pods["sentinel-orchestrator"], None, 443)
+    # The orchestrator evaluates policies itself: Redis and the policy endpoints, nothing else.
+    settings = Settings.model_validate(settings_yaml(docs))
+    policy = {endpoint(docs, e.base_url) for e in (settings.llm.policy, settings.llm.user_sim)}
+    assert destinations(policies, "sentinel-orchestrator", pods, probe_ports(docs)) == {
+        ("sentinel-redis", 6379),
+        *policy,
+    }
     if overlay == "gpu-cluster":
         vllm = pods["sentinel-vllm"]
         assert reachable(policies, trainer, vllm, 8000)
         assert not reachable(policies, monitor, vllm, 8000)
         assert not reachable(policies, stranger, vllm, 8000)
         assert not reachable(policies, vllm, redis, 6379)
+
+
+def test_rollout_workers_reach_only_redis_dns_and_the_policy_server(
+    overlay: str, docs: list[Doc]
+) -> None:
+    """The rollout workers talk to Redis, the policy (llm.policy) and the user simulator
+    (llm.user_sim): in the GPU cluster both are the in-cluster vLLM on 8000; in dev, where
+    there is no vLLM, the external HTTPS endpoint of dev/sentinel.yaml."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = pod_labels(docs)
+    worker = pods["sentinel-worker-rollout"]
+    settings = Settings.model_validate(settings_yaml(docs))
+    policy = {endpoint(docs, e.base_url) for e in (settings.llm.policy, settings.llm.user_sim)}
+    if overlay == "gpu-cluster":
+        assert policy == {("sentinel-vllm", 8000)}, "the policy is not the in-cluster vLLM"
+    else:
+        assert policy == {(OUTSIDE, 443)}, "dev's policy is an external HTTPS endpoint"
+    assert allows(policies, "Egress", worker, None, DNS), "rollout workers cannot resolve DNS"
+    assert destinations(policies, "sentinel-worker-rollout", pods, probe_ports(docs)) == {
+        ("sentinel-redis", 6379),
+        *policy,
+    }
+    for name, labels in pods.items():  # and nothing reaches them
+        assert not reachable(policies, labels, worker, 8000), f"{name} reaches rollout workers"
+
+
+# ---------------------------------------------------------------------------------------------
+# KEDA: autoscaling of the Celery workers
+
+SCALED_OBJECT_SPEC = {
+    "scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+    "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers",
+}  # fmt: skip
+TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
+REDIS_SCALER = {
+    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
+    "usernameFromEnv", "passwordFromEnv", "listName", "listLength", "activationListLength",
+    "enableTLS", "unsafeSsl", "databaseIndex",
+}  # fmt: skip
+TRIGGER_AUTH_SPEC = {
+    "secretTargetRef", "env", "configMapTargetRef", "podIdentity", "hashiCorpVault",
+    "azureKeyVault", "awsSecretManager", "gcpSecretManager", "boundServiceAccountToken",
+}  # fmt: skip
+# What `sentinel worker <name>` consumes, and how many replicas at least (validation comes
+# in bursts: none while idle; the loop always has rollouts queued: one stays warm).
+WORKER_MIN_REPLICAS = {"validate": 0, "rollout": 1}
+
+
+def scaled_objects(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if (d["apiVersion"], d["kind"]) == (KEDA_API, "ScaledObject")]
+
+
+def worker_queue(container: Doc) -> str | None:
+    """`validate` for a container running `sentinel worker validate ...`, else None."""
+    args = [str(a) for a in container.get("args", [])]
+    return args[1] if ours(container) and args[:1] == ["worker"] and len(args) > 1 else None
+
+
+def scale_target(docs: list[Doc], scaled: Doc) -> tuple[Doc, Doc, str]:
+    """(Deployment, its worker container, the queue it consumes) a ScaledObject scales."""
+    ref = scaled["spec"]["scaleTargetRef"]
+    assert ref.get("kind", "Deployment") == "Deployment", f"{ident(scaled)}: not a Deployment"
+    assert ref.get("apiVersion", "apps/v1") == "apps/v1", ident(scaled)
+    target = find(docs, "Deployment", ref["name"])
+    assert target is not None, f"{ident(scaled)} scales Deployment/{ref['name']}: not rendered"
+    workers = [(c, q) for c in containers(target["spec"]["template"]) if (q := worker_queue(c))]
+    assert len(workers) == 1, f"{ident(scaled)}: {ref['name']} runs no `sentinel worker`"
+    return target, *workers[0]
+
+
+def redis_trigger(scaled: Doc) -> Doc:
+    triggers = scaled["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis"], f"{ident(scaled)}: one redis trigger"
+    trigger: Doc = triggers[0]
+    return trigger
+
+
+def test_keda_objects_use_known_fields(docs: list[Doc]) -> None:
+    """The KEDA resources are not schema-validated (custom kinds): check their fields here,
+    so a typo shows before the API server rejects it or the CRD's pruning drops it."""
+    for doc in (d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS):
+        spec = doc["spec"]
+        if doc["kind"] == "TriggerAuthentication":
+            assert set(spec) <= TRIGGER_AUTH_SPEC, f"{ident(doc)}: {set(spec) - TRIGGER_AUTH_SPEC}"
+            continue
+        assert set(spec) <= SCALED_OBJECT_SPEC, f"{ident(doc)}: {set(spec) - SCALED_OBJECT_SPEC}"
+        assert set(spec["scaleTargetRef"]) <= {"name", "kind", "apiVersion"}, ident(doc)
+        trigger = redis_trigger(doc)
+        assert set(trigger) <= TRIGGER, f"{ident(doc)}: {set(trigger) - TRIGGER}"
+        metadata = trigger["metadata"]
+        assert set(metadata) <= REDIS_SCALER, f"{ident(doc)}: {set(metadata) - REDIS_SCALER}"
+        assert {"listName", "listLength"} <= set(metadata), f"{ident(doc)}: list or target"
+        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+        assert not bad, f"{ident(doc)}: trigger metadata must be strings (quote them): {bad}"
+        assert int(metadata["listLength"]) >= 1, ident(doc)
+        low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+        assert 0 <= low <= high, f"{ident(doc)}: replicas {low}..{high}"
+        assert high >= 1, f"{ident(doc)}: maxReplicaCount {high}"
+
+
+def test_every_celery_worker_is_scaled_by_one_scaled_object(docs: list[Doc]) -> None:
+    scaled_by: dict[str, list[str]] = {}
+    for scaled in scaled_objects(docs):
+        target, _, queue = scale_target(docs, scaled)
+        scaled_by.setdefault(target["metadata"]["name"], []).append(ident(scaled))
+        assert scaled["spec"].get("minReplicaCount", 0) == WORKER_MIN_REPLICAS[queue], (
+            f"{ident(scaled)}: minReplicaCount"
+        )
+    for doc in (d for d in docs if d["kind"] == "Deployment"):
+        queues = [q for c in containers(doc["spec"]["template"]) if (q := worker_queue(c))]
+        if not queues:
+            continue
+        name = doc["metadata"]["name"]
+        assert len(scaled_by.get(name, [])) == 1, f"{name}: scaled by {scaled_by.get(name)}"
+        # A replica count in the manifest would reset KEDA's on every `kubectl apply`.
+        assert "replicas" not in doc["spec"], f"{name}: KEDA owns the replicas, drop `replicas`"
+    scaled_queues = {scale_target(docs, s)[2] for s in scaled_objects(docs)}
+    assert set(WORKER_MIN_REPLICAS) <= scaled_queues, f"unscaled: {scaled_queues}"
+
+
+def test_the_gpu_cluster_scales_further_than_dev() -> None:
+    most = {
+        overlay: {
+            s["metadata"]["name"]: s["spec"]["maxReplicaCount"]
+            for s in scaled_objects(_RENDERED.get(overlay) or render(overlay))
+        }
+        for overlay in OVERLAYS
+    }
+    for name, dev in most["dev"].items():
+        assert most["gpu-cluster"][name] > dev, f"{name}: gpu-cluster max not above dev's"
+
+
+def queue_list_key(celery: Any, queue: str, redis_url: str) -> str:
+    """The Redis list that `celery` (a configured app) pushes the tasks of `queue` to: a real
+    publish of a task routed there, through kombu's Redis transport, to the test's real Redis
+    (the message is taken back). This is the list KEDA must watch."""
+    import redis
+
+    tasks = [name for name, route in celery.conf.task_routes.items() if route["queue"] == queue]
+    assert tasks, f"no task is routed to the {queue} queue"
+    celery.conf.broker_url = redis_url  # the app's own settings, on a server that exists
+    client = redis.Redis.from_url(redis_url)
+
+    def lengths() -> dict[bytes, int]:
+        keys = client.scan_iter(match=f"*{queue}", _type="list")
+        return {key: int(client.llen(key)) for key in keys}
+
+    before = lengths()
+    celery.send_task(tasks[0], args=["{}"])
+    grown = [key for key, n in lengths().items() if n > before.get(key, 0)]
+    assert len(grown) == 1, f"expected one list to grow, saw {grown}"
+    client.lpop(grown[0])
+    client.close()
+    return grown[0].decode()
+
+
+def test_queue_list_key_follows_the_bus_prefix(redis_url: str) -> None:
+    from sentinel.workers.app import ROLLOUT_QUEUE, make_app
+
+    settings = Settings.model_validate({"bus": {"prefix": "elsewhere"}})
+    celery = make_app(settings, redis_url)
+    assert queue_list_key(celery, ROLLOUT_QUEUE, redis_url) == f"elsewhere:celery:{ROLLOUT_QUEUE}"
+
+
+def worker_app(
+    docs: list[Doc], deployment: Doc, container: Doc, tmp_path: Path, env: pytest.MonkeyPatch
+) -> tuple[Any, str]:
+    """Run the container's `sentinel worker ...` line with the real CLI, its settings file and
+    SENTINEL_* variables, up to Celery's worker_main: (the Celery app, the queue it consumes)."""
+    from celery import Celery
+    from typer.testing import CliRunner
+
+    config = tmp_path / f"{deployment['metadata']['name']}.yaml"
+    config.write_text(yaml.safe_dump(settings_yaml(docs)))
+    for key in [k for k in os.environ if k.startswith("SENTINEL_")]:
+        env.delenv(key)
+    for var in container.get("env", []):
+        if var["name"].startswith("SENTINEL_") and var["name"] not in NOT_SETTINGS:
+            env.setenv(var["name"], re.sub(r"\$\((\w+)\)", "x", var.get("value", "")))
+    env.setenv("SENTINEL_CONFIG", str(config))
+    with mock.patch.object(Celery, "worker_main", autospec=True) as worker_main:
+        result = CliRunner().invoke(app, [str(a) for a in container["args"]])
+    assert result.exit_code == 0, f"sentinel {container['args']}: {result.output}"
+    celery, argv = worker_main.call_args.args
+    return celery, argv[argv.index("--queues") + 1]
+
+
+def test_scaled_objects_watch_the_celery_queue_lists(
+    docs: list[Doc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """listName is the list the worker's own Celery app uses: `<bus.prefix>:celery:<queue>`
+    (global_keyprefix), with bus.prefix from the ConfigMap's settings (default `sentinel`);
+    address and databaseIndex are the Redis the workers use, reachable from KEDA's namespace."""
+    for scaled in scaled_objects(docs):
+        deployment, container, queue = scale_target(docs, scaled)
+        with monkeypatch.context() as env:
+            celery, consumed = worker_app(docs, deployment, container, tmp_path, env)
+        assert consumed == queue, f"`sentinel worker {queue}` consumes {consumed}"
+        metadata = redis_trigger(scaled)["metadata"]
+        broker = urlsplit(celery.conf.broker_url)  # before the publish points it at the test's
+        key = queue_list_key(celery, consumed, redis_url)
+        assert metadata["listName"] == key, f"{ident(scaled)}: watches {metadata['listName']}"
+        prefix = Settings.model_validate(settings_yaml(docs)).bus.prefix
+        assert key == f"{prefix}:celery:{queue}"
+        assert metadata.get("databaseIndex", "0") == (broker.path.strip("/") or "0")
+        host, _, port = metadata["address"].rpartition(":")
+        service = get(docs, "Service", str(broker.hostname))
+        namespace = service["metadata"]["namespace"]
+        assert host in {f"{broker.hostname}.{namespace}.svc", f"{broker.hostname}.{namespace}"} | {
+            f"{broker.hostname}.{namespace}.svc.cluster.local"
+        }, f"{ident(scaled)}: {host} is not {broker.hostname} in namespace {namespace}"
+        assert int(port) == broker.port
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_keda_authenticates_with_the_redis_password(docs: list[Doc]) -> None:
+    _, redis = container_of(docs, "StatefulSet", "sentinel-redis", "redis")
+    line = [*redis.get("command", []), *redis.get("args", [])]
+    variable = line[line.index("--requirepass") + 1].strip("$()")
+    source = next(v for v in redis["env"] if v["name"] == variable)
+    password = source["valueFrom"]["secretKeyRef"]
+    for scaled in scaled_objects(docs):
+        trigger = redis_trigger(scaled)
+        ref = trigger.get("authenticationRef")
+        assert ref is not None, f"{ident(scaled)}: no authenticationRef"
+        assert ref.get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+        auth = get(docs, "TriggerAuthentication", ref["name"])
+        secrets = {s["parameter"]: s for s in auth["spec"].get("secretTargetRef", [])}
+        assert "password" in secrets, f"{ident(auth)} gives no password"
+        given = secrets["password"]
+        assert (given["name"], given["key"]) == (password["name"], password["key"]), (
+            f"{ident(auth)}: password from {given['name']}/{given['key']}, Redis uses "
+            f"{password['name']}/{password['key']}"
+        )
+        secret = get(docs, "Secret", given["name"])
+        assert given["key"] in {*secret.get("stringData", {}), *secret.get("data", {})}
+        assert "passwordFromEnv" not in trigger["metadata"], "the password comes from the Secret"
+
+
+def test_scaling_down_never_cuts_a_task_short(docs: list[Doc]) -> None:
+    """Celery's warm shutdown (SIGTERM) lets running tasks finish: the grace period must
+    outlast the hard time limit. Going to 0 waits cooldownPeriod after the list emptied: the
+    last task taken must have ended by then."""
+    limit = Settings.model_validate(settings_yaml(docs)).workers.time_limit_s
+    for scaled in scaled_objects(docs):
+        deployment, _, _ = scale_target(docs, scaled)
+        grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        assert grace > limit, f"{ident(deployment)}: grace {grace}s <= time limit {limit}s"
+        if scaled["spec"].get("minReplicaCount", 0) == 0:
+            cooldown = scaled["spec"].get("cooldownPeriod", 300)
+            assert cooldown > limit, f"{ident(scaled)}: cooldown {cooldown}s <= {limit}s"
+
+
+def test_only_the_keda_operator_reaches_redis_from_outside(docs: list[Doc]) -> None:
+    """KEDA reads the lists from its own namespace; the evaluator above ignores rules with a
+    namespaceSelector, so they are checked here: the operator, on 6379, and nothing else."""
+    outside = [
+        (ident(p), rule, peer)
+        for p in docs
+        if p["kind"] == "NetworkPolicy"
+        for rule in p["spec"].get("ingress", [])
+        for peer in rule.get("from", [])
+        if "namespaceSelector" in peer or "ipBlock" in peer
+    ]
+    assert outside, "no policy lets the KEDA operator read the queue lengths"
+    redis = pod_labels(docs)["sentinel-redis"]
+    for name, rule, peer in outside:
+        policy = get(docs, "NetworkPolicy", name.split("/")[1])
+        assert selects(policy["spec"]["podSelector"], redis), f"{name}: not Redis's"
+        assert peer.get("namespaceSelector") == {
+            "matchLabels": {"kubernetes.io/metadata.name": "keda"}
+        }, f"{name}: from more than the keda namespace"
+        assert peer.get("podSelector") == {
+            "matchLabels": {"app.kubernetes.io/name": "keda-operator"}
+        }, f"{name}: from more than the KEDA operator"
+        assert [p["port"] for p in rule.get("ports", [])] == [6379], f"{name}: ports"
+
+
+# ---------------------------------------------------------------------------------------------
+# checkov (optional)
+
+
+def checkov_command() -> list[str] | None:
+    if importlib.util.find_spec("checkov") is not None:
+        return [sys.executable, "-m", "checkov.main"]
+    found = shutil.which("checkov")  # e.g. `pipx install checkov`: its pins clash with ours
+    return [found] if found else None
+
+
+def test_checkov_passes_on_the_rendered_overlay(
+    overlay: str, docs: list[Doc], tmp_path: Path
+) -> None:
+    """checkov's Kubernetes checks on what `kubectl apply -k` would apply; the checks it
+    skips are listed and justified in deploy/.checkov.yaml."""
+    command = checkov_command()
+    if command is None:
+        pytest.skip("checkov is not installed (pipx install checkov, or pip install checkov)")
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    result = subprocess.run(
+        [
+            *command,
+            "--config-file", str(DEPLOY / ".checkov.yaml"),
+            "--file", str(rendered),
+            "--output", "json", "--quiet", "--compact",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+    )  # fmt: skip
+    assert result.stdout.strip(), f"checkov printed nothing:\n{result.stderr[-2000:]}"
+    report = json.loads(result.stdout)
+    reports = report if isinstance(report, list) else [report]
+    assert [r.get("check_type") for r in reports] == ["kubernetes"], result.stdout[:500]
+    summary = reports[0]["summary"]
+    assert summary["parsing_errors"] == 0, summary
+    assert summary["resource_count"] > 0, summary
+    failed = [
+        f"{c['check_id']} {c['resource']}: {c['check_name']}"
+        for c in reports[0]["results"]["failed_checks"]
+    ]
+    assert not failed, "checkov:\n" + "\n".join(failed)
 
 
 # ---------------------------------------------------------------------------------------------

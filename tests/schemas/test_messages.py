@@ -103,8 +103,8 @@ def test_rollout_group_informative_only_when_rewards_differ() -> None:
     flat = mixed.model_copy(
         update={"trajectories": [factories.trajectory(i, 1.0) for i in range(3)]}
     )
-    assert mixed.informative
-    assert not flat.informative
+    assert mixed.informative()
+    assert not flat.informative()
     assert flat.rewards == [1.0, 1.0, 1.0]
 
 

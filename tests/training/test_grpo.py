@@ -10,7 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sentinel.schemas import RolloutGroup, TurnTokens
 from sentinel.training.batch import build_batch, micro_batches, pack
-from sentinel.training.grpo import LossConfig, collate, grpo_loss, policy_logprobs
+from sentinel.training.grpo import (
+    LossConfig,
+    LossStats,
+    Tensors,
+    backward_sharing_prefix,
+    collate,
+    grpo_loss,
+    policy_logprobs,
+    shared_prefix,
+)
 from tests import factories
 
 VOCAB = 64
@@ -26,12 +35,15 @@ def tiny_model() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float()
 
 
-def turns(rng: random.Random, count: int, *, prefix: bool) -> list[TurnTokens]:
-    """Turns whose prompts extend the previous turn (prefix=True) or start afresh."""
+def turns(
+    rng: random.Random, count: int, *, prefix: bool, start: list[int] | None = None
+) -> list[TurnTokens]:
+    """Turns whose prompts extend the previous turn (prefix=True) or start afresh; the first
+    prompt begins with `start` (a system prompt the group shares)."""
     made: list[TurnTokens] = []
-    context: list[int] = []
+    context: list[int] = list(start or [])
     for _ in range(count):
-        prompt = (context if prefix else []) + [
+        prompt = (context if prefix else list(start or [])) + [
             rng.randrange(VOCAB) for _ in range(rng.randint(3, 7))
         ]
         completion = [rng.randrange(VOCAB) for _ in range(rng.randint(2, 5))]
@@ -42,14 +54,18 @@ def turns(rng: random.Random, count: int, *, prefix: bool) -> list[TurnTokens]:
     return made
 
 
-def groups() -> list[RolloutGroup]:
+def groups(shared: int = 0) -> list[RolloutGroup]:
+    """Three groups (the last without reward variance); each group's prompts start with the
+    same `shared` tokens."""
     rng = random.Random(7)
     out = []
     for g, rewards in enumerate([[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 1.0]]):  # the last: no variance
+        start = [rng.randrange(VOCAB) for _ in range(shared)]
         trajectories = []
         for i, reward in enumerate(rewards):
             t = factories.trajectory(g * 10 + i, reward)
-            t.turns = turns(rng, 2 + i % 2, prefix=i != 1)
+            t.group_id = f"g{g}"
+            t.turns = turns(rng, 2 + i % 2, prefix=i != 1, start=start)
             trajectories.append(t)
         out.append(RolloutGroup(task_id=f"t{g}", policy_version=3, trajectories=trajectories))
     return out
@@ -86,30 +102,47 @@ def reference(model: LlamaForCausalLM, data: list[RolloutGroup], aggregation: st
     return torch.stack([torch.stack(terms).mean() for terms in per_trajectory]).mean()
 
 
-def ours(model: LlamaForCausalLM, data: list[RolloutGroup], aggregation: str, micro: int) -> float:
+def ours(
+    model: LlamaForCausalLM,
+    data: list[RolloutGroup],
+    aggregation: str,
+    micro: int,
+    chunk: int | None = None,
+) -> float:
+    """Our batch, micro-batches and loss; with `chunk`, a group per micro-batch, its prefix run
+    once and the rows after it in chunks of `chunk` tokens."""
     batch = build_batch(
         data, current_version=3, max_staleness=2, scale="group", aggregation=aggregation
     )  # type: ignore[arg-type]
     total = 0.0
-    for samples in micro_batches(batch.samples, micro):
+
+    def loss(logp: torch.Tensor, rows: Tensors) -> tuple[torch.Tensor, LossStats]:
+        return grpo_loss(logp, logp.detach(), rows, CONFIG)
+
+    for samples in micro_batches(batch.samples, micro, share_prefix=chunk is not None):
         tensors = collate(samples, pad_id=0, device=torch.device("cpu"))
-        logp = policy_logprobs(model, tensors)
-        loss, _ = grpo_loss(logp, logp.detach(), tensors, CONFIG)
-        loss.backward()
-        total += float(loss.detach())
+        if chunk is not None:
+            total += sum(s.loss for s in backward_sharing_prefix(model, tensors, loss, chunk))
+            continue
+        value, _ = loss(policy_logprobs(model, tensors), tensors)
+        value.backward()
+        total += float(value.detach())
     return total
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
 @pytest.mark.parametrize("micro", [16, 10_000])  # many micro-batches, or one
-def test_loss_and_gradients_match_the_reference(aggregation: str, micro: int) -> None:
-    data = groups()
+@pytest.mark.parametrize("chunk", [None, 0, 10_000])  # rows after a shared prompt: 1 or all
+def test_loss_and_gradients_match_the_reference(
+    aggregation: str, micro: int, chunk: int | None
+) -> None:
+    data = groups(shared=12)
     model = tiny_model()
     expected = reference(model, data, aggregation)
     expected.backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    got = ours(model, data, aggregation, micro)
+    got = ours(model, data, aggregation, micro, chunk)
     assert got == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
@@ -172,3 +205,16 @@ def test_clipping_bounds_the_update_when_the_policy_moved() -> None:
     positive = (tensors.advantages > 0).expand_as(tensors.loss_mask) & tensors.loss_mask
     assert moved.grad is not None
     assert torch.all(moved.grad[positive] == 0)  # clipped: no push further up
+
+
+def test_a_group_shares_its_prompt_up_to_the_first_loss_token() -> None:
+    batch = build_batch(
+        groups(shared=12)[:1], current_version=3, max_staleness=2, scale="group",
+        aggregation="token_mean",
+    )  # fmt: skip
+    firsts = [s for s in batch.samples if s.input_ids[:12] == batch.samples[0].input_ids[:12]]
+    (chunk,) = micro_batches(firsts, 10_000, share_prefix=True)
+    tensors = collate(chunk, pad_id=0, device=torch.device("cpu"))
+    split = shared_prefix(tensors)
+    assert 12 <= split <= int(tensors.loss_mask.any(0).nonzero()[0])
+    assert not tensors.loss_mask[:, :split].any()

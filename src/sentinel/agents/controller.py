@@ -138,7 +138,10 @@ class Controller:
         bus: Bus,
         settings: ControllerSettings,
         client: ChatClient | None = None,
+        *,
+        targets: bool = True,
     ) -> None:
+        self.targets = targets  # publish patterns for the Proposer (False in baseline modes)
         self.domain = domain
         self.pool = pool
         self.library = library
@@ -229,7 +232,8 @@ class Controller:
         await self.bus.publish(Stream.DIAGNOSES, diagnosis)
         added = await self.library.add(diagnosis, self.settings.max_examples)
         total = sum(added.pattern.frequency.values())
-        if added.counted and (added.created or total % self.settings.publish_every == 0):
+        due = added.created or total % self.settings.publish_every == 0
+        if self.targets and added.counted and due:
             key = f"{added.pattern.id}:{total}"
             await self.bus.publish(Stream.PATTERNS, added.pattern, key=key)
         log.info(

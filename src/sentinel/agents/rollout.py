@@ -91,7 +91,9 @@ class RolloutRunner:
             if close is not None:
                 await close()
 
-    async def run(self, task: Task, group_id: str | None = None) -> Trajectory:
+    async def run(
+        self, task: Task, group_id: str | None = None, trajectory_id: str | None = None
+    ) -> Trajectory:
         async with self.limiter:
             episode = await anyio.to_thread.run_sync(self.domain.episode, task)
             state = Rollout(task, episode, self.domain.user_prompt(task))
@@ -101,26 +103,27 @@ class RolloutRunner:
             )
         state.timings.finished_at = utc_now()
         return Trajectory(
-            task_id=task.id, domain=task.domain, group_id=group_id,
+            id=trajectory_id or new_id(), task_id=task.id, domain=task.domain, group_id=group_id,
             policy_version=self.policy_version, policy_model=self.solver.client.model,
             messages=state.messages, turns=state.turns, termination=termination, reward=reward,
             malformed_turns=state.malformed, tool_errors=state.tool_errors, timings=state.timings,
         )  # fmt: skip
 
-    async def run_group(self, task: Task, size: int) -> RolloutGroup:
-        """`size` concurrent rollouts of one task: GRPO's unit."""
-        group_id = new_id()
-        trajectories: list[Trajectory] = []
+    async def run_group(self, task: Task, size: int, group_id: str | None = None) -> RolloutGroup:
+        """`size` concurrent rollouts of one task: GRPO's unit. Trajectory ids derive from the
+        group's, so a group rolled out again (a redelivery) replaces, not adds."""
+        group_id = group_id or new_id()
+        trajectories: list[Trajectory | None] = [None] * size
 
-        async def one() -> None:
-            trajectories.append(await self.run(task, group_id))
+        async def one(index: int) -> None:
+            trajectories[index] = await self.run(task, group_id, f"{group_id}-{index}")
 
         async with anyio.create_task_group() as tg:
-            for _ in range(size):
-                tg.start_soon(one)
+            for index in range(size):
+                tg.start_soon(one, index)
         return RolloutGroup(
             id=group_id, task_id=task.id, policy_version=self.policy_version,
-            trajectories=trajectories,
+            trajectories=[t for t in trajectories if t is not None],
         )  # fmt: skip
 
     async def _converse(self, state: Rollout) -> TerminationReason:

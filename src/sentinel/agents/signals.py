@@ -88,33 +88,17 @@ def _calls(trajectory: Trajectory) -> list[_Call]:
     ]
 
 
-def _gold(task: Task) -> list[Action]:
-    criteria = task.spec.evaluation_criteria
-    return [a for a in (criteria.actions or []) if a.requestor == "assistant"] if criteria else []
-
-
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
 
 
-def _compared(action: Action) -> dict[str, Any]:
-    keys = action.compare_args if action.compare_args is not None else list(action.arguments)
-    return {k: action.arguments.get(k) for k in keys}
-
-
-def _matches(action: Action, call: ToolCall) -> bool:
-    return call.name == action.name and all(
-        call.arguments.get(k) == v for k, v in _compared(action).items()
-    )
-
-
 def _gold_signals(gold: list[Action], calls: list[_Call]) -> Iterator[FailureSignal]:
     used: set[int] = set()
     for action in gold:
-        hit = next((c for c in calls if c.step not in used and _matches(action, c.call)), None)
+        hit = next((c for c in calls if c.step not in used and action.matches(c.call)), None)
         if hit is None:
-            hit = next((c for c in calls if _matches(action, c.call)), None)
+            hit = next((c for c in calls if action.matches(c.call)), None)
         if hit is not None:
             used.add(hit.step)
             continue
@@ -128,7 +112,7 @@ def _gold_signals(gold: list[Action], calls: list[_Call]) -> Iterator[FailureSig
         used.add(near.step)
         diffs = [
             f"{k}: expected {_short(v)}, got {_short(near.call.arguments.get(k))}"
-            for k, v in _compared(action).items()
+            for k, v in action.compared().items()
             if near.call.arguments.get(k) != v
         ]
         yield FailureSignal(
@@ -244,7 +228,7 @@ def _outcome_signals(trajectory: Trajectory) -> Iterator[FailureSignal]:
 
 def failure_signals(task: Task, trajectory: Trajectory, domain: Tau2Domain) -> list[FailureSignal]:
     """Every deterministic finding, by step; findings without a step last."""
-    index, gold, calls = domain.entities, _gold(task), _calls(trajectory)
+    index, gold, calls = domain.entities, task.gold_actions, _calls(trajectory)
     signals = [
         *_gold_signals(gold, calls),
         *_entity_signals(calls, index, _task_user(gold, index)),

@@ -309,12 +309,15 @@ class Tau2Domain:
         messages: Sequence[ChatMessage],
         termination: TerminationReason,
     ) -> RewardBreakdown:
-        """tau2's reward for a finished conversation whose tool calls ran in `episode`."""
+        """tau2's reward for a finished conversation whose tool calls ran in `episode`, with
+        the share of gold actions done (`partial`) beside it."""
+        partial = partial_credit(task, messages)
         if termination not in STOPPED:
-            return RewardBreakdown(reward=0.0, info={"note": f"terminated: {termination.value}"})
+            note = {"note": f"terminated: {termination.value}"}
+            return RewardBreakdown(reward=0.0, partial=partial, info=note)
         criteria = task.spec.evaluation_criteria
         if criteria is None:
-            return RewardBreakdown(reward=1.0, info={"note": "no evaluation criteria"})
+            return RewardBreakdown(reward=1.0, partial=1.0, info={"note": "no evaluation criteria"})
         basis = set(criteria.reward_basis)
         if RewardBasis.NL_ASSERTION in basis:
             raise UnsupportedTask(f"{task.id}: NL assertions need an LLM judge")
@@ -340,8 +343,9 @@ class Tau2Domain:
         for value in components.values():
             reward *= value
         return RewardBreakdown(
-            reward=reward, components=components, db_match=db_match, missing_communication=missing
-        )
+            reward=reward, components=components, db_match=db_match,
+            missing_communication=missing, partial=max(partial, reward),
+        )  # fmt: skip
 
     def _assertions(self, task: Task, episode: Episode) -> float:
         spec = to_tau2_task(task)
@@ -350,3 +354,19 @@ class Tau2Domain:
             episode.env.run_env_assertion(a, raise_assertion_error=False) for a in assertions or []
         ]
         return 1.0 if all(met) else 0.0
+
+
+def partial_credit(task: Task, messages: Sequence[ChatMessage]) -> float:
+    """Progress toward the gold actions: each counts 1 when a successful agent call matched
+    it, 1/2 when its tool was at least called; the mean over the task's gold actions."""
+    gold = task.gold_actions
+    if not gold:
+        return 0.0
+    failed = {m.tool_call_id for m in messages if m.role == "tool" and m.error}
+    calls = [c for m in messages if m.role == "assistant" for c in m.tool_calls]
+    done = [c for c in calls if c.id not in failed]
+    called = {c.name for c in calls}
+    credit = [
+        1.0 if any(a.matches(c) for c in done) else 0.5 if a.name in called else 0.0 for a in gold
+    ]
+    return sum(credit) / len(gold)

@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from sentinel.schemas import (
     ErrorPattern,
+    EvalReport,
     FailureDiagnosis,
     Message,
     PolicyVersion,
@@ -28,6 +29,7 @@ class Stream(StrEnum):
     ROLLOUT_GROUPS = "rollout_groups"  # for the trainer
     POLICY_VERSIONS = "policy_versions"  # published policies, for the rollouts
     TRAIN_REPORTS = "train_reports"
+    EVALUATIONS = "evaluations"  # held-out pass^k per policy version
 
 
 CARRIES: dict[Stream, type[Message]] = {
@@ -40,4 +42,5 @@ CARRIES: dict[Stream, type[Message]] = {
     Stream.ROLLOUT_GROUPS: RolloutGroup,
     Stream.POLICY_VERSIONS: PolicyVersion,
     Stream.TRAIN_REPORTS: TrainStepReport,
+    Stream.EVALUATIONS: EvalReport,
 }

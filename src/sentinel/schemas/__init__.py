@@ -20,7 +20,13 @@ from sentinel.schemas.task import (
     UserInstructions,
     UserScenario,
 )
-from sentinel.schemas.training import PolicyVersion, RolloutGroup, TrainStepReport
+from sentinel.schemas.training import (
+    EvalReport,
+    PolicyVersion,
+    RolloutGroup,
+    RolloutRequest,
+    TrainStepReport,
+)
 from sentinel.schemas.trajectory import (
     ChatMessage,
     RewardBreakdown,
@@ -36,6 +42,7 @@ __all__ = [
     "ChatMessage",
     "Envelope",
     "ErrorPattern",
+    "EvalReport",
     "EvaluationCriteria",
     "FailureCategory",
     "FailureDiagnosis",
@@ -50,6 +57,7 @@ __all__ = [
     "RewardBasis",
     "RewardBreakdown",
     "RolloutGroup",
+    "RolloutRequest",
     "Task",
     "TaskProposal",
     "TaskSpec",

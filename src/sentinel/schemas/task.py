@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from sentinel.schemas.message import Message, Strict
+
+if TYPE_CHECKING:
+    from sentinel.schemas.trajectory import ToolCall
 
 Requestor = Literal["assistant", "user"]
 
@@ -29,6 +32,16 @@ class Action(Strict):
     arguments: dict[str, Any]
     info: str | None = None
     compare_args: list[str] | None = None
+
+    def compared(self) -> dict[str, Any]:
+        """The arguments a call must match, as tau2's ActionEvaluator compares them."""
+        keys = self.compare_args if self.compare_args is not None else list(self.arguments)
+        return {k: self.arguments.get(k) for k in keys}
+
+    def matches(self, call: ToolCall) -> bool:
+        return call.name == self.name and all(
+            call.arguments.get(k) == v for k, v in self.compared().items()
+        )
 
 
 class EnvAssertion(Strict):
@@ -97,3 +110,10 @@ class Task(Message):
     domain: str
     spec: TaskSpec
     provenance: Provenance
+
+    @property
+    def gold_actions(self) -> list[Action]:
+        """The agent's gold tool calls (the user's own actions left out)."""
+        criteria = self.spec.evaluation_criteria
+        actions = (criteria.actions or []) if criteria else []
+        return [a for a in actions if a.requestor == "assistant"]

@@ -2,31 +2,54 @@
 
 from __future__ import annotations
 
+import hashlib
 from statistics import pvariance
 from typing import Literal
 
 from pydantic import Field
 
 from sentinel.schemas.message import Message, new_id
+from sentinel.schemas.task import Task
 from sentinel.schemas.trajectory import Trajectory
 
 
+class RolloutRequest(Message):
+    """The orchestrator's order for one rollout group; its id becomes the group's id."""
+
+    id: str = Field(default_factory=new_id)
+    task: Task
+    size: int = Field(ge=1)
+    policy_version: int = Field(ge=0)
+    served_name: str  # the model name the Solver requests
+
+
 class RolloutGroup(Message):
-    """G trajectories of one task under one policy version: GRPO's unit of advantage."""
+    """G trajectories of one task under one policy version: GRPO's unit of advantage.
+
+    A group whose rollouts could not run (endpoint down, time limit) is still published,
+    with `dropped` saying why and no trajectories, so every request ends in a group."""
 
     id: str = Field(default_factory=new_id)
     task_id: str
     policy_version: int
     trajectories: list[Trajectory]
+    dropped: str | None = None
 
     @property
     def rewards(self) -> list[float]:
-        return [t.reward.reward if t.reward else 0.0 for t in self.trajectories]
+        return self.shaped_rewards(0.0)
 
-    @property
-    def informative(self) -> bool:
+    def shaped_rewards(self, partial_credit: float) -> list[float]:
+        """tau2's reward, or for a failure `partial_credit` x the share of gold actions done."""
+        return [
+            max(t.reward.reward, partial_credit * t.reward.partial) if t.reward else 0.0
+            for t in self.trajectories
+        ]
+
+    def informative(self, partial_credit: float = 0.0) -> bool:
         """Whether the rewards differ, so that group-relative advantages are non-zero."""
-        return len(self.trajectories) > 1 and pvariance(self.rewards) > 0.0
+        rewards = self.shaped_rewards(partial_credit)
+        return len(rewards) > 1 and pvariance(rewards) > 0.0
 
 
 class PolicyVersion(Message):
@@ -56,6 +79,29 @@ class TrainStepReport(Message):
     tokens_per_s: float
     peak_memory_mb: float
     duration_s: float
+    wait_s: float = 0.0  # the trainer idle, waiting for these groups
+    trained_groups: list[str] = Field(default_factory=list)
+    dropped_groups: dict[str, str] = Field(default_factory=dict)  # group id -> why
 
     def key(self) -> str:
-        return f"{self.mode}-step-{self.step}"
+        """One key per batch of groups: a no-op step keeps the step number, not the key."""
+        groups = sorted([*self.trained_groups, *self.dropped_groups])
+        digest = hashlib.sha256(" ".join(groups).encode()).hexdigest()[:16]
+        return f"{self.mode}-step-{self.step}-{digest}"
+
+
+class EvalReport(Message):
+    """Held-out evaluation of one policy: pass^k and pass@k over `tasks` x `trials`."""
+
+    policy: str
+    policy_version: int | None = None
+    split: str = "test"
+    tasks: int
+    trials: int
+    pass_hat_k: dict[int, float]
+    pass_at_k: dict[int, float]
+    mean_reward: float
+    terminations: dict[str, int]
+
+    def key(self) -> str:
+        return f"eval-{self.split}-{self.policy}-v{self.policy_version}-{self.tasks}x{self.trials}"

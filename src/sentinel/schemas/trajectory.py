@@ -63,6 +63,7 @@ class RewardBreakdown(Strict):
     components: dict[str, float] = Field(default_factory=dict)  # RewardBasis name -> score
     db_match: bool | None = None
     missing_communication: list[str] = Field(default_factory=list)
+    partial: float = 0.0  # share of gold actions done: the optional shaped reward's signal
     info: dict[str, Any] = Field(default_factory=dict)
 
 

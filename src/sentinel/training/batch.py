@@ -23,6 +23,7 @@ EPS = 1e-6
 # reports logprobs after the grammar mask, and a token the grammar allowed alone has
 # probability 1 under the sampling policy, so it carries no learning signal.
 FORCED_LOGPROB = -1e-4
+UNINFORMATIVE = "uninformative: every reward equal"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Sample:
     advantage: float
     weight: float  # per loss token
     trajectory_id: str
+    group_id: str = ""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class GRPOBatch:
     filtered_groups: int = 0  # zero reward variance: nothing to learn
     stale_groups: int = 0  # produced by a policy older than max_staleness
     rewards: list[float] = field(default_factory=list)  # of the groups kept
+    trained: list[str] = field(default_factory=list)  # ids of the groups kept
+    dropped: dict[str, str] = field(default_factory=dict)  # group id -> why it was left out
 
     @property
     def loss_tokens(self) -> int:
@@ -77,13 +81,15 @@ def pack(trajectory: Trajectory) -> list[tuple[list[int], list[bool], list[float
 
 
 def advantages(
-    groups: Sequence[RolloutGroup], scale: Literal["group", "batch", "none"]
+    groups: Sequence[RolloutGroup],
+    scale: Literal["group", "batch", "none"],
+    partial_credit: float = 0.0,
 ) -> dict[str, float]:
     """Trajectory-level r - mean(group), optionally divided by the group's or batch's std."""
     raw: dict[str, float] = {}
     group_std: dict[str, float] = {}
     for group in groups:
-        rewards = group.rewards
+        rewards = group.shaped_rewards(partial_credit)
         mean, std = fmean(rewards), pstdev(rewards)
         for trajectory, reward in zip(group.trajectories, rewards, strict=True):
             raw[trajectory.id] = reward - mean
@@ -103,17 +109,20 @@ def build_batch(
     max_staleness: int,
     scale: Literal["group", "batch", "none"],
     aggregation: Literal["token_mean", "sequence_mean"],
+    partial_credit: float = 0.0,
 ) -> GRPOBatch:
-    fresh = [g for g in groups if current_version - g.policy_version <= max_staleness]
-    kept = [g for g in fresh if g.informative]
-    batch = GRPOBatch(
-        samples=[],
-        groups=len(groups),
-        stale_groups=len(groups) - len(fresh),
-        filtered_groups=len(fresh) - len(kept),
-        rewards=[r for g in kept for r in g.rewards],
-    )
-    advantage = advantages(kept, scale)
+    batch = GRPOBatch(samples=[], groups=len(groups))
+    kept: list[RolloutGroup] = []
+    for group in groups:
+        if reason := _dropped(group, current_version, max_staleness, partial_credit):
+            batch.dropped[group.id] = reason
+            batch.stale_groups += reason.startswith("stale")
+            batch.filtered_groups += reason == UNINFORMATIVE
+        else:
+            kept.append(group)
+    batch.trained = [g.id for g in kept]
+    batch.rewards = [r for g in kept for r in g.shaped_rewards(partial_credit)]
+    advantage = advantages(kept, scale, partial_credit)
     packed = {t.id: pack(t) for g in kept for t in g.trajectories}
     trajectories = [
         t for g in kept for t in g.trajectories if any(any(m) for _, m, _ in packed[t.id])
@@ -128,13 +137,46 @@ def build_batch(
         )
         for ids, mask, behaviour in packed[trajectory.id]:
             batch.samples.append(
-                Sample(ids, mask, behaviour, advantage[trajectory.id], weight, trajectory.id)
+                Sample(
+                    ids,
+                    mask,
+                    behaviour,
+                    advantage[trajectory.id],
+                    weight,
+                    trajectory.id,
+                    trajectory.group_id or "",
+                )
             )
     return batch
 
 
-def micro_batches(samples: Sequence[Sample], max_tokens: int) -> list[list[Sample]]:
-    """Split samples into micro-batches of at most `max_tokens` padded tokens (at least one)."""
+def _dropped(
+    group: RolloutGroup, current_version: int, max_staleness: int, partial_credit: float
+) -> str | None:
+    """Why `group` is left out of the step, or None to train on it."""
+    if group.dropped:
+        return f"rollout: {group.dropped}"
+    if (age := current_version - group.policy_version) > max_staleness:
+        return f"stale: {age} versions behind (max_staleness {max_staleness})"
+    return None if group.informative(partial_credit) else UNINFORMATIVE
+
+
+def micro_batches(
+    samples: Sequence[Sample], max_tokens: int, share_prefix: bool = False
+) -> list[list[Sample]]:
+    """Split samples into micro-batches of at most `max_tokens` padded tokens (at least one).
+
+    With `share_prefix`, a micro-batch is one group's samples, by length: their common prefix
+    runs once and the rows after it in chunks (grpo.backward_sharing_prefix)."""
+    if not share_prefix:
+        return _split(samples, max_tokens)
+    by_group: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_group.setdefault(sample.group_id, []).append(sample)
+    return [sorted(group, key=lambda s: len(s.input_ids)) for group in by_group.values()]
+
+
+def _split(samples: Sequence[Sample], max_tokens: int) -> list[list[Sample]]:
     ordered = sorted(samples, key=lambda s: len(s.input_ids))
     batches: list[list[Sample]] = []
     current: list[Sample] = []

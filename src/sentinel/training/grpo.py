@@ -17,10 +17,12 @@ a few versions old), as in TRL's `vllm_importance_sampling_correction`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from sentinel.training.batch import Sample
 
@@ -79,6 +81,102 @@ def policy_logprobs(model: torch.nn.Module, batch: Tensors) -> torch.Tensor:
     selected = hidden[batch.loss_mask]
     logits = base.lm_head(selected).float()
     targets = batch.input_ids[:, 1:][batch.loss_mask]
+    picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
+    return logp.masked_scatter(batch.loss_mask, picked)
+
+
+def shared_prefix(batch: Tensors) -> int:
+    """Leading positions every row shares and no row has loss on (hidden state included)."""
+    ids, mask = batch.input_ids, batch.attention_mask.bool()
+    same = (ids == ids[:1]).all(0) & mask.all(0)
+    differs = (~same).nonzero()
+    common = int(differs[0]) if len(differs) else ids.shape[1]
+    lossy = batch.loss_mask.any(0).nonzero()  # index j: the hidden state at j has loss
+    first_loss = int(lossy[0]) if len(lossy) else ids.shape[1] - 1
+    return max(0, min(common, first_loss))
+
+
+Loss = Callable[[torch.Tensor, Tensors], tuple[torch.Tensor, "LossStats"]]
+
+
+def rows(batch: Tensors, index: slice) -> Tensors:
+    """Some rows of a micro-batch, without the padding they do not need."""
+    width = int(batch.attention_mask[index].sum(1).max())
+    return Tensors(
+        batch.input_ids[index, :width], batch.attention_mask[index, :width],
+        batch.loss_mask[index, : width - 1], batch.behaviour[index, : width - 1],
+        batch.advantages[index], batch.weights[index],
+    )  # fmt: skip
+
+
+def backward_sharing_prefix(
+    model: torch.nn.Module, batch: Tensors, loss: Loss, chunk_tokens: int
+) -> list[LossStats]:
+    """Backpropagate `loss` over the batch with the rows' common prefix run once (a rollout
+    group's system prompt and tools: thousands of tokens).
+
+    The prefix's keys and values are computed once and given to chunks of rows (at most
+    `chunk_tokens` padded tokens after the prefix, at least one row) as detached leaves; each
+    chunk's forward and backward frees its own activations and leaves its gradient on the
+    leaves, which finally flows back through the prefix once. Exact, and memory-bounded by
+    the chunk. Without a common prefix the chunks simply run whole."""
+    split = shared_prefix(batch) if batch.input_ids.shape[0] > 1 else 0
+    split = split if split >= 2 else 0
+    unwrapped: Any = model
+    base: Any = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    computed: list[torch.Tensor] = []
+    if split:
+        prefix = base.model(input_ids=batch.input_ids[:1, :split], use_cache=True).past_key_values
+        computed = [t for layer in prefix.layers for t in (layer.keys, layer.values)]
+    leaves = [t.detach().requires_grad_() for t in computed]
+    stats: list[LossStats] = []
+    for index in _chunks(batch, split, chunk_tokens):
+        chunk = rows(batch, index)
+        logp = (
+            _suffix_logprobs(base, chunk, split, leaves) if split else policy_logprobs(model, chunk)
+        )
+        value, chunk_stats = loss(logp, chunk)
+        value.backward()  # type: ignore[no-untyped-call]
+        stats.append(chunk_stats)
+    grads = [
+        (t, leaf.grad) for t, leaf in zip(computed, leaves, strict=True) if leaf.grad is not None
+    ]
+    if grads:
+        torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
+    return stats
+
+
+def _chunks(batch: Tensors, split: int, chunk_tokens: int) -> list[slice]:
+    """Consecutive rows whose padded width after `split` stays within `chunk_tokens`."""
+    widths = (batch.attention_mask.sum(1) - split).tolist()
+    chunks: list[slice] = []
+    start = 0
+    for end in range(1, len(widths) + 1):
+        if end == len(widths) or max(widths[start : end + 1]) * (end + 1 - start) > chunk_tokens:
+            chunks.append(slice(start, end))
+            start = end
+    return chunks
+
+
+def _suffix_logprobs(base: Any, batch: Tensors, split: int, kv: list[torch.Tensor]) -> torch.Tensor:
+    """`policy_logprobs` for rows whose first `split` tokens are cached in `kv`."""
+    count = batch.input_ids.shape[0]
+    cache = DynamicCache(
+        ddp_cache_data=[
+            (kv[i].expand(count, -1, -1, -1), kv[i + 1].expand(count, -1, -1, -1))
+            for i in range(0, len(kv), 2)
+        ]
+    )
+    width = batch.input_ids.shape[1]
+    positions = torch.arange(split, width, device=batch.input_ids.device).expand(count, -1)
+    hidden = base.model(
+        input_ids=batch.input_ids[:, split:], attention_mask=batch.attention_mask,
+        past_key_values=cache, position_ids=positions,
+    ).last_hidden_state[:, :-1]  # fmt: skip
+    loss_mask = batch.loss_mask[:, split:]
+    logits = base.lm_head(hidden[loss_mask]).float()
+    targets = batch.input_ids[:, split + 1 :][loss_mask]
     picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
     return logp.masked_scatter(batch.loss_mask, picked)

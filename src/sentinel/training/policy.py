@@ -22,7 +22,15 @@ from sentinel.config import TrainerSettings
 from sentinel.logs import get_logger
 from sentinel.schemas import RolloutGroup, TrainStepReport
 from sentinel.training.batch import build_batch, micro_batches
-from sentinel.training.grpo import LossConfig, collate, grpo_loss, policy_logprobs
+from sentinel.training.grpo import (
+    LossConfig,
+    LossStats,
+    Tensors,
+    backward_sharing_prefix,
+    collate,
+    grpo_loss,
+    policy_logprobs,
+)
 
 log = get_logger(__name__)
 
@@ -77,21 +85,18 @@ class Policy:
         batch = build_batch(
             groups, current_version=self.version, max_staleness=s.max_staleness,
             scale=s.advantage_scale, aggregation=s.loss_aggregation,
+            partial_credit=s.partial_credit,
         )  # fmt: skip
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0}
-        for samples in micro_batches(batch.samples, s.micro_batch_tokens):
+        for samples in micro_batches(batch.samples, s.micro_batch_tokens, s.share_prefix):
             tensors = collate(samples, self.pad_id, self.device)
-            logp = policy_logprobs(self.model, tensors)
-            loss, stats = grpo_loss(
-                logp, logp.detach(), tensors, self.loss_config, self._ref(tensors)
-            )
-            loss.backward()  # type: ignore[no-untyped-call]
-            totals["loss"] += stats.loss
-            totals["clip"] += stats.clip_fraction * stats.tokens
-            totals["kl"] += stats.mismatch_kl * stats.tokens
-            totals["tokens"] += stats.tokens
+            for stats in self._backward(tensors):
+                totals["loss"] += stats.loss
+                totals["clip"] += stats.clip_fraction * stats.tokens
+                totals["kl"] += stats.mismatch_kl * stats.tokens
+                totals["tokens"] += stats.tokens
         if batch.samples:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
             self.optimizer.step()
@@ -106,7 +111,21 @@ class Policy:
             clip_fraction=totals["clip"] / tokens, approx_kl=totals["kl"] / tokens,
             tokens=int(totals["tokens"]), tokens_per_s=totals["tokens"] / duration,
             peak_memory_mb=peak_memory_mb(self.device), duration_s=duration,
+            trained_groups=batch.trained, dropped_groups=batch.dropped,
         )  # fmt: skip
+
+    def _backward(self, tensors: Tensors) -> list[LossStats]:
+        """Accumulate the micro-batch's gradient; its loss figures (one per chunk)."""
+
+        def loss(logp: torch.Tensor, rows: Tensors) -> tuple[torch.Tensor, LossStats]:
+            return grpo_loss(logp, logp.detach(), rows, self.loss_config, self._ref(rows))
+
+        if self.settings.share_prefix:  # on CPU a row at a time: attention is not fused there
+            chunk = 0 if self.device.type == "cpu" else self.settings.micro_batch_tokens
+            return backward_sharing_prefix(self.model, tensors, loss, chunk)
+        value, stats = loss(policy_logprobs(self.model, tensors), tensors)
+        value.backward()  # type: ignore[no-untyped-call]
+        return [stats]
 
     def _ref(self, tensors: object) -> torch.Tensor | None:
         """Reference logprobs (the base model: adapter disabled) when KL is on."""

@@ -29,7 +29,11 @@ ROLLOUT_QUEUE = "rollout"
 
 def make_app(settings: Settings, broker_url: str) -> Celery:
     workers = settings.workers
-    app = Celery("sentinel", broker=broker_url, include=["sentinel.workers.validation"])
+    app = Celery(
+        "sentinel",
+        broker=broker_url,
+        include=["sentinel.workers.validation", "sentinel.workers.rollout"],
+    )
     app.conf.update(
         task_acks_late=True,
         worker_prefetch_multiplier=1,

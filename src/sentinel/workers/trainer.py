@@ -11,6 +11,7 @@ redelivery without being trained twice.
 from __future__ import annotations
 
 import shutil
+import time
 from collections import deque
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sentinel.config import Settings
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
-from sentinel.schemas import Envelope, RolloutGroup
+from sentinel.schemas import Envelope, RolloutGroup, TrainStepReport
 from sentinel.training.policy import Policy
 from sentinel.training.publisher import PublishError, WeightPublisher
 
@@ -40,7 +41,9 @@ class TrainerWorker:
         self.publisher = publisher
         self.directory = settings.run_dir / "trainer" / "checkpoints"
         self.trained: deque[str] = deque(maxlen=REMEMBERED_GROUPS)
-        self._pending: list[tuple[RolloutGroup, anyio.Event]] = []
+        self._pending: list[tuple[RolloutGroup, anyio.Event, float]] = []  # + arrival time
+        self._last_report: TrainStepReport | None = None
+        self._idle_since = time.monotonic()
         self._unreleased: list[anyio.Event] = []
         self._dirty = False  # weights changed since the last checkpoint
         self._arrived = anyio.Event()
@@ -52,6 +55,8 @@ class TrainerWorker:
             return
         state = self.policy.restore(checkpoints[-1])
         self.trained.extend(str(g) for g in state.get("trained_groups", []))  # type: ignore[attr-defined]
+        if last := state.get("last_report"):  # republished on start: it may have been lost
+            self._last_report = TrainStepReport.model_validate(last)
         log.info("trainer resumed", checkpoint=str(checkpoints[-1]), step=self.policy.step)
 
     async def handle(self, envelope: Envelope[RolloutGroup]) -> None:
@@ -60,7 +65,7 @@ class TrainerWorker:
             log.info("group already trained; acknowledging", group=group.id)
             return
         done = anyio.Event()
-        self._pending.append((group, done))
+        self._pending.append((group, done, time.monotonic()))
         self._arrived.set()
         await done.wait()
 
@@ -72,23 +77,36 @@ class TrainerWorker:
         consumer = Bus(self.bus.redis, consumer_settings).consumer(
             Stream.ROLLOUT_GROUPS, GROUP, RolloutGroup, self.handle
         )
+        if self._last_report is not None:  # keyed: harmless if it was published already
+            await self.bus.publish(Stream.TRAIN_REPORTS, self._last_report)
+        self._idle_since = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(consumer.run, stop)
             while stop is None or not stop.is_set():
                 with anyio.move_on_after(1.0):
                     await self._arrived.wait()
                 self._arrived = anyio.Event()
-                if len(self._pending) >= per_step:
+                if self._due(per_step):
                     await self.step(self._pending[:per_step])
                     del self._pending[:per_step]
             tg.cancel_scope.cancel()
 
-    async def step(self, batch: list[tuple[RolloutGroup, anyio.Event]]) -> None:
+    def _due(self, per_step: int) -> bool:
+        """A full batch, or a partial one that waited `flush_after_s` (the run's tail)."""
+        if len(self._pending) >= per_step:
+            return True
+        waited = time.monotonic() - self._pending[0][2] if self._pending else 0.0
+        return bool(self._pending) and waited >= self.settings.trainer.flush_after_s
+
+    async def step(self, batch: list[tuple[RolloutGroup, anyio.Event, float]]) -> None:
         """Train, checkpoint when due, publish when due; release groups once checkpointed."""
-        groups = [group for group, _ in batch]
+        groups = [group for group, _, _ in batch]
+        wait_s = time.monotonic() - self._idle_since
         report = await anyio.to_thread.run_sync(self.policy.grpo_step, groups)
+        report.wait_s = wait_s
+        self._last_report = report
         self.trained.extend(g.id for g in groups)
-        self._unreleased.extend(done for _, done in batch)
+        self._unreleased.extend(done for _, done, _ in batch)
         self._dirty |= report.tokens > 0
         due = self.policy.step % self.settings.trainer.checkpoint_every == 0
         if self._dirty and due:
@@ -102,6 +120,7 @@ class TrainerWorker:
             for done in self._unreleased:
                 done.set()
             self._unreleased.clear()
+        self._idle_since = time.monotonic()
 
     async def _publish(self) -> None:
         try:
@@ -113,7 +132,8 @@ class TrainerWorker:
 
     def _checkpoint(self) -> None:
         path = self.directory / f"step-{self.policy.step}"
-        self.policy.checkpoint(path, {"trained_groups": list(self.trained)})
+        last = self._last_report.model_dump(mode="json") if self._last_report else None
+        self.policy.checkpoint(path, {"trained_groups": list(self.trained), "last_report": last})
         keep = self.settings.trainer.keep_checkpoints
         for old in sorted(self.directory.glob("step-*[0-9]"), key=_step_of)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

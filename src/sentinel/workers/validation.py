@@ -1,9 +1,7 @@
 """The `validate` queue: proposals in, verdicts and accepted tasks out on Redis Streams.
 
-Celery tasks are synchronous, and the validator is async with warm sandbox children. Each
-worker process therefore starts, on its first task, one event loop in a thread (an anyio
-blocking portal) holding the Redis client, the sandbox pool and the validator for the life
-of the process; a task hands its proposal to that loop and waits. Every path ends in a
+Each worker process keeps one ValidationService (Redis client, warm sandbox children, the
+validator) on its own event loop (sentinel.workers.service). Every path ends in a
 verdict on the `validations` stream: an unparseable proposal, an infrastructure failure that
 outlived its retries, a task over its time limit. Accepted tasks join the pool and the
 `tasks` stream; both are keyed, so a redelivered task is harmless.
@@ -11,14 +9,11 @@ outlived its retries, a task over its time limit. Accepted tasks join the pool a
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Task as CeleryTask
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -39,12 +34,11 @@ from sentinel.validator import (
     local_sandbox,
     reject_unparseable,
 )
-from sentinel.workers.app import settings_of
+from sentinel.workers.service import WorkerProcess, count_attempt
 
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 5
-ATTEMPTS_TTL_S = 7 * 24 * 3600
 
 
 class ValidationService:
@@ -75,12 +69,9 @@ class ValidationService:
         await self.stack.aclose()
 
     async def attempt(self, proposal_id: str) -> int:
-        key = f"{self.settings.bus.prefix}:attempts:validate:{proposal_id}"
-        async with self.bus.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, ATTEMPTS_TTL_S)
-            attempts, _ = await pipe.execute()
-        return int(attempts)
+        return await count_attempt(
+            self.bus.redis, self.settings.bus.prefix, "validate", proposal_id
+        )
 
     async def validate(self, parsed: TaskProposal | ValidationResult) -> ValidationResult:
         """Judge a proposal (or publish the verdict on one that did not parse)."""
@@ -105,26 +96,7 @@ class ValidationService:
         )
 
 
-class _Process:
-    """The service of this worker process, started on first use (after Celery's fork)."""
-
-    lock = threading.Lock()
-    pid: int | None = None
-    portal: BlockingPortal
-    service: ValidationService
-    stack: ExitStack
-
-    @classmethod
-    def get(cls, task: CeleryTask[Any, Any]) -> tuple[BlockingPortal, ValidationService]:
-        with cls.lock:
-            if cls.pid != os.getpid():
-                settings, url = settings_of(task.app)
-                cls.stack = ExitStack()
-                cls.portal = cls.stack.enter_context(start_blocking_portal())
-                cls.service = ValidationService(settings, url)
-                cls.portal.call(cls.service.start)
-                cls.pid = os.getpid()
-            return cls.portal, cls.service
+PROCESS = WorkerProcess(ValidationService)
 
 
 def _give_up(proposal_id: str, task_id: str, code: RejectionCode, detail: str) -> ValidationResult:
@@ -145,7 +117,7 @@ def _parse(raw: str) -> TaskProposal | ValidationResult:
 @shared_task(bind=True, name="sentinel.validate", max_retries=None)
 def validate(self: CeleryTask[Any, Any], raw: str) -> None:
     """Validate one proposal (its JSON); the verdict goes to the `validations` stream."""
-    portal, service = _Process.get(self)
+    portal, service = PROCESS.get(self)
     parsed = _parse(raw)
     if isinstance(parsed, TaskProposal):
         proposal_id, task_id = parsed.id, parsed.task.id

@@ -1,0 +1,238 @@
+"""`sentinel report`: the story of a run, rebuilt from the JSONL in its run directory.
+
+The figures: patterns found and how often each recurred per policy version, tasks proposed
+and accepted (with the top rejection reasons), rollouts, train steps, policy versions, and
+held-out pass^k per version. `problems()` checks that the record is whole: every accepted
+task traces to a pattern, every trained trajectory to a task and a policy version, and every
+rollout group was trained exactly once or dropped with a reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from rich.table import Table
+
+from sentinel.config import ConfigError, load_settings
+from sentinel.orchestrator.recorder import artifacts_dir
+from sentinel.orchestrator.streams import CARRIES, Stream
+from sentinel.schemas import (
+    ErrorPattern,
+    EvalReport,
+    FailureDiagnosis,
+    Message,
+    Origin,
+    PolicyVersion,
+    RolloutGroup,
+    Task,
+    TaskProposal,
+    TrainStepReport,
+    Trajectory,
+    ValidationResult,
+)
+
+M = TypeVar("M", bound=Message)
+
+
+class PatternTrend(BaseModel):
+    id: str
+    title: str
+    category: str
+    share: dict[int, float]  # policy version -> share of that version's failures
+    trained_groups: int = 0  # groups trained on tasks proposed for this pattern
+
+
+class RunReport(BaseModel):
+    run_dir: str
+    patterns: list[PatternTrend]
+    categories: dict[int, dict[str, float]]  # version -> failure category -> share
+    proposals: int
+    accepted: int
+    top_rejections: dict[str, int]
+    tasks_by_origin: dict[str, int]
+    rollouts: int
+    groups: int
+    dropped_groups: int
+    informative_groups: int
+    train_steps: int  # steps that updated the weights
+    policy_versions: list[int]
+    trainer_idle_fraction: float | None
+    evals: dict[int, dict[int, float]]  # version -> pass^k
+
+
+class Artifacts:
+    """The messages a run recorded, by stream (the last copy of each key wins)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.directory = artifacts_dir(run_dir)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{run_dir} has no artifacts/ directory: is it a run?")
+        self.torn = 0  # lines that did not parse
+
+    def read(self, stream: Stream, model: type[M]) -> list[M]:
+        assert CARRIES[stream] is model
+        path = self.directory / f"{stream.value}.jsonl"
+        if not path.exists():
+            return []
+        latest: dict[str, M] = {}
+        for line in path.read_text().splitlines():
+            try:
+                message = model.model_validate_json(line)
+            except ValidationError:  # a line torn by a crash or a full disk
+                self.torn += bool(line.strip())
+                continue
+            latest[message.key()] = message
+        return list(latest.values())
+
+
+def build_report(run_dir: Path) -> RunReport:
+    a = Artifacts(run_dir)
+    partial_credit = _partial_credit(run_dir)
+    trajectories = a.read(Stream.TRAJECTORIES, Trajectory)
+    diagnoses = a.read(Stream.DIAGNOSES, FailureDiagnosis)
+    groups = a.read(Stream.ROLLOUT_GROUPS, RolloutGroup)
+    verdicts = a.read(Stream.VALIDATIONS, ValidationResult)
+    reports = a.read(Stream.TRAIN_REPORTS, TrainStepReport)
+    waited = sum(r.wait_s for r in reports)
+    busy = waited + sum(r.duration_s for r in reports)
+    return RunReport(
+        run_dir=str(run_dir),
+        patterns=_trends(
+            a.read(Stream.PATTERNS, ErrorPattern),
+            diagnoses,
+            _trained_per_pattern(a, groups, reports),
+        ),
+        categories=_category_shares(diagnoses),
+        proposals=len(a.read(Stream.PROPOSALS, TaskProposal)),
+        accepted=sum(v.accepted for v in verdicts),
+        top_rejections=dict(
+            Counter(r.code.value for v in verdicts for r in v.reasons).most_common(5)
+        ),
+        tasks_by_origin=dict(
+            Counter(t.provenance.origin.value for t in a.read(Stream.TASKS, Task))
+        ),
+        rollouts=len(trajectories),
+        groups=len(groups),
+        dropped_groups=sum(g.dropped is not None for g in groups),
+        informative_groups=sum(g.informative(partial_credit) for g in groups),
+        train_steps=sum(r.tokens > 0 for r in reports),
+        policy_versions=sorted(
+            {0} | {v.version for v in a.read(Stream.POLICY_VERSIONS, PolicyVersion)}
+        ),
+        trainer_idle_fraction=waited / busy if busy else None,
+        evals={e.policy_version or 0: e.pass_hat_k for e in a.read(Stream.EVALUATIONS, EvalReport)},
+    )
+
+
+def _partial_credit(run_dir: Path) -> float:
+    """The run's `trainer.partial_credit` (its config.yaml), which decides informativeness."""
+    try:
+        return load_settings(run_dir / "config.yaml").trainer.partial_credit
+    except ConfigError:
+        return 0.0
+
+
+def _failures_per_version(diagnoses: list[FailureDiagnosis]) -> Counter[int]:
+    return Counter(d.policy_version for d in diagnoses)
+
+
+def _trained_per_pattern(
+    a: Artifacts, groups: list[RolloutGroup], reports: list[TrainStepReport]
+) -> Counter[str]:
+    """How many trained groups ran on tasks proposed for each pattern (provenance)."""
+    pattern_of = {t.id: t.provenance.pattern_id for t in a.read(Stream.TASKS, Task)}
+    task_of = {g.id: g.task_id for g in groups}
+    trained = [task_of.get(g) for r in reports for g in r.trained_groups]
+    return Counter(p for t in trained if t and (p := pattern_of.get(t)))
+
+
+def _trends(
+    patterns: list[ErrorPattern], diagnoses: list[FailureDiagnosis], trained: Counter[str]
+) -> list[PatternTrend]:
+    """Each pattern's share of its version's failures (its newest copy has every count), and
+    how much the Solver trained on its tasks: did the share fall after?"""
+    failures = _failures_per_version(diagnoses)
+    newest: dict[str, ErrorPattern] = {}
+    for pattern in patterns:
+        if pattern.id not in newest or pattern.updated_at > newest[pattern.id].updated_at:
+            newest[pattern.id] = pattern
+    return [
+        PatternTrend(
+            id=p.id,
+            title=p.title,
+            category=p.category.value,
+            share={v: n / max(failures[v], 1) for v, n in sorted(p.frequency.items())},
+            trained_groups=trained[p.id],
+        )
+        for p in sorted(newest.values(), key=lambda p: -sum(p.frequency.values()))
+    ]
+
+
+def _category_shares(diagnoses: list[FailureDiagnosis]) -> dict[int, dict[str, float]]:
+    failures = _failures_per_version(diagnoses)
+    counts: dict[int, Counter[str]] = defaultdict(Counter)
+    for d in diagnoses:
+        counts[d.policy_version][d.category.value] += 1
+    return {v: {c: n / failures[v] for c, n in counts[v].most_common()} for v in sorted(counts)}
+
+
+def problems(run_dir: Path, seed_ids: set[str]) -> list[str]:
+    """What breaks the run's record; empty when it is whole."""
+    return list(_problems(Artifacts(run_dir), seed_ids))
+
+
+def _problems(a: Artifacts, seed_ids: set[str]) -> Iterator[str]:
+    pattern_ids = {p.id for p in a.read(Stream.PATTERNS, ErrorPattern)}
+    task_ids = set(seed_ids)
+    for task in a.read(Stream.TASKS, Task):
+        task_ids.add(task.id)
+        if task.provenance.origin != Origin.SEED and task.provenance.pattern_id not in pattern_ids:
+            yield f"accepted task {task.id} names no recorded pattern"
+    versions = {0} | {v.version for v in a.read(Stream.POLICY_VERSIONS, PolicyVersion)}
+    groups = {g.id: g for g in a.read(Stream.ROLLOUT_GROUPS, RolloutGroup)}
+    fate: dict[str, list[str]] = defaultdict(list)
+    for report in a.read(Stream.TRAIN_REPORTS, TrainStepReport):
+        for group_id in report.trained_groups:
+            fate[group_id].append(f"trained in step {report.step}")
+        for group_id, reason in report.dropped_groups.items():
+            fate[group_id].append(f"dropped ({reason})")
+    for group_id, group in groups.items():
+        if len(fate[group_id]) != 1:
+            yield f"rollout group {group_id}: {fate[group_id] or 'never trained nor dropped'}"
+        for t in group.trajectories:
+            if t.task_id not in task_ids or t.policy_version not in versions:
+                yield f"trajectory {t.id}: unknown task {t.task_id} or version {t.policy_version}"
+    yield from (f"train report names unknown group {g}" for g in fate.keys() - groups.keys())
+
+
+def render_report(report: RunReport) -> Table:
+    table = Table(title=f"run {report.run_dir}", show_header=False)
+    rejections = ", ".join(f"{c} {n}" for c, n in report.top_rejections.items()) or "-"
+    origins = ", ".join(f"{o} {n}" for o, n in report.tasks_by_origin.items()) or "-"
+    rows = [
+        ("patterns found", str(len(report.patterns))),
+        ("tasks proposed / accepted", f"{report.proposals} / {report.accepted}"),
+        ("top rejections", rejections),
+        ("accepted tasks by origin", origins),
+        ("rollouts (groups, dropped, informative)",
+         f"{report.rollouts} ({report.groups}, {report.dropped_groups}, "
+         f"{report.informative_groups})"),
+        ("train steps", str(report.train_steps)),
+        ("policy versions", ", ".join(map(str, report.policy_versions))),
+    ]  # fmt: skip
+    if report.trainer_idle_fraction is not None:
+        rows.append(("trainer idle", f"{report.trainer_idle_fraction:.0%}"))
+    for version, table_k in sorted(report.evals.items()):
+        figures = "  ".join(f"pass^{k} {v:.3f}" for k, v in sorted(table_k.items()))
+        rows.append((f"held-out, policy v{version}", figures))
+    for trend in report.patterns[:8]:
+        shares = "  ".join(f"v{v}: {s:.0%}" for v, s in trend.share.items())
+        rows.append((f"pattern {trend.title[:40]}", f"{shares}  (trained {trend.trained_groups})"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

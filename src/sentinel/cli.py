@@ -338,9 +338,7 @@ async def _supervise(settings: Settings, supervisor: Supervisor) -> None:
     try:
         await anyio.to_thread.run_sync(supervisor.start_all)
         async with _bus(settings) as bus, anyio.create_task_group() as tg:
-            tg.start_soon(
-                partial(run_monitor, bus, settings.monitor.interval_s, trim=settings.monitor.trim)
-            )
+            tg.start_soon(_keep_monitoring, bus, settings)
             with Progress(console=Console(stderr=True), transient=True) as bar:
                 rollouts = bar.add_task("rollout groups back", total=budget)
                 trained = bar.add_task("accounted by the trainer", total=budget)
@@ -354,6 +352,17 @@ async def _supervise(settings: Settings, supervisor: Supervisor) -> None:
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(supervisor.stop_all)
+
+
+async def _keep_monitoring(bus: Bus, settings: Settings) -> None:
+    """The queue monitor under `up`: a failure is logged and it starts again, never taking
+    the run down with it."""
+    while True:
+        try:
+            await run_monitor(bus, settings.monitor.interval_s, trim=settings.monitor.trim)
+        except Exception as error:
+            log.exception("queue monitor failed; restarting", error=repr(error))
+            await anyio.sleep(settings.monitor.interval_s)
 
 
 def _print_report(run_dir: Path) -> None:

@@ -235,9 +235,10 @@ class Bus:
         floors = []
         for group in groups:
             floor = _successor(str(group["last-delivered-id"]))
-            if group["pending"]:
+            if group["pending"]:  # may be acknowledged meanwhile: then min is None
                 summary = await self.redis.xpending(key, group["name"])
-                floor = min(floor, str(summary["min"]), key=_entry_order)
+                if summary["min"] is not None:
+                    floor = min(floor, str(summary["min"]), key=_entry_order)
             floors.append(floor)
         return await self.redis.xtrim(key, minid=min(floors, key=_entry_order), approximate=False)
 

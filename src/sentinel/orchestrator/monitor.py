@@ -83,10 +83,11 @@ async def _group_figures(
     name = str(info["name"])
     pending = int(cast(int, info["pending"]))
     oldest = None
-    if pending:
+    if pending:  # XINFO and XPENDING are two reads: the entries may be acknowledged between
         summary = await bus.redis.xpending(key, name)
-        oldest_ms = int(str(summary["min"]).partition("-")[0])
-        oldest = max(0.0, time.time() - oldest_ms / 1000)
+        if summary["min"] is not None:
+            oldest_ms = int(str(summary["min"]).partition("-")[0])
+            oldest = max(0.0, time.time() - oldest_ms / 1000)
     totals = {counter: stats.get(f"{name}:{counter}", 0) for counter in COUNTERS}
     return GroupFigures(
         group=name,

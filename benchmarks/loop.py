@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sentinel-loop-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     partial_credit = load_settings(args.config).trainer.partial_credit
     fixed = run(args.config, "fixed", args.groups, workdir)
     targeted = run(args.config, "failure_driven", args.groups, workdir)

@@ -51,7 +51,7 @@ def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
     rng = random.Random(seed)
     proposed = Provenance(origin=Origin.PROPOSED)
     seeds = [
-        t for t in domain.tasks("train") if any(a.name in domain.write_tools for a in _gold(t))
+        t for t in domain.tasks("train") if any(a.name in domain.write_tools for a in t.actions)
     ]
     tasks: list[Task] = []
     while len(tasks) < count * 7 // 10:
@@ -61,7 +61,7 @@ def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
     for i, original in enumerate(rng.sample(domain.tasks(), count - len(tasks))):
         task = original.model_copy(update={"id": f"copy-{i}", "provenance": proposed})
         if i % 3 == 0:  # broken: an unknown tool
-            actions = [*_gold(task), Action(action_id="x", name="refund_all", arguments={})]
+            actions = [*task.actions, Action(action_id="x", name="refund_all", arguments={})]
             criteria = task.spec.evaluation_criteria.model_copy(update={"actions": actions})  # type: ignore[union-attr]
             task = task.model_copy(
                 update={"spec": task.spec.model_copy(update={"evaluation_criteria": criteria})}
@@ -72,11 +72,6 @@ def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
         TaskProposal(id=f"p-{t.id}", task=t, prompt_version="bench", proposer_model="bench")
         for t in tasks
     ]
-
-
-def _gold(task: Task) -> list[Action]:
-    criteria = task.spec.evaluation_criteria
-    return list(criteria.actions or []) if criteria else []
 
 
 async def judge(

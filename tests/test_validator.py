@@ -60,10 +60,6 @@ def with_actions(task: Task, actions: list[Action]) -> Task:
     )
 
 
-def actions_of(task: Task) -> list[Action]:
-    return list(task.spec.evaluation_criteria.actions or [])  # type: ignore[union-attr]
-
-
 async def codes(validator: Validator, task: Task) -> list[RejectionCode]:
     result = await validator.validate(proposal(task))
     assert result.accepted == (not result.reasons)
@@ -87,7 +83,7 @@ async def test_unknown_tools_bad_arguments_and_entities(
     retail: Tau2Domain, validator: Validator
 ) -> None:
     task = cancellation(retail, "bad", nth=1)
-    [find, get, cancel] = actions_of(task)
+    [find, get, cancel] = task.actions
     unknown = with_actions(task, [find, get, cancel.model_copy(update={"name": "refund_all"})])
     assert await codes(validator, unknown) == [RejectionCode.UNKNOWN_TOOL]
     args = {"order_id": 42, "why": "x"}  # wrong type, unknown, and "reason" missing
@@ -107,7 +103,7 @@ async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
 ) -> None:
     task = cancellation(retail, "delivered", nth=2)
     delivered = next(i for i, o in retail.database["orders"].items() if o["status"] == "delivered")
-    [find, get, cancel] = actions_of(task)
+    [find, get, cancel] = task.actions
     arguments = {**cancel.arguments, "order_id": delivered}
     bad = with_actions(task, [find, get, cancel.model_copy(update={"arguments": arguments})])
     result = await validator.validate(proposal(bad))
@@ -119,7 +115,7 @@ async def test_reads_only_tasks_are_not_discriminative(
     retail: Tau2Domain, validator: Validator
 ) -> None:
     task = cancellation(retail, "reads", nth=3)
-    reads = with_actions(task, actions_of(task)[:2])
+    reads = with_actions(task, task.actions[:2])
     assert await codes(validator, reads) == [RejectionCode.NOT_DISCRIMINATIVE]
     told = reads.spec.evaluation_criteria.model_copy(update={"communicate_info": ["pending"]})  # type: ignore[union-attr]
     informative = reads.model_copy(
@@ -132,12 +128,12 @@ async def test_test_split_copies_leak_and_train_copies_duplicate(
     retail: Tau2Domain, validator: Validator
 ) -> None:
     proposed = Provenance(origin=Origin.PROPOSED)
-    test_task = next(t for t in retail.tasks("test") if actions_of(t))
+    test_task = next(t for t in retail.tasks("test") if t.actions)
     leak = test_task.model_copy(update={"id": "innocent", "provenance": proposed})
     assert await codes(validator, leak) == [RejectionCode.TEST_LEAKAGE]
     train = next(
         t for t in retail.tasks("train")
-        if any(a.name in retail.write_tools for a in actions_of(t))
+        if any(a.name in retail.write_tools for a in t.actions)
     )  # fmt: skip
     assert await codes(
         validator, train.model_copy(update={"id": "again", "provenance": proposed})
@@ -150,12 +146,12 @@ async def test_test_split_copies_leak_and_train_copies_duplicate(
 async def test_leakage_survives_reordering_and_case(retail: Tau2Domain) -> None:
     test_task = next(
         t for t in retail.tasks("test")
-        if len([a for a in actions_of(t) if a.name in retail.write_tools]) >= 2
+        if len([a for a in t.actions if a.name in retail.write_tools]) >= 2
     )  # fmt: skip
     shuffled = with_actions(test_task, [
         a.model_copy(update={"arguments": {k: v.upper() if isinstance(v, str) else v
                                            for k, v in a.arguments.items()}})
-        for a in reversed(actions_of(test_task))
+        for a in reversed(test_task.actions)
     ])  # fmt: skip
     assert gold_signature(shuffled, retail.write_tools) == gold_signature(
         test_task, retail.write_tools
@@ -185,7 +181,7 @@ async def test_a_hostile_replay_is_killed_and_the_validator_carries_on(
 ) -> None:
     task = cancellation(retail, "hostile", nth=5)
     bomb = Action(action_id="x", name="calculate", arguments={"expression": "9**9**9**9"})
-    hostile = with_actions(task, [bomb, *actions_of(task)])
+    hostile = with_actions(task, [bomb, *task.actions])
     [code] = await codes(validator, hostile)
     assert code in {RejectionCode.SANDBOX_TIMEOUT, RejectionCode.SANDBOX_CRASH}
     assert await codes(validator, cancellation(retail, "after", nth=6)) == []

@@ -118,16 +118,11 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def gold_actions(task: Task) -> list[Action]:
-    criteria = task.spec.evaluation_criteria
-    return list(criteria.actions or []) if criteria else []
-
-
 def gold_signature(task: Task, write_tools: Iterable[str]) -> str:
     """What the task makes happen: its writes (its reads if it has none), canonicalized:
     sorted keys, sorted id lists, lower-cased strings, in any order."""
     writes = frozenset(write_tools)
-    actions = gold_actions(task)
+    actions = task.actions
     chosen = [a for a in actions if a.name in writes] or actions
     canonical = sorted(json.dumps([a.name, _canonical(a.arguments)]) for a in chosen)
     return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()[:32]
@@ -289,12 +284,12 @@ class Validator:
         reasons = self._shape(task)
         if reasons:
             return reasons
-        for i, action in enumerate(gold_actions(task)):
+        for i, action in enumerate(task.actions):
             reasons += self._action(i, action)
         return reasons + self._injection(task)
 
     def _shape(self, task: Task) -> Reasons:
-        actions, criteria = gold_actions(task), task.spec.evaluation_criteria
+        actions, criteria = task.actions, task.spec.evaluation_criteria
         if task.domain != self.domain.name:
             return [
                 _reason(RejectionCode.SCHEMA, f"domain {task.domain!r}, not {self.domain.name!r}")
@@ -363,7 +358,7 @@ class Validator:
         ]
         if failed:
             return failed
-        writes = any(a.name in self.domain.write_tools for a in gold_actions(task))
+        writes = any(a.name in self.domain.write_tools for a in task.actions)
         unchanged = (outcome.db_hash_before, outcome.user_db_hash_before) == (
             outcome.db_hash_after, outcome.user_db_hash_after,
         )  # fmt: skip
@@ -379,7 +374,7 @@ class Validator:
 
     def discriminative(self, task: Task, outcome: ReplayOutcome) -> Reasons:
         target = (outcome.db_hash_after, outcome.user_db_hash_after)
-        actions = gold_actions(task)
+        actions = task.actions
         agent_actions = [a for a in actions if a.requestor == "assistant"]
         reads = [a for a in agent_actions if a.name not in self.domain.write_tools]
         passing = []

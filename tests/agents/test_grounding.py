@@ -50,8 +50,7 @@ def mutations(retail: Tau2Domain, seeds: list[Task]) -> list[tuple[Task, Task | 
 
 
 def _writes(task: Task, domain: Tau2Domain) -> list[Any]:
-    criteria = task.spec.evaluation_criteria
-    return [a for a in (criteria.actions or []) if a.name in domain.write_tools] if criteria else []
+    return [a for a in task.actions if a.name in domain.write_tools]
 
 
 def _run(domain: Tau2Domain, task: Task, calls: list[tuple[str, dict[str, Any]]]) -> Any:
@@ -131,11 +130,7 @@ def test_ground_is_deterministic_and_avoids_test_users(retail: Tau2Domain) -> No
     assert first == ground(retail, tools, random.Random(11))
     statuses = {o.status for o in first.orders}
     assert {"pending", "delivered"} <= statuses
-    test_users = {
-        a.arguments.get("user_id")
-        for t in retail.tasks("test")
-        for a in (t.spec.evaluation_criteria.actions or [])  # type: ignore[union-attr]
-    }
+    test_users = {a.arguments.get("user_id") for t in retail.tasks("test") for a in t.actions}
     users = {ground(retail, tools, random.Random(seed)).user.user_id for seed in range(20)}
     assert len(users) > 5
     assert not users & test_users
@@ -245,7 +240,7 @@ def test_mutated_gold_writes_succeed_and_change_the_database(
             continue
         writes = _writes(task, retail)
         assert writes, task.id
-        calls = [(a.name, a.arguments) for a in task.spec.evaluation_criteria.actions]  # type: ignore[union-attr]
+        calls = [(a.name, a.arguments) for a in task.actions]
         fresh = retail.episode(task)
         initial = fresh.db_hashes()
         episode, results = _run(retail, task, calls)

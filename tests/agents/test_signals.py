@@ -26,7 +26,7 @@ def retail() -> Tau2Domain:
 def cancel_task(retail: Tau2Domain) -> Task:
     """A train task whose only write cancels a pending order."""
     for task in retail.tasks("train"):
-        actions = task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
+        actions = task.actions
         writes = [a for a in actions if a.name in retail.write_tools]
         if [a.name for a in writes] == ["cancel_pending_order"]:
             return task
@@ -39,7 +39,7 @@ def conversation(
     """The gold actions as a conversation: the user asks, the agent acts, with a yes before
     every write (unless `confirm` is False)."""
     messages = [ChatMessage(role="user", content="Hi, I need help with an order.")]
-    for i, action in enumerate(task.spec.evaluation_criteria.actions or []):  # type: ignore[union-attr]
+    for i, action in enumerate(task.actions):
         if action.name == drop:
             continue
         arguments = (
@@ -101,9 +101,7 @@ def test_unknown_and_foreign_orders_are_wrong_entities(
     assert primary_category(found) == FailureCategory.WRONG_ENTITY
     assert any("does not exist" in s.detail for s in found)
     gold_order = next(
-        a.arguments["order_id"]
-        for a in cancel_task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
-        if a.name == "cancel_pending_order"
+        a.arguments["order_id"] for a in cancel_task.actions if a.name == "cancel_pending_order"
     )
     owner = retail.database["orders"][gold_order]["user_id"]
     other = next(
@@ -125,9 +123,7 @@ def test_cancelling_a_delivered_order_violates_the_policy(
     retail: Tau2Domain, cancel_task: Task
 ) -> None:
     gold_order = next(
-        a.arguments["order_id"]
-        for a in cancel_task.spec.evaluation_criteria.actions or []  # type: ignore[union-attr]
-        if a.name == "cancel_pending_order"
+        a.arguments["order_id"] for a in cancel_task.actions if a.name == "cancel_pending_order"
     )
     delivered = next(i for i, o in retail.database["orders"].items() if o["status"] == "delivered")
     messages = conversation(cancel_task, change={"order_id": delivered})

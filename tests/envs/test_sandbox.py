@@ -101,11 +101,6 @@ def with_actions(task: Task, actions: list[Action]) -> Task:
     return task.model_copy(update={"spec": spec})
 
 
-def gold_actions(task: Task) -> list[Action]:
-    criteria = task.spec.evaluation_criteria
-    return list((criteria.actions or []) if criteria else [])
-
-
 def failure_code(outcome: ReplayOutcome) -> RejectionCode | None:
     return outcome.failure.code if outcome.failure else None
 
@@ -116,7 +111,7 @@ async def test_gold_replay_reaches_tau2s_gold_state(
     outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task))
     assert outcome.ok, outcome.failure
     assert outcome.failure is None
-    assert [r.name for r in outcome.results] == [a.name for a in gold_actions(task)]
+    assert [r.name for r in outcome.results] == [a.name for a in task.actions]
     assert not any(r.error for r in outcome.results)
     assert "exchange" in outcome.results[-1].content
     assert outcome.db_hash_before == retail.episode(task).db_hashes()[0]
@@ -141,7 +136,7 @@ async def test_unknown_tool_is_an_error_result_not_a_crash(
     sandbox: LocalProcessSandbox, task: Task
 ) -> None:
     bogus = Action(action_id="x", name="delete_everything", arguments={"really": True})
-    lookup = gold_actions(task)[0]
+    lookup = task.actions[0]
     outcome = await sandbox.replay(
         ReplayRequest(domain="retail", task=with_actions(task, [bogus, lookup]))
     )

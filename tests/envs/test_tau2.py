@@ -20,11 +20,9 @@ def retail() -> Tau2Domain:
 
 
 def gold_calls(task: Task) -> list[ToolCall]:
-    criteria = task.spec.evaluation_criteria
-    actions = (criteria.actions or []) if criteria else []
     return [
         ToolCall(id=f"call-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)
-        for i, a in enumerate(actions)
+        for i, a in enumerate(task.actions)
     ]
 
 

@@ -113,9 +113,7 @@ def render_prompt(
 ) -> str:
     scenario = task.spec.user_scenario.instructions
     goal = scenario if isinstance(scenario, str) else scenario.task_instructions
-    criteria = task.spec.evaluation_criteria
-    actions = (criteria.actions or []) if criteria else []
-    gold = [f"{a.name}({json.dumps(a.arguments)})" for a in actions]
+    gold = [f"{a.name}({json.dumps(a.arguments)})" for a in task.actions]
     reward = trajectory.reward.model_dump(exclude={"info"}) if trajectory.reward else None
     findings = [f"- {s.category.value} at step {s.step}: {s.detail}" for s in signals]
     return "\n".join(
@@ -214,9 +212,8 @@ class Controller:
         draft: DiagnosisDraft | None,
     ) -> list[str]:
         """The signals' tools first; the LLM's only if the task or the agent used them."""
-        criteria = task.spec.evaluation_criteria
         used = {c.name for m in trajectory.messages for c in m.tool_calls}
-        used |= {a.name for a in (criteria.actions or [])} if criteria else set()
+        used |= {a.name for a in task.actions}
         tools = [s.tool for s in chosen if s.tool]
         tools += [t for t in (draft.tools if draft else []) if t in used]
         return list(dict.fromkeys(tools))[:MAX_TOOLS]

@@ -348,8 +348,7 @@ class _RetailData:
         """Users of test tasks: never used, so new tasks cannot leak the test split."""
         users: set[str] = set()
         for task in self.domain.tasks("test"):
-            criteria = task.spec.evaluation_criteria
-            users |= self.actors((criteria.actions or []) if criteria else [])
+            users |= self.actors(task.actions)
         return frozenset(users)
 
     def actors(self, actions: Iterable[Action]) -> set[str]:
@@ -660,10 +659,9 @@ class _Mutation:
         return self.data.succeeding[key]
 
     def _replay_seed(self) -> list[Action]:
-        criteria = self.seed.spec.evaluation_criteria
         episode = self.data.domain.episode(self.seed)
         kept = []
-        for a in (criteria.actions or []) if criteria else []:
+        for a in self.seed.actions:
             call = ToolCall(
                 id=a.action_id, name=a.name, arguments=a.arguments, requestor=a.requestor
             )

@@ -325,8 +325,7 @@ class Proposer:
 
 
 def _gold_tools(task: Task) -> set[str]:
-    criteria = task.spec.evaluation_criteria
-    return {a.name for a in (criteria.actions or [])} if criteria else set()
+    return {a.name for a in task.actions}
 
 
 def _writes(task: Task, domain: Tau2Domain) -> bool:

@@ -228,7 +228,7 @@ def _outcome_signals(trajectory: Trajectory) -> Iterator[FailureSignal]:
 
 def failure_signals(task: Task, trajectory: Trajectory, domain: Tau2Domain) -> list[FailureSignal]:
     """Every deterministic finding, by step; findings without a step last."""
-    index, gold, calls = domain.entities, task.gold_actions, _calls(trajectory)
+    index, gold, calls = domain.entities, task.agent_actions, _calls(trajectory)
     signals = [
         *_gold_signals(gold, calls),
         *_entity_signals(calls, index, _task_user(gold, index)),

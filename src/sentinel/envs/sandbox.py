@@ -410,10 +410,9 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayO
     before = domain.initial_hashes if task.spec.initial_state is None else None
     episode = domain.episode(task)
     before = before or episode.db_hashes()
-    criteria = task.spec.evaluation_criteria
     calls = [
         ToolCall(id=f"gold-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)
-        for i, a in enumerate((criteria.actions or []) if criteria else [])
+        for i, a in enumerate(task.actions)
     ]
     results = []
     for call in calls:

@@ -291,8 +291,7 @@ class Tau2Domain:
         key = hashlib.sha256(task.spec.model_dump_json().encode()).hexdigest()
         if key not in self._gold:
             episode = self.episode(task)
-            criteria = task.spec.evaluation_criteria
-            for action in (criteria.actions or []) if criteria else []:
+            for action in task.actions:
                 try:
                     episode.env.make_tool_call(
                         tool_name=action.name, requestor=action.requestor, **action.arguments
@@ -359,7 +358,7 @@ class Tau2Domain:
 def partial_credit(task: Task, messages: Sequence[ChatMessage]) -> float:
     """Progress toward the gold actions: each counts 1 when a successful agent call matched
     it, 1/2 when its tool was at least called; the mean over the task's gold actions."""
-    gold = task.gold_actions
+    gold = task.agent_actions
     if not gold:
         return 0.0
     failed = {m.tool_call_id for m in messages if m.role == "tool" and m.error}

@@ -112,8 +112,12 @@ class Task(Message):
     provenance: Provenance
 
     @property
-    def gold_actions(self) -> list[Action]:
-        """The agent's gold tool calls (the user's own actions left out)."""
+    def actions(self) -> list[Action]:
+        """The gold tool calls, the agent's and the user's, in order."""
         criteria = self.spec.evaluation_criteria
-        actions = (criteria.actions or []) if criteria else []
-        return [a for a in actions if a.requestor == "assistant"]
+        return list(criteria.actions or []) if criteria else []
+
+    @property
+    def agent_actions(self) -> list[Action]:
+        """The agent's gold tool calls (the user's own actions left out)."""
+        return [a for a in self.actions if a.requestor == "assistant"]

@@ -17,6 +17,7 @@ from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.loop import Loop, LoopStopped
 from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import Envelope, PolicyVersion, RolloutGroup, RolloutRequest, TrainStepReport
 from sentinel.workers.app import ROLLOUT_QUEUE, make_app
 from tests.factories import examples, group, task
@@ -75,7 +76,12 @@ async def test_a_bounded_run_ends_when_every_group_is_back_and_accounted(
     settings: Settings, bus: Bus, retail: Tau2Domain
 ) -> None:
     loop = make_loop(settings, bus, retail, max_groups=2, max_inflight=2, eval_tasks=1)
-    loop.evaluate = _no_eval  # type: ignore[method-assign]  # evaluation has its own tests
+    evaluated: list[int] = []
+
+    async def evaluate(policy: PolicyVersion) -> None:  # evaluation has its own tests
+        evaluated.append(policy.version)
+
+    loop.evaluate = evaluate  # type: ignore[method-assign]
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(loop.schedule, stop)
@@ -90,14 +96,13 @@ async def test_a_bounded_run_ends_when_every_group_is_back_and_accounted(
         report = examples()[-3]
         assert isinstance(report, TrainStepReport)
         ids = [r.id for r in requests]
+        final = PolicyVersion(version=2, served_name="policy-v2", base_model="smol")
+        await bus.publish(Stream.POLICY_VERSIONS, final)  # not yet seen by its consumer
         await loop.on_report(envelope(report.model_copy(update={"trained_groups": ids})))
         with anyio.fail_after(10):
             await stop.wait()
     assert len(await queued(bus)) == 2  # the budget, never more
-
-
-async def _no_eval(policy: PolicyVersion) -> None:
-    return None
+    assert evaluated == [2]  # the final policy, read from its stream
 
 
 async def test_groups_dropped_in_a_row_stop_the_loop_with_the_reason(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import anyio
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ from sentinel.config import Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.evaluation import evaluate
 from sentinel.logs import get_logger
-from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.bus import Bus, Entry
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.dispatch import ValidationDispatcher
 from sentinel.orchestrator.recorder import Recorder
@@ -216,8 +217,16 @@ class Loop:
         accounted = await self.redis.smismember(f"{self.key}:accounted", list(returned))
         if not all(accounted):
             return False
+        await self.catch_up_policy()
         await self.evaluate(await self.policy())
         return True
+
+    async def catch_up_policy(self) -> None:
+        """Take the newest published policy now, not when its consumer gets to it."""
+        key = self.bus.keys.stream(Stream.POLICY_VERSIONS)
+        for _, fields in cast(list[Entry], await self.redis.xrevrange(key, count=1)):
+            if fields:
+                await self.on_policy(Envelope.from_wire(fields, PolicyVersion))
 
     # -- held-out evaluation -------------------------------------------------------------
 

@@ -113,9 +113,9 @@ class TrainerWorker:
             await anyio.to_thread.run_sync(self._checkpoint)
             self._dirty = False
         log.info("train step", **report.model_dump(mode="json", exclude={"created_at"}))
-        await self.bus.publish(Stream.TRAIN_REPORTS, report)
         if report.tokens and self.policy.step % self.settings.trainer.publish_every == 0:
-            await self._publish()
+            await self._publish()  # before the report: whoever reads it can find the policy
+        await self.bus.publish(Stream.TRAIN_REPORTS, report)
         if not self._dirty:  # every group so far is in a checkpoint: let the bus ack them
             for done in self._unreleased:
                 done.set()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sentinel.agents.solver import Solver
+from sentinel.config import RolloutSettings
 from sentinel.schemas import (
     Action,
     ChatMessage,
+    Correction,
     ErrorPattern,
     EvalReport,
     EvaluationCriteria,
+    Exploration,
     FailureCategory,
     FailureDiagnosis,
     FailureSignal,
@@ -22,6 +26,7 @@ from sentinel.schemas import (
     RewardBreakdown,
     RolloutGroup,
     RolloutRequest,
+    SFTExample,
     Task,
     TaskProposal,
     TaskSpec,
@@ -145,6 +150,23 @@ def examples() -> list[Message]:
             task_id="retail-0",
             policy_version=1,
             trajectories=[trajectory(0, 0.0), trajectory(1, 1.0)],
+            exploration=Exploration(
+                failures=1,
+                reflected=1,
+                branches=2,
+                interactions=5,
+                recovered=1,
+                corrections=[
+                    Correction(
+                        trajectory_id="traj-0",
+                        backtrack_step=2,
+                        experience="Check the order id.",
+                        reward=1.0,
+                        partial=1.0,
+                        example=sft_example(),
+                    )
+                ],
+            ),
         ),
         PolicyVersion(
             version=2, served_name="policy-v2", base_model="smol", adapter_path="/adapters/v2"
@@ -221,3 +243,41 @@ def cancellation(retail: Tau2Domain, name: str, nth: int = 0) -> Task:
     )
     provenance = Provenance(origin=Origin.PROPOSED)
     return Task(id=name, domain="retail", spec=spec, provenance=provenance)
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "find_user_id_by_zip",
+        "description": "Find a user id by name and zip code.",
+        "parameters": {
+            "type": "object",
+            "properties": {"first_name": {"type": "string"}, "zip": {"type": "string"}},
+            "required": ["first_name", "zip"],
+        },
+    },
+}
+
+
+class Stub:
+    model = "unused"  # Solver.render needs no endpoint
+
+
+def sft_example() -> SFTExample:
+    """A short agent conversation rendered exactly as the Solver renders it for the server."""
+    solver = Solver(Stub(), "Help the user.", [TOOL], RolloutSettings())  # type: ignore[arg-type]
+    call = ToolCall(
+        id="c1", name="find_user_id_by_zip", arguments={"first_name": "Yusuf", "zip": "19122"}
+    )
+    history = [
+        ChatMessage(role="assistant", content="Hi! How can I help you today?"),
+        ChatMessage(role="user", content="I am Yusuf, zip 19122; cancel my order."),
+        ChatMessage(role="assistant", tool_calls=[call]),
+        ChatMessage(role="tool", tool_call_id="c1", content="yusuf_rossi_9620"),
+        ChatMessage(role="assistant", content="Found you. Which order?"),
+        ChatMessage(role="user", content="#W2378156"),
+    ]
+    return SFTExample(
+        source="leafe", task_id="retail-0", messages=solver.render(history),
+        tools=solver.tools, trained=[3, 5],
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from sentinel.schemas import (
     Provenance,
     RejectionCode,
     RejectionReason,
+    RolloutGroup,
     TrainStepReport,
     ValidationResult,
 )
@@ -97,3 +98,20 @@ def test_a_torn_line_is_skipped(tmp_path: Path) -> None:
     with (tmp_path / "artifacts" / "rollout_groups.jsonl").open("a") as f:
         f.write('{"id": "g-torn", "task_')
     assert build_report(tmp_path).groups == 2
+
+
+def test_leafe_figures_sum_the_groups_explorations_and_the_sft_steps(tmp_path: Path) -> None:
+    record(tmp_path)
+    assert build_report(tmp_path).leafe is None  # nothing explored
+    explored = next(m for m in examples() if isinstance(m, RolloutGroup))
+    assert explored.exploration is not None
+    write(tmp_path, Stream.ROLLOUT_GROUPS, explored, explored.model_copy(update={"id": "g-2"}))
+    sft = report(2, []).model_copy(update={"mode": "sft", "examples": 1, "tokens": 30})
+    write(tmp_path, Stream.TRAIN_REPORTS, sft, report(2, [explored.id, "g-2"]))
+    leafe = build_report(tmp_path).leafe
+    assert leafe is not None
+    assert (leafe.failures, leafe.branches, leafe.interactions) == (2, 4, 10)
+    assert (leafe.recovered, leafe.corrections, leafe.sft_steps, leafe.sft_examples) == (2, 2, 1, 1)
+    summary = build_report(tmp_path)
+    assert summary.train_steps == 3  # GRPO steps only; the SFT step is counted apart
+    assert summary.evals_at_k[1] == {1: 0.4, 2: 0.5}

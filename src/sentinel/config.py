@@ -52,6 +52,7 @@ class LLMSettings(Section):
     user_sim: LLMEndpoint = LLMEndpoint()
     controller: LLMEndpoint = LLMEndpoint()
     proposer: LLMEndpoint = LLMEndpoint()
+    reflector: LLMEndpoint = LLMEndpoint()  # LEAFE's experience summaries
 
 
 class BusSettings(Section):
@@ -108,9 +109,10 @@ class RolloutSettings(Section):
 
 
 class TrainerSettings(Section):
-    """GRPO (and later SFT) on rollout groups; LoRA by default, on CUDA when present."""
+    """GRPO on rollout groups and SFT on examples; LoRA by default, on CUDA when present."""
 
     model_dir: Path | None = None  # None: the local SmolLM2 checkpoint
+    chat_template: Path | None = None  # SFT renders with it; None: the one `sentinel serve` uses
     device: Literal["auto", "cpu", "cuda"] = "auto"
     full_finetune: bool = False
     lora_rank: int = Field(8, ge=1)
@@ -172,6 +174,20 @@ class ProposerSettings(Section):
     seed: int | None = None  # entity sampling; None: random
 
 
+class LeafeSettings(Section):
+    """LEAFE: reflect on a failure, branch again from the wrong step, distil what recovered."""
+
+    use_llm: bool = True  # False: experience from the environment's feedback alone
+    reflect_max_tokens: int = Field(192, ge=16)
+    max_prompt_chars: int = Field(8_000, ge=1000)  # of the failed conversation shown
+    branches_per_failure: int = Field(2, ge=1)
+    max_depth: int = Field(8, ge=1)  # agent turns in one branch
+    max_interactions: int = Field(32, ge=1)  # agent turns across one group's branches
+    # success: distil branches tau2 scores 1 (the paper's). improved: also branches that beat
+    # the original's reward or its share of gold actions (weak models rarely succeed).
+    accept: Literal["success", "improved"] = "success"
+
+
 class ValidationSettings(Section):
     """Checks every proposal passes before it joins the task pool."""
 
@@ -203,6 +219,9 @@ class LoopSettings(Section):
     # failure_driven: SENTINEL. fixed: seed train tasks only. synthetic: proposed tasks for
     # general tool patterns, not for failures. The same loop, so budgets compare.
     mode: Literal["failure_driven", "fixed", "synthetic"] = "failure_driven"
+    # grpo: RL on the groups. leafe: SFT on the corrected branches of their failures only.
+    # interleaved: both, a GRPO step then an SFT step on each batch of groups.
+    training: Literal["grpo", "leafe", "interleaved"] = "grpo"
     group_size: int = Field(4, ge=2)  # G trajectories per rollout group
     max_inflight: int = Field(4, ge=1)  # groups dispatched and not yet back
     max_groups: int | None = Field(None, ge=1)  # the rollout budget; None: run until stopped
@@ -215,6 +234,21 @@ class LoopSettings(Section):
     eval_trials: int = Field(4, ge=1)  # k of pass^k
     inflight_timeout_s: float = Field(3600.0, gt=0)  # a group not back by then is written off
     max_dropped_in_row: int = Field(8, ge=1)  # consecutive dropped groups that stop the loop
+
+
+class UserSimSettings(Section):
+    """How faithful the user simulator must be, and how its user model is fine-tuned
+    (EigenData: an unstable user simulator poisons RL)."""
+
+    judge: LLMEndpoint | None = None  # an LLM judge for what rules cannot decide; None: off
+    check_tasks: int = Field(8, ge=1)  # the last N train tasks: checked, never fine-tuned on
+    max_tokens: int = Field(64, ge=8)  # per probed user turn
+    concurrency: int = Field(8, ge=1)  # probes in flight at once
+    min_fidelity: float | None = Field(None, ge=0, le=1)  # RL refuses to start below; None: off
+    finetune_rounds: int = Field(1, ge=1)  # passes over the user-model examples
+    finetune_batch: int = Field(8, ge=1)  # examples per optimizer step
+    finetune_learning_rate: float = Field(2e-4, gt=0)
+    max_examples: int | None = Field(None, ge=1)  # of the training tasks; None: all
 
 
 class Settings(BaseSettings):
@@ -237,8 +271,10 @@ class Settings(BaseSettings):
     controller: ControllerSettings = ControllerSettings()
     proposer: ProposerSettings = ProposerSettings()
     validation: ValidationSettings = ValidationSettings()
+    leafe: LeafeSettings = LeafeSettings()
     workers: WorkerSettings = WorkerSettings()
     loop: LoopSettings = LoopSettings()
+    usersim: UserSimSettings = UserSimSettings()
     domain: Literal["retail", "airline", "telecom"] = "retail"  # tau2 domain of the loop
 
     @model_validator(mode="after")

@@ -1,10 +1,11 @@
 """`sentinel report`: the story of a run, rebuilt from the JSONL in its run directory.
 
 The figures: patterns found and how often each recurred per policy version, tasks proposed
-and accepted (with the top rejection reasons), rollouts, train steps, policy versions, and
-held-out pass^k per version. `problems()` checks that the record is whole: every accepted
-task traces to a pattern, every trained trajectory to a task and a policy version, and every
-rollout group was trained exactly once or dropped with a reason.
+and accepted (with the top rejection reasons), rollouts, train steps, policy versions,
+held-out pass^k and pass@k per version, and what LEAFE explored and distilled. `problems()`
+checks that the record is whole: every accepted task traces to a pattern, every trained
+trajectory to a task and a policy version, and every rollout group was trained exactly once
+or dropped with a reason.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ class PatternTrend(BaseModel):
     trained_groups: int = 0  # groups trained on tasks proposed for this pattern
 
 
+class LeafeFigures(BaseModel):
+    """LEAFE's exploration summed over the run's groups, and the SFT it led to."""
+
+    failures: int = 0
+    reflected: int = 0
+    branches: int = 0
+    interactions: int = 0  # agent turns spent in branches
+    recovered: int = 0  # failures a branch turned into a tau2 success
+    corrections: int = 0  # accepted branches, distilled as SFT examples
+    sft_steps: int = 0
+    sft_examples: int = 0
+
+
 class RunReport(BaseModel):
     run_dir: str
     patterns: list[PatternTrend]
@@ -58,10 +72,12 @@ class RunReport(BaseModel):
     groups: int
     dropped_groups: int
     informative_groups: int
-    train_steps: int  # steps that updated the weights
+    train_steps: int  # GRPO steps that updated the weights
     policy_versions: list[int]
     trainer_idle_fraction: float | None
     evals: dict[int, dict[int, float]]  # version -> pass^k
+    evals_at_k: dict[int, dict[int, float]] = {}  # version -> pass@k
+    leafe: LeafeFigures | None = None  # None: no group was explored
 
 
 class Artifacts:
@@ -98,6 +114,7 @@ def build_report(run_dir: Path) -> RunReport:
     groups = a.read(Stream.ROLLOUT_GROUPS, RolloutGroup)
     verdicts = a.read(Stream.VALIDATIONS, ValidationResult)
     reports = a.read(Stream.TRAIN_REPORTS, TrainStepReport)
+    evals = a.read(Stream.EVALUATIONS, EvalReport)
     waited = sum(r.wait_s for r in reports)
     busy = waited + sum(r.duration_s for r in reports)
     return RunReport(
@@ -120,13 +137,30 @@ def build_report(run_dir: Path) -> RunReport:
         groups=len(groups),
         dropped_groups=sum(g.dropped is not None for g in groups),
         informative_groups=sum(g.informative(partial_credit) for g in groups),
-        train_steps=sum(r.tokens > 0 for r in reports),
+        train_steps=sum(r.tokens > 0 and r.mode == "grpo" for r in reports),
         policy_versions=sorted(
             {0} | {v.version for v in a.read(Stream.POLICY_VERSIONS, PolicyVersion)}
         ),
         trainer_idle_fraction=waited / busy if busy else None,
-        evals={e.policy_version or 0: e.pass_hat_k for e in a.read(Stream.EVALUATIONS, EvalReport)},
+        evals={e.policy_version or 0: e.pass_hat_k for e in evals},
+        evals_at_k={e.policy_version or 0: e.pass_at_k for e in evals},
+        leafe=_leafe(groups, reports),
     )
+
+
+def _leafe(groups: list[RolloutGroup], reports: list[TrainStepReport]) -> LeafeFigures | None:
+    explored = [g.exploration for g in groups if g.exploration is not None]
+    if not explored:
+        return None
+    sft = [r for r in reports if r.mode == "sft" and r.tokens]
+    return LeafeFigures(
+        failures=sum(e.failures for e in explored), reflected=sum(e.reflected for e in explored),
+        branches=sum(e.branches for e in explored),
+        interactions=sum(e.interactions for e in explored),
+        recovered=sum(e.recovered for e in explored),
+        corrections=sum(len(e.corrections) for e in explored),
+        sft_steps=len(sft), sft_examples=sum(r.examples for r in sft),
+    )  # fmt: skip
 
 
 def _partial_credit(run_dir: Path) -> float:
@@ -222,13 +256,29 @@ def render_report(report: RunReport) -> Table:
         ("rollouts (groups, dropped, informative)",
          f"{report.rollouts} ({report.groups}, {report.dropped_groups}, "
          f"{report.informative_groups})"),
-        ("train steps", str(report.train_steps)),
+        ("train steps (GRPO)", str(report.train_steps)),
         ("policy versions", ", ".join(map(str, report.policy_versions))),
     ]  # fmt: skip
     if report.trainer_idle_fraction is not None:
         rows.append(("trainer idle", f"{report.trainer_idle_fraction:.0%}"))
+    if (x := report.leafe) is not None:
+        rows.append(
+            (
+                "LEAFE failures / reflected / branches (turns)",
+                f"{x.failures} / {x.reflected} / {x.branches} ({x.interactions})",
+            )
+        )
+        rows.append(
+            (
+                "LEAFE recovered / corrections / SFT steps (examples)",
+                f"{x.recovered} / {x.corrections} / {x.sft_steps} ({x.sft_examples})",
+            )
+        )
     for version, table_k in sorted(report.evals.items()):
-        figures = "  ".join(f"pass^{k} {v:.3f}" for k, v in sorted(table_k.items()))
+        at_k = report.evals_at_k.get(version, {})
+        figures = "  ".join(
+            f"pass^{k} {v:.3f} pass@{k} {at_k.get(k, 0.0):.3f}" for k, v in sorted(table_k.items())
+        )
         rows.append((f"held-out, policy v{version}", figures))
     for trend in report.patterns[:8]:
         shares = "  ".join(f"v{v}: {s:.0%}" for v, s in trend.share.items())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -323,3 +324,63 @@ async def test_a_slow_handler_does_not_hold_back_later_messages(bus: Bus) -> Non
             stop.set()
     assert sorted(handled[:2]) == ["retail-1", "retail-2"]
     assert handled[2] == "retail-0"
+
+
+async def test_a_failure_in_a_batch_acknowledges_the_others_but_not_it(bus: Bus) -> None:
+    await bus.publish_many("tasks", [factories.task(i) for i in range(5)])
+    recorder = Recorder(lambda e: RuntimeError("boom") if e.key == "retail-2" else None)
+    consumer = bus.consumer("tasks", "g", Task, recorder, "c1")
+    await bus.ensure_group("tasks", "g")
+    assert await consumer.poll() == 5  # one batch: settled in one script call
+    assert recorder.handled == Counter({f"retail-{i}": 1 for i in (0, 1, 3, 4)})
+    pending = await bus.redis.xpending_range(bus.keys.stream("tasks"), "g", "-", "+", 10)
+    assert len(pending) == 1
+    [entry] = await bus.redis.xrange(bus.keys.stream("tasks"), pending[0]["message_id"], "+", 1)
+    assert peek_key(entry[1]) == "retail-2"
+    markers = [await bus.redis.get(bus.keys.done("tasks", "g", f"retail-{i}")) for i in range(5)]
+    assert [m == "done" for m in markers] == [True, True, False, True, True]
+    stats = await bus.redis.hgetall(bus.keys.stats("tasks"))
+    assert (stats["g:acked"], stats["g:failed"]) == ("4", "1")
+
+
+async def test_keys_of_any_text_are_leased_and_marked_by_their_exact_key(bus: Bus) -> None:
+    key = 'ключ "q" \\ 😀\n:*'  # batches reach Redis as JSON: escapes must round-trip
+    await bus.publish_many("tasks", [factories.task(0), factories.task(1)], [key, key])
+    recorder = Recorder()
+    await bus.ensure_group("tasks", "g")
+    assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 2
+    assert recorder.handled == Counter({key: 1})
+    assert await bus.redis.get(bus.keys.done("tasks", "g", key)) == "done"
+    await bus.publish("tasks", factories.task(2), key)  # a later copy is a duplicate
+    assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 1
+    assert recorder.handled == Counter({key: 1})
+    assert (await bus.redis.hgetall(bus.keys.stats("tasks")))["g:duplicates"] == "2"
+
+
+async def test_handlers_that_wait_run_concurrently_within_a_batch(bus: Bus) -> None:
+    await bus.publish_many("tasks", [factories.task(i) for i in range(6)])
+    started, all_started = 0, anyio.Event()
+
+    async def handler(envelope: Envelope[Task]) -> None:
+        nonlocal started
+        started += 1
+        if started == 4:  # concurrency: four at once, or none ever returns
+            all_started.set()
+        await all_started.wait()
+
+    settings = bus.settings.model_copy(update={"concurrency": 4})
+    await bus.ensure_group("tasks", "g")
+    with anyio.fail_after(5):
+        assert await Bus(bus.redis, settings).consumer("tasks", "g", Task, handler).poll() == 6
+    assert started == 6
+
+
+async def test_a_rejected_foreign_entry_is_dead_lettered_as_valid_json(bus: Bus) -> None:
+    wire = Envelope.wrap(factories.task(0)).to_wire()
+    odd = json.loads(wire["envelope"]) | {"id": 'from "elsewhere"'}  # any string is an id
+    await bus.redis.xadd(bus.keys.stream("tasks"), {"envelope": json.dumps(odd)})
+    recorder = Recorder(lambda e: Reject("no"))
+    await bus.ensure_group("tasks", "g")
+    assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 1
+    [letter] = await bus.dead_letters("tasks")
+    assert Envelope.from_wire(letter.fields, Task).id == 'from "elsewhere"'

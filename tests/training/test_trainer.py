@@ -18,9 +18,18 @@ from sentinel.agents.llm import OpenAIChatClient
 from sentinel.config import LLMEndpoint, Settings, TrainerSettings
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.streams import Stream
-from sentinel.schemas import RolloutGroup, TurnTokens
+from sentinel.schemas import (
+    Correction,
+    Envelope,
+    Exploration,
+    PolicyVersion,
+    RolloutGroup,
+    TrainStepReport,
+    TurnTokens,
+)
 from sentinel.training.policy import Policy
 from sentinel.training.publisher import LoRAPublisher
+from sentinel.workers.trainer import TrainerWorker
 from tests import factories
 from tests.training.learning import groups
 
@@ -142,3 +151,58 @@ async def _all_acknowledged(bus: Bus, count: int) -> bool:
     pending = await bus.redis.xpending(bus.keys.stream(Stream.ROLLOUT_GROUPS), "trainer")
     handled = int(stats.get("trainer:acked", 0))
     return handled >= count and pending["pending"] == 0
+
+
+@pytest.mark.parametrize("training", ["interleaved", "leafe"])
+async def test_leafe_modes_train_the_groups_corrections_and_account_for_every_group(
+    training: str, settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "loop": settings.loop.model_copy(update={"training": training}),
+            "trainer": settings.trainer.model_copy(
+                update={"groups_per_step": 2, "learning_rate": 1e-4, "model_dir": model_dir}
+            ),
+        }
+    )
+    sent = synthetic_groups(2)
+    for group in sent:
+        example = factories.sft_example().model_copy(update={"id": f"correction-{group.id}"})
+        correction = Correction(
+            trajectory_id=group.trajectories[1].id, backtrack_step=2, experience="Look it up.",
+            reward=1.0, partial=1.0, example=example,
+        )  # fmt: skip
+        group.exploration = Exploration(failures=1, reflected=1, branches=1, interactions=2,
+                                        recovered=1, corrections=[correction])  # fmt: skip
+    bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
+    policy = Policy(settings.trainer, model_dir)
+    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol")
+    worker = TrainerWorker(settings, bus, policy, publisher)
+    await bus.publish_many(Stream.ROLLOUT_GROUPS, sent)
+    stop = anyio.Event()
+    reports_key = bus.keys.stream(Stream.TRAIN_REPORTS)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run, stop)
+        with anyio.fail_after(300):
+            while await bus.redis.xlen(reports_key) < 2:
+                await anyio.sleep(0.2)
+        stop.set()
+    reports = [
+        Envelope.from_wire(fields, TrainStepReport).payload
+        for _, fields in await bus.redis.xrange(reports_key)
+    ]
+    assert [r.mode for r in reports] == ["grpo", "sft"]
+    grpo, sft = reports
+    ids = {g.id for g in sent}
+    assert set(grpo.trained_groups) | set(grpo.dropped_groups) == ids
+    if training == "leafe":
+        assert grpo.tokens == 0
+        assert all(r.startswith("leafe") for r in grpo.dropped_groups.values())
+    else:
+        assert grpo.trained_groups
+    assert sft.examples == 2
+    assert sft.tokens > 0
+    assert sft.policy_version == policy.version == (2 if training == "interleaved" else 1)
+    versions = await bus.redis.xrevrange(bus.keys.stream(Stream.POLICY_VERSIONS), count=1)
+    assert Envelope.from_wire(versions[0][1], PolicyVersion).payload.version == policy.version
+    await bus.aclose()

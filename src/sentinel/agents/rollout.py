@@ -38,7 +38,7 @@ GREETING = "Hi! How can I help you today?"
 class Rollout:
     """The mutable state of one conversation, turned into a Trajectory at the end."""
 
-    def __init__(self, task: Task, episode: Episode, user_prompt: str) -> None:
+    def __init__(self, task: Task, episode: Episode, user_prompt: str, max_turns: int) -> None:
         self.task = task
         self.episode = episode
         self.user_prompt = user_prompt
@@ -47,7 +47,22 @@ class Rollout:
         self.malformed = 0
         self.tool_errors = 0
         self.agent_turns = 0
+        self.max_turns = max_turns
+        self.experience: str | None = None  # LEAFE: shown to the Solver in a branch
         self.timings = Timings()
+
+    @classmethod
+    def resumed(
+        cls, task: Task, trajectory: Trajectory, step: int, episode: Episode, user_prompt: str
+    ) -> Rollout:
+        """The state just before message `step` of `trajectory`, its counters included;
+        `episode` must be the prefix's tool calls replayed."""
+        state = cls(task, episode, user_prompt, max_turns=0)
+        state.messages = list(trajectory.messages[:step])
+        state.turns = [t for t in trajectory.turns if t.message_index < step]
+        state.malformed = sum(m.role == "assistant" and m.error for m in state.messages)
+        state.tool_errors = sum(m.role == "tool" and m.error for m in state.messages)
+        return state
 
 
 class RolloutRunner:
@@ -96,11 +111,47 @@ class RolloutRunner:
     ) -> Trajectory:
         async with self.limiter:
             episode = await anyio.to_thread.run_sync(self.domain.episode, task)
-            state = Rollout(task, episode, self.domain.user_prompt(task))
+            prompt = self.domain.user_prompt(task)
+            state = Rollout(task, episode, prompt, self.settings.max_agent_turns)
             termination = await self._converse(state)
-            reward = await anyio.to_thread.run_sync(
-                self.domain.reward, task, episode, state.messages, termination
-            )
+            return await self._finish(state, termination, group_id, trajectory_id)
+
+    async def branch(
+        self,
+        task: Task,
+        trajectory: Trajectory,
+        step: int,
+        experience: str | None,
+        max_turns: int,
+        trajectory_id: str | None = None,
+    ) -> Trajectory:
+        """LEAFE's branch: the conversation again from message `step` (an agent turn), with the
+        environment rebuilt by replaying the prefix's tool calls, at most `max_turns` agent
+        turns more, and the Solver shown `experience`. Scored by the same tau2 reward."""
+        async with self.limiter:
+            state = await self.resume(task, trajectory, step)
+            state.max_turns, state.experience = max_turns, experience
+            termination = await self._converse(state, opening=False)
+            return await self._finish(state, termination, trajectory.group_id, trajectory_id)
+
+    async def resume(self, task: Task, trajectory: Trajectory, step: int) -> Rollout:
+        """The conversation and environment just before message `step` of `trajectory`."""
+        prefix = trajectory.messages[:step]
+        calls = [c for m in prefix if m.role == "assistant" and not m.error for c in m.tool_calls]
+        episode = await anyio.to_thread.run_sync(self.domain.replay, task, calls)
+        return Rollout.resumed(task, trajectory, step, episode, self.domain.user_prompt(task))
+
+    async def _finish(
+        self,
+        state: Rollout,
+        termination: TerminationReason,
+        group_id: str | None,
+        trajectory_id: str | None,
+    ) -> Trajectory:
+        task = state.task
+        reward = await anyio.to_thread.run_sync(
+            self.domain.reward, task, state.episode, state.messages, termination
+        )
         state.timings.finished_at = utc_now()
         return Trajectory(
             id=trajectory_id or new_id(), task_id=task.id, domain=task.domain, group_id=group_id,
@@ -126,12 +177,13 @@ class RolloutRunner:
             trajectories=[t for t in trajectories if t is not None],
         )  # fmt: skip
 
-    async def _converse(self, state: Rollout) -> TerminationReason:
+    async def _converse(self, state: Rollout, opening: bool = True) -> TerminationReason:
+        """Talk until an ending; `opening`: the user answers the greeting first."""
         try:
-            if await self._user_turn(state):
+            if opening and await self._user_turn(state):
                 return TerminationReason.USER_STOP
             while True:
-                if state.agent_turns >= self.settings.max_agent_turns:
+                if state.agent_turns >= state.max_turns:
                     return TerminationReason.MAX_STEPS
                 if state.malformed + state.tool_errors >= self.settings.max_errors:
                     return TerminationReason.TOO_MANY_ERRORS
@@ -146,7 +198,7 @@ class RolloutRunner:
 
     async def _agent_turn(self, state: Rollout) -> TerminationReason | None:
         started = time.monotonic()
-        turn = await self.solver.act(state.messages)
+        turn = await self.solver.act(state.messages, state.experience)
         state.timings.llm_s += time.monotonic() - started
         state.agent_turns += 1
         if turn.tokens is not None:

@@ -33,6 +33,10 @@ Try to be helpful and always follow the policy. Always make sure you generate va
 """.strip()
 
 SYSTEM_PROMPT = "<instructions>\n{instruction}\n</instructions>\n<policy>\n{policy}\n</policy>"
+# LEAFE: what an earlier attempt taught, last so the server's prefix cache still holds.
+EXPERIENCE = (
+    "\n<experience>\nAn earlier attempt at this task failed. Learn from it:\n{}\n</experience>"
+)
 
 RESPOND_TOOL: dict[str, Any] = {
     "type": "function",
@@ -93,9 +97,10 @@ class Solver:
         self.tools = strict_tools(tool_schemas, settings.max_string_length)
         self.tool_names = frozenset(t["function"]["name"] for t in self.tools)
 
-    async def act(self, history: list[ChatMessage]) -> AgentTurn:
+    async def act(self, history: list[ChatMessage], experience: str | None = None) -> AgentTurn:
+        """The next turn; with an `experience` (LEAFE's branches) in the system prompt."""
         completion = await self.client.complete(
-            self.render(history),
+            self.render(history, experience),
             max_tokens=self.settings.max_tokens,
             temperature=self.settings.temperature,
             tools=self.tools,
@@ -129,9 +134,10 @@ class Solver:
         tool_call = ToolCall(id=call.id, name=call.name, arguments=arguments)
         return ChatMessage(role="assistant", tool_calls=[tool_call]), None
 
-    def render(self, history: list[ChatMessage]) -> Messages:
+    def render(self, history: list[ChatMessage], experience: str | None = None) -> Messages:
         """The conversation as the server sees it: assistant text as `respond` calls."""
-        rendered: Messages = [{"role": "system", "content": self.system_prompt}]
+        system = self.system_prompt + (EXPERIENCE.format(experience) if experience else "")
+        rendered: Messages = [{"role": "system", "content": system}]
         for index, m in enumerate(history):
             if m.role == "assistant" and m.error:
                 rendered.append({"role": "assistant", "content": m.content or ""})

@@ -17,10 +17,12 @@ pace; within a group each entry goes to one consumer and stays pending until ack
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,37 +46,43 @@ Entry = tuple[str, dict[str, str] | None]
 
 SWEEP_START = "0-0"
 
-# Per entry: take the key's lease, or say it is done or held by another copy.
+# Take a key's lease for one entry, or say the key is done or held by another copy.
+_LEASE = """
+local function lease(marker, mine, ms)
+  if redis.call('SET', marker, mine, 'NX', 'PX', ms) then return 'claim' end
+  local held = redis.call('GET', marker)
+  if held == mine then
+    redis.call('PEXPIRE', marker, ms)
+    return 'claim'
+  elseif held == 'done' then
+    return 'dup'
+  end
+  return 'busy'
+end
+"""
+
+# (after _LEASE) Lease each [key, entry id] of ARGV[3] (JSON) under the marker prefix ARGV[2].
 _CLAIM_KEYS = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local mine = 'run:' .. ARGV[i + 1]
-  local held = redis.call('GET', key)
-  if not held or held == mine then
-    redis.call('SET', key, mine, 'PX', ARGV[1])
-    out[i] = 'claim'
-  elseif held == 'done' then
-    out[i] = 'dup'
-  else
-    out[i] = 'busy'
-  end
+for i, pair in ipairs(cjson.decode(ARGV[3])) do
+  out[i] = lease(ARGV[2] .. pair[1], 'run:' .. pair[2], ARGV[1])
 end
 return out
 """
 
-# Mark handled keys done, acknowledge every settled entry, and count what happened.
+# Settle a batch (ARGV[4], JSON): mark keys done, acknowledge every settled entry and count
+# what happened. ARGV[3] is the marker prefix.
 _SETTLE = """
-local counters = {'read', 'claimed', 'acked', 'duplicates', 'dead', 'failed'}
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], 'done', 'EX', ARGV[2])
+local group, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
+local batch = cjson.decode(ARGV[4])
+for _, key in ipairs(batch.done) do
+  redis.call('SET', prefix .. key, 'done', 'EX', ttl)
 end
-if #ARGV > 8 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 9))
+if #batch.ack > 0 then
+  redis.call('XACK', KEYS[1], group, unpack(batch.ack))
 end
-for i, name in ipairs(counters) do
-  if ARGV[i + 2] ~= '0' then
-    redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':' .. name, ARGV[i + 2])
-  end
+for name, n in pairs(batch.counts) do
+  if n ~= 0 then redis.call('HINCRBY', KEYS[2], group .. ':' .. name, n) end
 end
 """
 
@@ -126,7 +134,8 @@ class StreamKeys:
     def stats(self, name: str) -> str:
         return f"{self.prefix}:stats:{name}"
 
-    def done(self, name: str, group: str, key: str) -> str:
+    def done(self, name: str, group: str, key: str = "") -> str:
+        """A key's lease and done marker; with no key, the prefix the Lua scripts extend."""
         return f"{self.prefix}:done:{name}:{group}:{key}"
 
     def name_of(self, stream_key: str) -> str:
@@ -157,7 +166,7 @@ class Bus:
         self.redis = client
         self.settings = settings or BusSettings()
         self.keys = StreamKeys(self.settings.prefix)
-        self.claim_script = client.register_script(_CLAIM_KEYS)
+        self.claim_script = client.register_script(_LEASE + _CLAIM_KEYS)
         self.renew_script = client.register_script(_RENEW)
         self.settle_script = client.register_script(_SETTLE)
 
@@ -175,10 +184,10 @@ class Bus:
         keys: Sequence[str | None] | None = None,
     ) -> list[str]:
         """Append messages in one round trip; returns their entry ids."""
-        keys = keys or [None] * len(messages)
+        stream_key = self.keys.stream(stream)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message, key in zip(messages, keys, strict=True):
-                pipe.xadd(self.keys.stream(stream), Envelope.wrap(message, key).to_wire())  # type: ignore[arg-type]
+            for wire in Envelope.encode_many(messages, keys):
+                pipe.xadd(stream_key, wire)  # type: ignore[arg-type]
             pipe.hincrby(self.keys.stats(stream), "published", len(messages))
             results = await pipe.execute()
         return cast("list[str]", results[:-1])
@@ -306,6 +315,26 @@ class _Batch:
     failed: int = 0
 
 
+class _Room:
+    """Free handler slots, taken and given back a batch at a time (not one by one)."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._freed = anyio.Event()
+
+    async def wait(self) -> None:
+        while self.free <= 0:
+            self._freed = anyio.Event()
+            await self._freed.wait()
+
+    def take(self, n: int) -> None:
+        self.free -= n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        self._freed.set()
+
+
 class Consumer(Generic[M]):
     """One consumer of one group: reads, sweeps abandoned entries, handles, settles."""
 
@@ -322,10 +351,11 @@ class Consumer(Generic[M]):
         self.model, self.handler = model, handler
         self.settings = bus.settings
         self.key = bus.keys.stream(stream)
+        self.markers = bus.keys.done(stream, group)  # + a message key: its lease / done marker
         self._cursor = SWEEP_START
         self._next_sweep = 0.0  # sweep at once: a replacement picks up a dead one's work
         self._in_flight: dict[str, str] = {}  # entry id -> done-marker key
-        self._slots = anyio.Semaphore(max(self.settings.concurrency, self.settings.batch_size))
+        self._room = _Room(max(self.settings.concurrency, self.settings.batch_size))
         self.log = log.bind(stream=stream, group=group, consumer=name)
 
     async def run(self, stop: anyio.Event | None = None) -> None:
@@ -340,12 +370,10 @@ class Consumer(Generic[M]):
             tg.start_soon(self._keep_leases)
             async with anyio.create_task_group() as handlers:
                 while stop is None or not stop.is_set():
-                    await self._slots.acquire()  # wait for room
-                    self._slots.release()
-                    fetched = await self._fetch(self._slots.value)
+                    await self._room.wait()
+                    fetched = await self._fetch(self._room.free)
                     if fetched is not None:
-                        for _ in range(fetched[0].size):
-                            self._slots.acquire_nowait()
+                        self._room.take(fetched[0].size)
                         handlers.start_soon(self._handle_batch, *fetched)
             tg.cancel_scope.cancel()
         self.log.info("consumer stopped")
@@ -355,8 +383,7 @@ class Consumer(Generic[M]):
         fetched = await self._fetch(self.settings.batch_size)
         if fetched is None:
             return 0
-        for _ in range(fetched[0].size):
-            self._slots.acquire_nowait()
+        self._room.take(fetched[0].size)
         await self._handle_batch(*fetched)
         return fetched[0].size
 
@@ -431,8 +458,7 @@ class Consumer(Generic[M]):
         try:
             await self._decode_claim_run_settle(batch, entries, attempts)
         finally:
-            for _ in range(batch.size):
-                self._slots.release()
+            self._room.give(batch.size)
 
     async def _decode_claim_run_settle(
         self, batch: _Batch, entries: list[Entry], attempts: dict[str, int]
@@ -475,32 +501,45 @@ class Consumer(Generic[M]):
         """Take each key's lease; drop keys already done, leave keys another copy holds."""
         if not ready:
             return []
-        markers = [self.bus.keys.done(self.stream, self.group, e.key) for e in ready]
+        pairs = json.dumps([[e.key, ids[e.key]] for e in ready], ensure_ascii=False)
         verdicts = await self.bus.claim_script(
-            keys=markers, args=[self.settings.claim_idle_ms, *(ids[e.key] for e in ready)]
+            keys=[], args=[self.settings.claim_idle_ms, self.markers, pairs]
         )
         runnable = []
-        for envelope, marker, verdict in zip(ready, markers, verdicts, strict=True):
+        for envelope, verdict in zip(ready, verdicts, strict=True):
+            entry_id = ids[envelope.key]
             if verdict == "claim":
-                self._in_flight[ids[envelope.key]] = marker
+                self._in_flight[entry_id] = self.markers + envelope.key
                 runnable.append(envelope)
             elif verdict == "dup":
-                batch.duplicates.append(ids[envelope.key])
+                batch.duplicates.append(entry_id)
             # "busy": another copy runs now; this one stays pending and is swept later
         return runnable
 
     async def _run_handlers(
         self, batch: _Batch, envelopes: list[Envelope[M]], ids: dict[str, str]
     ) -> None:
-        queue = iter(envelopes)
+        """Run the batch on up to `concurrency` workers, spawned only once a handler waits.
 
-        async def worker() -> None:  # a few workers, not a task per message: tasks cost ~20 us
-            for envelope in queue:
+        This task is the first worker. The others start when it first yields, that is when
+        a handler suspends; handlers that never do run in turn without spawning a task
+        (a task costs ~20-40 us, more than a small handler).
+        """
+        queue = deque(envelopes)
+
+        async def worker() -> None:
+            while queue:
+                envelope = queue.popleft()
                 await self._run_one(batch, envelope, ids[envelope.key])
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(self.settings.concurrency, len(envelopes))):
+        async def more_workers() -> None:  # runs once the first worker waits, if ever
+            for _ in range(min(self.settings.concurrency - 1, len(queue))):
                 tg.start_soon(worker)
+
+        async with anyio.create_task_group() as tg:
+            if self.settings.concurrency > 1 and len(envelopes) > 1:
+                tg.start_soon(more_workers)
+            await worker()
 
     async def _run_one(self, batch: _Batch, envelope: Envelope[M], entry_id: str) -> None:
         try:
@@ -520,21 +559,24 @@ class Consumer(Generic[M]):
             batch.done.append((entry_id, envelope.key))
 
     async def _settle(self, batch: _Batch) -> None:
-        """Acknowledge, mark done and dead-letter the whole batch in one transaction."""
+        """Acknowledge, mark done and dead-letter the whole batch in one transaction.
+
+        The batch goes to Redis as one JSON argument: encoding a few hundred separate
+        arguments costs redis-py more than the script takes to run.
+        """
         keys = self.bus.keys
         done_ids = [entry_id for entry_id, _ in batch.done]
         dead_ids = [entry_id for entry_id, *_ in batch.dead]
-        counters = (batch.read, batch.claimed, len(done_ids) + len(batch.duplicates),
-                    len(batch.duplicates), len(dead_ids), batch.failed)  # fmt: skip
-        script_keys = [
-            self.key,
-            keys.stats(self.stream),
-            *(keys.done(self.stream, self.group, key) for _, key in batch.done),
-        ]
-        script_args: list[str | int] = [
-            self.group, self.settings.dedupe_ttl_s, *counters,
-            *done_ids, *batch.duplicates, *dead_ids,
-        ]  # fmt: skip
+        counts = {"read": batch.read, "claimed": batch.claimed,
+                  "acked": len(done_ids) + len(batch.duplicates),
+                  "duplicates": len(batch.duplicates), "dead": len(dead_ids),
+                  "failed": batch.failed}  # fmt: skip
+        acked = [*done_ids, *batch.duplicates, *dead_ids]
+        done_keys = [key for _, key in batch.done]
+        settled = {"ack": acked, "done": done_keys, "counts": counts}
+        script_keys = [self.key, keys.stats(self.stream)]
+        script_args: list[str | int] = [self.group, self.settings.dedupe_ttl_s, self.markers]
+        script_args.append(json.dumps(settled, ensure_ascii=False))
         if not batch.dead:
             await self.bus.settle_script(keys=script_keys, args=script_args)
         else:
@@ -544,7 +586,7 @@ class Consumer(Generic[M]):
                     pipe.xadd(keys.dlq(self.stream), letter)
                 await self.bus.settle_script(keys=script_keys, args=script_args, client=pipe)
                 await pipe.execute()
-        for entry_id in (*done_ids, *batch.duplicates, *dead_ids):
+        for entry_id in acked:
             self._in_flight.pop(entry_id, None)
         for entry_id, _, reason, attempt in batch.dead:
             self.log.warning("dead-lettered", entry_id=entry_id, reason=reason, attempts=attempt)

@@ -160,6 +160,7 @@ class Loop:
         request = RolloutRequest(
             task=task, size=self.settings.loop.group_size,
             policy_version=policy.version, served_name=policy.served_name,
+            explore=self.settings.loop.training != "grpo",
         )  # fmt: skip
         entry = json.dumps({"task": task.id, "at": time.time()})
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -1,6 +1,7 @@
 """Every message that crosses a process boundary (pydantic v2, JSON on the wire)."""
 
 from sentinel.schemas.envelope import Envelope
+from sentinel.schemas.experience import Correction, Exploration, Reflection, SFTExample
 from sentinel.schemas.failure import ErrorPattern, FailureCategory, FailureDiagnosis, FailureSignal
 from sentinel.schemas.message import Message, MessageError, message_class
 from sentinel.schemas.proposal import (
@@ -40,10 +41,12 @@ from sentinel.schemas.trajectory import (
 __all__ = [
     "Action",
     "ChatMessage",
+    "Correction",
     "Envelope",
     "ErrorPattern",
     "EvalReport",
     "EvaluationCriteria",
+    "Exploration",
     "FailureCategory",
     "FailureDiagnosis",
     "FailureSignal",
@@ -52,12 +55,14 @@ __all__ = [
     "Origin",
     "PolicyVersion",
     "Provenance",
+    "Reflection",
     "RejectionCode",
     "RejectionReason",
     "RewardBasis",
     "RewardBreakdown",
     "RolloutGroup",
     "RolloutRequest",
+    "SFTExample",
     "Task",
     "TaskProposal",
     "TaskSpec",

@@ -1,15 +1,16 @@
 """The envelope around every message on a stream, and its wire format.
 
 On the wire a stream entry has one field, `envelope`: the envelope's JSON with the payload
-inside, so that pydantic encodes and validates both in one pass. The delivery attempt is not
-stored; Redis counts deliveries and the consumer fills it in.
+inside, so that pydantic validates both in one pass. The delivery attempt is not stored;
+Redis counts deliveries and the consumer fills it in.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any, Generic, TypeVar
@@ -36,15 +37,38 @@ class Envelope(BaseModel, Generic[M]):
 
     @classmethod
     def wrap(cls, payload: M, key: str | None = None) -> Envelope[M]:
-        return _typed(type(payload))(
+        """Envelope an already valid message; constructed, not validated, as that costs ~5 us."""
+        return _typed(type(payload)).model_construct(
+            id=new_id(),
             key=key or payload.key(),
             type=payload.type_name(),
             schema_version=payload.schema_version,
+            created_at=utc_now(),
+            attempt=1,
             payload=payload,
         )
 
     def to_wire(self) -> dict[str, str]:
-        return {WIRE_FIELD: self.model_dump_json()}
+        text = json.dumps  # a decoded envelope's strings may hold anything: escape them all
+        return _wire(text(self.id), text(self.key), text(self.type), self.schema_version,
+                     text(self.created_at.isoformat()), self.payload.model_dump_json())  # fmt: skip
+
+    @staticmethod
+    def encode(payload: Message, key: str | None = None) -> dict[str, str]:
+        """The wire form of `wrap(payload, key)`, without building the envelope (~10 us less)."""
+        return Envelope.encode_many([payload], [key])[0]
+
+    @staticmethod
+    def encode_many(
+        payloads: Sequence[Message], keys: Sequence[str | None] | None = None
+    ) -> list[dict[str, str]]:
+        """Wire forms of messages sent together; they share one `created_at`."""
+        stamp = f'"{utc_now().isoformat()}"'  # ours, like the hex id and the class name:
+        return [  # nothing to escape but the key
+            _wire(f'"{_fast_id()}"', json.dumps(key or payload.key()), f'"{payload.type_name()}"',
+                  payload.schema_version, stamp, payload.model_dump_json())
+            for payload, key in zip(payloads, keys or [None] * len(payloads), strict=True)
+        ]  # fmt: skip
 
     @classmethod
     def from_wire(
@@ -56,12 +80,13 @@ class Envelope(BaseModel, Generic[M]):
         if raw is None:
             raise MessageError(name, WIRE_FIELD, "missing from the stream entry")
         try:
-            envelope = _typed(model).model_validate_json(raw)
+            envelope: Envelope[M] = _typed(model).__pydantic_validator__.validate_json(raw)
         except ValidationError as error:
             raise _explain(name, model.schema_version, raw, error) from None
         if envelope.type != name:
             raise MessageError(name, "type", f"expected {name}, got {envelope.type!r}")
-        envelope.attempt = attempt
+        if envelope.attempt != attempt:  # pydantic's __setattr__ is slow: skip it when equal
+            envelope.attempt = attempt
         return envelope
 
 
@@ -72,6 +97,25 @@ def peek_key(fields: Mapping[str, str]) -> str | None:
     except (ValueError, AttributeError):
         return None
     return key if isinstance(key, str) else None
+
+
+def _fast_id() -> str:
+    """As random and as long as `new_id` (32 hex digits), without a UUID object: 3 us less."""
+    return os.urandom(16).hex()
+
+
+def _wire(
+    id: str, key: str, type: str, version: int, created_at: str, payload_json: str
+) -> dict[str, str]:
+    """The envelope's JSON from its header scalars, each already JSON, and the payload's JSON.
+
+    Written by hand: building and dumping an envelope model per message costs ~10 us.
+    """
+    envelope = (
+        f'{{"id":{id},"key":{key},"type":{type},"schema_version":{version},'
+        f'"created_at":{created_at},"payload":{payload_json}}}'
+    )
+    return {WIRE_FIELD: envelope}
 
 
 @cache

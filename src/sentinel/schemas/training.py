@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from sentinel.schemas.experience import Exploration
 from sentinel.schemas.message import Message, new_id
 from sentinel.schemas.task import Task
 from sentinel.schemas.trajectory import Trajectory
@@ -21,6 +22,7 @@ class RolloutRequest(Message):
     size: int = Field(ge=1)
     policy_version: int = Field(ge=0)
     served_name: str  # the model name the Solver requests
+    explore: bool = False  # LEAFE: reflect on failures and branch from the wrong step
 
 
 class RolloutGroup(Message):
@@ -34,6 +36,7 @@ class RolloutGroup(Message):
     policy_version: int
     trajectories: list[Trajectory]
     dropped: str | None = None
+    exploration: Exploration | None = None  # LEAFE's branches, when the request asked
 
     @property
     def rewards(self) -> list[float]:
@@ -80,6 +83,7 @@ class TrainStepReport(Message):
     peak_memory_mb: float
     duration_s: float
     wait_s: float = 0.0  # the trainer idle, waiting for these groups
+    examples: int = 0  # SFT examples trained on (mode "sft")
     trained_groups: list[str] = Field(default_factory=list)
     dropped_groups: dict[str, str] = Field(default_factory=dict)  # group id -> why
 

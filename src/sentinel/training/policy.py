@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sentinel.config import TrainerSettings
 from sentinel.logs import get_logger
-from sentinel.schemas import RolloutGroup, TrainStepReport
-from sentinel.training.batch import build_batch, micro_batches
+from sentinel.schemas import RolloutGroup, SFTExample, TrainStepReport
+from sentinel.training.batch import Sample, build_batch, micro_batches
 from sentinel.training.grpo import (
+    Loss,
     LossConfig,
     LossStats,
     Tensors,
@@ -31,6 +32,7 @@ from sentinel.training.grpo import (
     grpo_loss,
     policy_logprobs,
 )
+from sentinel.training.sft import TemplateError, default_template, sft_loss, tokenize, weigh
 
 log = get_logger(__name__)
 
@@ -59,7 +61,10 @@ class Policy:
         if not settings.full_finetune:
             model = get_peft_model(model, self.lora_config())
         self.model: torch.nn.Module = model
-        self.pad_id = int(AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        template = settings.chat_template
+        self.chat_template = template.read_text() if template else default_template()
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=settings.learning_rate,
@@ -87,39 +92,65 @@ class Policy:
             scale=s.advantage_scale, aggregation=s.loss_aggregation,
             partial_credit=s.partial_credit,
         )  # fmt: skip
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0}
-        for samples in micro_batches(batch.samples, s.micro_batch_tokens, s.share_prefix):
-            tensors = collate(samples, self.pad_id, self.device)
-            for stats in self._backward(tensors):
-                totals["loss"] += stats.loss
-                totals["clip"] += stats.clip_fraction * stats.tokens
-                totals["kl"] += stats.mismatch_kl * stats.tokens
-                totals["tokens"] += stats.tokens
-        if batch.samples:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-            self.optimizer.step()
-            self.step += 1
-            self.version += 1
-        tokens = int(totals["tokens"]) or 1
-        duration = time.monotonic() - started
-        return TrainStepReport(
-            step=self.step, policy_version=self.version, loss=totals["loss"],
-            mean_reward=batch.mean_reward, groups=batch.groups,
-            filtered_groups=batch.filtered_groups, stale_groups=batch.stale_groups,
-            clip_fraction=totals["clip"] / tokens, approx_kl=totals["kl"] / tokens,
-            tokens=int(totals["tokens"]), tokens_per_s=totals["tokens"] / duration,
-            peak_memory_mb=peak_memory_mb(self.device), duration_s=duration,
-            trained_groups=batch.trained, dropped_groups=batch.dropped,
-        )  # fmt: skip
-
-    def _backward(self, tensors: Tensors) -> list[LossStats]:
-        """Accumulate the micro-batch's gradient; its loss figures (one per chunk)."""
 
         def loss(logp: torch.Tensor, rows: Tensors) -> tuple[torch.Tensor, LossStats]:
             return grpo_loss(logp, logp.detach(), rows, self.loss_config, self._ref(rows))
 
+        totals = self._train(batch.samples, loss)
+        return TrainStepReport(
+            **self._figures(totals, started), mean_reward=batch.mean_reward, groups=batch.groups,
+            filtered_groups=batch.filtered_groups, stale_groups=batch.stale_groups,
+            trained_groups=batch.trained, dropped_groups=batch.dropped,
+        )  # fmt: skip
+
+    def sft_step(self, examples: Sequence[SFTExample]) -> TrainStepReport:
+        """One optimizer step of token-mean NLL on the examples' trained tokens (LEAFE's
+        corrections, the user model's turns). An example the template cannot mask is skipped."""
+        started = time.monotonic()
+        samples: list[Sample] = []
+        for example in examples:
+            try:
+                samples.append(tokenize(example, self.tokenizer, self.chat_template, "sft"))
+            except TemplateError as error:
+                log.warning("SFT example skipped", example=example.id, error=str(error))
+        samples = [s for s in samples if any(s.loss_mask)]
+        weigh(samples)
+        totals = self._train(samples, sft_loss)
+        return TrainStepReport(
+            **self._figures(totals, started), mode="sft", groups=0, examples=len(samples)
+        )
+
+    def _train(self, samples: Sequence[Sample], loss: Loss) -> dict[str, float]:
+        """Accumulate the gradient over micro-batches and step (if there was anything)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0}
+        s = self.settings
+        for micro in micro_batches(samples, s.micro_batch_tokens, s.share_prefix):
+            for stats in self._backward(collate(micro, self.pad_id, self.device), loss):
+                totals["loss"] += stats.loss
+                totals["clip"] += stats.clip_fraction * stats.tokens
+                totals["kl"] += stats.mismatch_kl * stats.tokens
+                totals["tokens"] += stats.tokens
+        if samples:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.step += 1
+            self.version += 1
+        return totals
+
+    def _figures(self, totals: dict[str, float], started: float) -> dict[str, Any]:
+        tokens, duration = int(totals["tokens"]), time.monotonic() - started
+        return {
+            "step": self.step, "policy_version": self.version, "loss": totals["loss"],
+            "clip_fraction": totals["clip"] / (tokens or 1),
+            "approx_kl": totals["kl"] / (tokens or 1), "tokens": tokens,
+            "tokens_per_s": tokens / duration, "peak_memory_mb": peak_memory_mb(self.device),
+            "duration_s": duration,
+        }  # fmt: skip
+
+    def _backward(self, tensors: Tensors, loss: Loss) -> list[LossStats]:
+        """Accumulate the micro-batch's gradient; its loss figures (one per chunk)."""
         if self.settings.share_prefix:  # on CPU a row at a time: attention is not fused there
             chunk = 0 if self.device.type == "cpu" else self.settings.micro_batch_tokens
             return backward_sharing_prefix(self.model, tensors, loss, chunk)

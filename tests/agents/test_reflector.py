@@ -1,0 +1,78 @@
+"""The Reflector: experience from feedback (never the gold), a step no later than the mistake."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sentinel.agents.llm import Completion, OpenAIChatClient
+from sentinel.agents.reflector import Reflector, allowed_steps, decision_points, feedback
+from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.signals import failure_signals, first_wrong_step
+from sentinel.agents.solver import Solver
+from sentinel.agents.user import UserSimulator
+from sentinel.config import LeafeSettings, RolloutSettings
+from sentinel.envs.tau2 import Tau2Domain
+from tests import factories
+
+pytestmark = pytest.mark.anyio
+ROLLOUTS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=32, concurrency=8)
+
+
+@pytest.fixture(scope="module")
+def retail() -> Tau2Domain:
+    return Tau2Domain("retail")
+
+
+class Garbage:
+    """An endpoint whose JSON never parses: the error path, not a model."""
+
+    model = "garbage"
+
+    async def complete(self, messages: Any, **kwargs: Any) -> Completion:
+        return Completion(content='{"experience": 7', finish_reason="stop")
+
+
+def test_the_step_to_redo_is_never_after_the_first_wrong_one() -> None:
+    assert allowed_steps([2, 4, 6], 4) == [2, 4]
+    assert allowed_steps([2, 4, 6], 5) == [2, 4]
+    assert allowed_steps([2, 4, 6], None) == [2, 4, 6]
+    assert allowed_steps([2, 4, 6], 1) == [2]  # the mistake came before any agent turn
+
+
+def test_feedback_reports_what_the_environment_said_and_never_the_gold() -> None:
+    task, trajectory = factories.task(), factories.trajectory(reward=0.0)
+    lines = feedback(trajectory)
+    assert any("get_order_details failed" in line and "order not found" in line for line in lines)
+    assert any("Ran out of turns" in line for line in lines)
+    assert any("database" in line for line in lines)
+    gold = {str(v) for a in task.actions for v in a.arguments.values()}
+    assert not any(value in line for value in gold for line in lines)
+
+
+async def test_a_model_that_answers_garbage_leaves_the_feedback_and_the_signals_step(
+    retail: Tau2Domain,
+) -> None:
+    task, trajectory = factories.task(), factories.trajectory(reward=0.0)
+    reflection = await Reflector(retail, LeafeSettings(), Garbage()).reflect(task, trajectory)
+    assert reflection.source == "feedback"
+    assert reflection.backtrack_step == 2
+    assert "order not found" in reflection.experience
+
+
+async def test_real_failures_get_an_experience_and_an_allowed_step(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    solver = Solver(llm(), retail.policy, retail.tool_schemas, ROLLOUTS)
+    runner = RolloutRunner(retail, solver, UserSimulator(llm(), ROLLOUTS), settings=ROLLOUTS)
+    task = retail.tasks("train")[1]
+    trajectory = await runner.run(task)
+    assert not trajectory.succeeded, "SmolLM2 solved retail: pick a harder task"
+    reflector = Reflector(retail, LeafeSettings(reflect_max_tokens=64), llm())
+    reflection = await reflector.reflect(task, trajectory)
+    bound = first_wrong_step(failure_signals(task, trajectory, retail))
+    assert reflection.backtrack_step in allowed_steps(decision_points(trajectory), bound)
+    assert reflection.experience.strip()
+    assert all(line in reflection.experience for line in feedback(trajectory))

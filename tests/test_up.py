@@ -48,12 +48,12 @@ def config(tmp_path: Path, policy_url: str) -> Path:
         "trainer": {"groups_per_step": 1, "partial_credit": 0.5, "flush_after_s": 5,
                     "learning_rate": 1e-4},
         "leafe": {"branches_per_failure": 1, "max_depth": 2, "max_interactions": 2,
-                  "accept": "improved", "reflect_max_tokens": 48},
+                  "accept": "improved", "reflect_max_tokens": 64, "max_prompt_chars": 4000},
         "controller": {"use_llm": False},
         "proposer": {"use_llm": False, "tasks_per_pattern": 1},
         "validation": {"warm": 1},
-        "workers": {"concurrency": 1, "soft_time_limit_s": 100, "time_limit_s": 110,
-                    "visibility_timeout_s": 120},
+        "workers": {"concurrency": 1, "soft_time_limit_s": 170, "time_limit_s": 180,
+                    "visibility_timeout_s": 200},
     }  # fmt: skip
     path = tmp_path / "sentinel.yaml"
     path.write_text(yaml.safe_dump(settings))

@@ -10,8 +10,9 @@ from transformers import AutoTokenizer
 
 from sentinel.agents.explorer import Explorer, is_failure
 from sentinel.agents.llm import OpenAIChatClient
-from sentinel.agents.reflector import Reflector, decision_points
+from sentinel.agents.reflector import Reflector, allowed_steps, decision_points
 from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.signals import failure_signals, first_wrong_step
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings
@@ -26,6 +27,7 @@ from sentinel.schemas import (
     Trajectory,
 )
 from sentinel.training.sft import tokenize
+from tests import factories
 
 pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings(
@@ -133,8 +135,9 @@ async def test_branches_stay_within_their_budgets(
     made = runner(retail, llm)
     task, group = failed
     settings = LeafeSettings(
-        branches_per_failure=2, max_depth=1, max_interactions=3, reflect_max_tokens=48
-    )
+        branches_per_failure=2, max_depth=1, max_interactions=3, reflect_max_tokens=48,
+        max_prompt_chars=4000,
+    )  # fmt: skip
     exploration = await Explorer(made, Reflector(retail, settings, llm()), settings).explore(
         task, group
     )
@@ -144,11 +147,14 @@ async def test_branches_stay_within_their_budgets(
     assert exploration.branches == len(made.branches) >= 1
     assert exploration.interactions <= settings.max_interactions
     per_failure: dict[str, int] = {}
-    for step, branch in made.branches:
+    originals = {t.id: t for t in group.trajectories}
+    for step, branch in made.branches:  # each from a step the Reflector may choose
+        original = originals[branch.id.rsplit("-b", 1)[0]]
+        bound = first_wrong_step(failure_signals(task, original, retail))
+        assert step in allowed_steps(decision_points(original), bound)
         new_turns = [m for m in branch.messages[step:] if m.role == "assistant"]
         assert 1 <= len(new_turns) <= settings.max_depth
-        original = branch.id.rsplit("-b", 1)[0]
-        per_failure[original] = per_failure.get(original, 0) + 1
+        per_failure[original.id] = per_failure.get(original.id, 0) + 1
     assert max(per_failure.values()) <= settings.branches_per_failure
     assert (
         sum(sum(m.role == "assistant" for m in b.messages[s:]) for s, b in made.branches)
@@ -183,3 +189,17 @@ async def test_a_correction_is_the_branch_without_the_experience(
     mask = [*sample.loss_mask, False]
     runs = sum(1 for i in range(len(mask) - 1) if mask[i] and not mask[i + 1])
     assert runs == len(example.trained)  # one masked run per trained turn
+
+
+async def test_exploration_out_of_time_keeps_the_group_and_says_so(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    made = runner(retail, llm)
+    group = RolloutGroup(
+        task_id="retail-0", policy_version=0, trajectories=[factories.trajectory()]
+    )
+    explorer = Explorer(made, Reflector(retail, LeafeSettings()), LeafeSettings())
+    exploration = await explorer.explore(factories.task(), group, time_limit_s=0)
+    assert exploration.failures == 1
+    assert (exploration.reflected, exploration.branches, made.branches) == (0, 0, [])
+    assert exploration.cut_short == "time limit of 0 s"

@@ -14,6 +14,8 @@ sampled: the greeting is scripted.
 
 from __future__ import annotations
 
+import math
+
 import anyio
 
 from sentinel.agents.reflector import NothingToRedo, Reflector
@@ -63,18 +65,25 @@ class Explorer:
         self.reflector = reflector
         self.settings = settings
 
-    async def explore(self, task: Task, group: RolloutGroup) -> Exploration:
+    async def explore(
+        self, task: Task, group: RolloutGroup, time_limit_s: float = math.inf
+    ) -> Exploration:
+        """Explore the group's failures; after `time_limit_s`, what was found so far (a worker's
+        time limit must not cost the group itself)."""
         failures = [t for t in group.trajectories if is_failure(t)]
         exploration = Exploration(failures=len(failures))
         left = self.settings.max_interactions
         per_failure = self.settings.branches_per_failure * self.settings.max_depth
-        async with anyio.create_task_group() as tg:
-            for trajectory in failures:
-                if left <= 0:
-                    break
-                reserved = min(per_failure, left)
-                left -= reserved
-                tg.start_soon(self._failure, task, trajectory, reserved, exploration)
+        with anyio.move_on_after(time_limit_s) as scope:
+            async with anyio.create_task_group() as tg:
+                for trajectory in failures:
+                    if left <= 0:
+                        break
+                    reserved = min(per_failure, left)
+                    left -= reserved
+                    tg.start_soon(self._failure, task, trajectory, reserved, exploration)
+        if scope.cancelled_caught:
+            exploration.cut_short = f"time limit of {time_limit_s:.0f} s"
         return exploration
 
     async def _failure(

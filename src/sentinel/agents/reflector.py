@@ -101,11 +101,14 @@ def render_prompt(trajectory: Trajectory, lines: Sequence[str], max_chars: int) 
     )  # fmt: skip
 
 
-def draft_schema(steps: Sequence[int]) -> dict[str, Any]:
+def draft_schema(steps: Sequence[int], max_tokens: int) -> dict[str, Any]:
+    """The draft's schema: the step among `steps`, the experience short enough that the JSON
+    closes within `max_tokens` (weak models write up to the limit)."""
+    length = max(16, min(MAX_EXPERIENCE - 100, 3 * (max_tokens - 24)))
     return {
         "type": "object",
         "properties": {
-            "experience": {"type": "string", "maxLength": MAX_EXPERIENCE - 100},
+            "experience": {"type": "string", "maxLength": length},
             "backtrack_step": {"enum": list(steps)},
         },
         "required": ["experience", "backtrack_step"],
@@ -148,7 +151,8 @@ class Reflector:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         try:
             return await complete_structured(
-                self.client, messages, ReflectionDraft, schema=draft_schema(steps),
+                self.client, messages, ReflectionDraft,
+                schema=draft_schema(steps, self.settings.reflect_max_tokens),
                 max_tokens=self.settings.reflect_max_tokens,
             )  # fmt: skip
         except LLMError as error:  # includes MalformedOutput: the feedback still reflects

@@ -62,3 +62,4 @@ class Exploration(Strict):
     interactions: int = 0  # agent turns spent in branches
     recovered: int = 0  # failures with a branch that tau2 scores as a success
     corrections: list[Correction] = Field(default_factory=list)
+    cut_short: str | None = None  # why exploration stopped before its budget was spent

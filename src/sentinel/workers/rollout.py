@@ -14,6 +14,7 @@ trajectories is published instead, so the orchestrator and the trainer account f
 
 from __future__ import annotations
 
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -40,6 +41,7 @@ log = get_logger(__name__)
 RETRY_DELAY_S = 5
 MAX_RETRY_DELAY_S = 120
 KEPT_RUNNERS = 2  # the current policy and the one before, while its requests drain
+EXPLORE_MARGIN_S = 15  # LEAFE stops this long before the soft time limit: keep the group
 
 
 class EndpointDown(Exception):
@@ -85,14 +87,18 @@ class RolloutService:
         return self.runners[key]
 
     async def roll_out(self, request: RolloutRequest) -> RolloutGroup:
+        started = time.monotonic()
         runner = await self.runner(request)
         group = await runner.run_group(request.task, request.size, request.id)
         terminations = {t.termination for t in group.trajectories}
         if terminations == {TerminationReason.INFRA_ERROR}:
             raise EndpointDown(f"every rollout of {request.task.id} hit an endpoint error")
         if request.explore:
+            left = self.settings.workers.soft_time_limit_s - EXPLORE_MARGIN_S
             explorer = Explorer(runner, self.reflector, self.settings.leafe)
-            group.exploration = await explorer.explore(request.task, group)
+            group.exploration = await explorer.explore(
+                request.task, group, max(0.0, left - (time.monotonic() - started))
+            )
         await self.bus.publish_many(Stream.TRAJECTORIES, group.trajectories)
         await self.bus.publish(Stream.ROLLOUT_GROUPS, group)
         log.info(

@@ -34,7 +34,7 @@ from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import RolloutGroup, RolloutRequest, TerminationReason
-from sentinel.workers.service import WorkerProcess, count_attempt
+from sentinel.workers.service import WorkerProcess, call_cancelling, count_attempt
 
 log = get_logger(__name__)
 
@@ -135,7 +135,7 @@ def rollout(self: CeleryTask[Any, Any], raw: str) -> None:
         portal.call(service.drop, request, f"worker lost {limit} times")
         return
     try:
-        portal.call(service.roll_out, request)
+        call_cancelling(portal, service.roll_out, request)
     except SoftTimeLimitExceeded:
         portal.call(service.drop, request, "time limit exceeded")
     except Exception as error:  # the endpoint or Redis: retry with backoff, then give up

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -34,6 +34,7 @@ class Service(Protocol):
 
 
 S = TypeVar("S", bound=Service)
+T = TypeVar("T")
 
 
 class WorkerProcess(Generic[S]):
@@ -63,6 +64,18 @@ class WorkerProcess(Generic[S]):
                 self.portal.call(self.service.stop)
                 self.stack.close()
                 self.pid = None
+
+
+def call_cancelling(portal: BlockingPortal, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """`portal.call`, except that when the wait is interrupted (Celery's soft time limit raises
+    in this thread) the work on the loop is cancelled too: otherwise it would keep running,
+    and keep calling the LLM endpoint, for a task that has already ended."""
+    future = portal.start_task_soon(func, *args)
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # pending until the coroutine ends, so this cancels its scope
+        raise
 
 
 async def count_attempt(redis: aioredis.Redis, prefix: str, queue: str, task_id: str) -> int:

@@ -34,7 +34,7 @@ from sentinel.validator import (
     local_sandbox,
     reject_unparseable,
 )
-from sentinel.workers.service import WorkerProcess, count_attempt
+from sentinel.workers.service import WorkerProcess, call_cancelling, count_attempt
 
 log = get_logger(__name__)
 
@@ -132,7 +132,7 @@ def validate(self: CeleryTask[Any, Any], raw: str) -> None:
         return
     start = time.perf_counter()
     try:
-        portal.call(service.validate, parsed)
+        call_cancelling(portal, service.validate, parsed)
     except SoftTimeLimitExceeded:
         detail = f"validation exceeded {time.perf_counter() - start:.0f} s"
         verdict = _give_up(proposal_id, task_id, RejectionCode.SANDBOX_TIMEOUT, detail)

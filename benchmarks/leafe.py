@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -36,7 +37,7 @@ from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings, Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.evaluation import evaluate
-from sentinel.schemas import RolloutGroup, SFTExample, Task, Trajectory
+from sentinel.schemas import RolloutGroup, SFTExample, Task, TrainStepReport, Trajectory
 from sentinel.serving.model import prepare_model
 from sentinel.serving.server import ensure_policy_server
 from sentinel.training.policy import Policy
@@ -123,13 +124,14 @@ async def pass_at_k(
 
 
 def train_and_serve(
-    settings: Settings, url: str, name: str, step: object, out: Path
-) -> dict[str, float]:
+    settings: Settings, url: str, name: str,
+    step: Callable[[Policy], list[TrainStepReport]], out: Path,
+) -> dict[str, float]:  # fmt: skip
     """Train a fresh LoRA policy with `step` (a callable on the policy), serve it as `name`."""
     trainer = settings.trainer.model_copy(update={"device": "cpu", "learning_rate": 1e-4})
     policy = Policy(trainer, settings.trainer.model_dir or prepare_model(settings.cache_dir))
     started = time.perf_counter()
-    reports = step(policy)  # type: ignore[operator]
+    reports = step(policy)
     seconds = time.perf_counter() - started
     path = policy.save_adapter(out / "adapters" / name)
     anyio.run(load_adapter, url, name, path)

@@ -106,8 +106,10 @@ class Explorer:
             budget -= spent
             exploration.branches += 1
             exploration.interactions += spent
+            if not accepted(branch, trajectory, self.settings.accept):
+                continue
             correction = self.correction(task, trajectory, branch, reflection)
-            if correction is not None and accepted(branch, trajectory, self.settings.accept):
+            if correction is not None:
                 exploration.recovered += branch.succeeded
                 exploration.corrections.append(correction)
                 log.info(

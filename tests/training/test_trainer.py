@@ -44,7 +44,8 @@ async def test_mean_reward_rises_and_each_policy_is_served(
     publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol")
     served, curve = "smol", []
     for step in range(8):
-        client = OpenAIChatClient(LLMEndpoint(base_url=policy_url, model=served))
+        # 32 requests at once on a shared CPU: a generous timeout, not a flaky one.
+        client = OpenAIChatClient(LLMEndpoint(base_url=policy_url, model=served, timeout_s=600))
         batch = await groups(client, policy.version, size=8, prompts=4, seed=step)
         await client.aclose()
         curve.append(sum(r for g in batch for r in g.rewards) / 32)

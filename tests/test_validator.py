@@ -37,11 +37,6 @@ pytestmark = pytest.mark.anyio
 SETTINGS = ValidationSettings(cpu_s=4, wall_s=10, max_task_chars=6000)
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 @pytest.fixture
 async def validator(retail: Tau2Domain, bus: Bus) -> AsyncIterator[Validator]:
     limits = SandboxLimits(cpu_s=SETTINGS.cpu_s, wall_s=SETTINGS.wall_s)

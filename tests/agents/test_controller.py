@@ -27,11 +27,6 @@ ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48,
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 async def failures(retail: Tau2Domain, policy_url: str) -> list[Trajectory]:
     """Real failed trajectories: SmolLM2 as Solver and user on four retail train tasks."""
     from sentinel.config import LLMEndpoint

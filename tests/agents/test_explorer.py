@@ -36,11 +36,6 @@ SETTINGS = RolloutSettings(
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
     return "asyncio"
 

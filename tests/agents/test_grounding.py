@@ -33,11 +33,6 @@ FLOOR = 0.8  # mutations that must succeed in the sample (all retail train: 67/6
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def seeds(retail: Tau2Domain) -> list[Task]:
     """A sample of retail train tasks with gold writes."""
     with_writes = [t for t in retail.tasks("train") if _writes(t, retail)]

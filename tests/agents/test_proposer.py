@@ -39,11 +39,6 @@ PATTERN = ErrorPattern(
 )
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 @pytest.fixture
 async def validator(retail: Tau2Domain, bus: Bus) -> AsyncIterator[Validator]:
     settings = ValidationSettings()

@@ -17,11 +17,6 @@ from tests import factories
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 class Garbage:
     """An endpoint whose JSON never parses: the error path, not a model."""
 

@@ -19,11 +19,6 @@ pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48, concurrency=8)
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 def runner(
     retail: Tau2Domain, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
 ) -> RolloutRunner:

@@ -18,11 +18,6 @@ from sentinel.schemas import (
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def cancel_task(retail: Tau2Domain) -> Task:
     """A train task whose only write cancels a pending order."""
     for task in retail.tasks("train"):

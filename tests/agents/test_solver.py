@@ -21,11 +21,6 @@ OPENING = [
 ]
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 class Scripted:
     """A stand-in endpoint that returns fixed completions: only for error handling."""
 

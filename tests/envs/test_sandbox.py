@@ -28,11 +28,6 @@ FAST = SandboxLimits(wall_s=3)  # for a child that never finishes
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def task(retail: Tau2Domain) -> Task:
     """retail-0: four reads, then an exchange that changes the database."""
     return next(t for t in retail.tasks("train") if t.id == "retail-0")

@@ -14,11 +14,6 @@ from sentinel.envs.tau2 import Episode, Tau2Domain, to_tau2_messages, to_tau2_ta
 from sentinel.schemas import ChatMessage, Task, TerminationReason, ToolCall
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 def gold_calls(task: Task) -> list[ToolCall]:
     return [
         ToolCall(id=f"call-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)

@@ -25,11 +25,6 @@ from tests.factories import examples, group, task
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 def make_loop(settings: Settings, bus: Bus, retail: Tau2Domain, **loop: object) -> Loop:
     settings = settings.model_copy(
         update={"loop": settings.loop.model_copy(update={"group_size": 2, **loop})}

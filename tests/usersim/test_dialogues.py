@@ -16,11 +16,6 @@ from sentinel.usersim.dialogues import build_examples, script, user_view
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def examples(retail: Tau2Domain) -> list[SFTExample]:
     return build_examples(retail, retail.tasks("train")[:6])
 

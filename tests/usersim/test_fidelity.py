@@ -30,11 +30,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
-@pytest.fixture(scope="module")
 def yusuf(retail: Tau2Domain) -> Scenario:
     """retail-0: Yusuf Rossi, zip 19122, does not remember his email."""
     return scenario_of(retail.tasks("train")[0])

@@ -24,9 +24,8 @@ def test_adapter_names_count_up(tmp_path: Path) -> None:
 
 
 async def test_a_finetune_round_improves_fidelity_and_serves_the_adapter(
-    settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path
+    settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path, retail: Tau2Domain
 ) -> None:
-    retail = Tau2Domain("retail")
     tasks = {t.id: t for t in retail.tasks("train")}
     # Same shape of scenario (name and zip known, email unknown), different user and request.
     train, holdout = [tasks["retail-112"]], [tasks["retail-113"]]

@@ -33,11 +33,6 @@ from tests.factories import cancellation
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def retail() -> Tau2Domain:
-    return Tau2Domain("retail")
-
-
 def proposal(task: Task) -> TaskProposal:
     return TaskProposal(
         id=f"proposal-{task.id}", task=task, prompt_version="v1", proposer_model="test"

@@ -62,7 +62,7 @@ class BusSettings(Section):
     concurrency: int = Field(16, ge=1)  # handlers running at once per consumer
     claim_idle_ms: int = Field(60_000, ge=100)  # idle time after which a message is reclaimed
     max_deliveries: int = Field(5, ge=1)  # deliveries before a message is dead-lettered
-    dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # how long a handled key is remembered
+    dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # a key is remembered 1-2 times this
 
     @property
     def lease_renew_s(self) -> float:

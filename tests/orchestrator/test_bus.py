@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -337,24 +338,51 @@ async def test_a_failure_in_a_batch_acknowledges_the_others_but_not_it(bus: Bus)
     assert len(pending) == 1
     [entry] = await bus.redis.xrange(bus.keys.stream("tasks"), pending[0]["message_id"], "+", 1)
     assert peek_key(entry[1]) == "retail-2"
-    markers = [await bus.redis.get(bus.keys.done("tasks", "g", f"retail-{i}")) for i in range(5)]
-    assert [m == "done" for m in markers] == [True, True, False, True, True]
+    entries = await bus.redis.xrange(bus.keys.stream("tasks"))
+    owners = {peek_key(fields): entry_id for entry_id, fields in entries}
+    # the failed entry keeps its key too: its retry runs, copies don't
+    assert {key: await bus.owner("tasks", "g", key) for key in owners} == owners
     stats = await bus.redis.hgetall(bus.keys.stats("tasks"))
     assert (stats["g:acked"], stats["g:failed"]) == ("4", "1")
 
 
-async def test_keys_of_any_text_are_leased_and_marked_by_their_exact_key(bus: Bus) -> None:
+async def test_keys_of_any_text_are_owned_by_their_exact_key(bus: Bus) -> None:
     key = 'ключ "q" \\ 😀\n:*'  # batches reach Redis as JSON: escapes must round-trip
-    await bus.publish_many("tasks", [factories.task(0), factories.task(1)], [key, key])
+    first, _ = await bus.publish_many("tasks", [factories.task(0), factories.task(1)], [key, key])
     recorder = Recorder()
     await bus.ensure_group("tasks", "g")
     assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 2
     assert recorder.handled == Counter({key: 1})
-    assert await bus.redis.get(bus.keys.done("tasks", "g", key)) == "done"
+    assert await bus.owner("tasks", "g", key) == first
     await bus.publish("tasks", factories.task(2), key)  # a later copy is a duplicate
     assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 1
     assert recorder.handled == Counter({key: 1})
     assert (await bus.redis.hgetall(bus.keys.stats("tasks")))["g:duplicates"] == "2"
+
+
+async def test_a_key_is_remembered_one_to_two_dedupe_periods(bus: Bus) -> None:
+    short = Bus(bus.redis, bus.settings.model_copy(update={"dedupe_ttl_s": 1}))
+    await short.ensure_group("tasks", "g")
+    recorder = Recorder()
+    consumer = short.consumer("tasks", "g", Task, recorder, "c1")
+
+    async def copy_after(seconds: float) -> None:
+        await anyio.sleep(seconds)
+        await short.publish("tasks", factories.task(0))
+        assert await consumer.poll() == 1
+
+    await copy_after(0)
+    start = int(time.time())
+    while int(time.time()) == start:  # into the next period: the key is in the last one's hash
+        await anyio.sleep(0.05)
+    await copy_after(0)
+    assert recorder.handled == Counter({"retail-0": 1})
+    await copy_after(2.1)  # two periods on, forgotten: a copy runs again
+    assert recorder.handled == Counter({"retail-0": 2})
+    stats = await short.redis.hgetall(short.keys.stats("tasks"))
+    assert stats["g:duplicates"] == "1"
+    remaining = [key async for key in short.redis.scan_iter(f"{short.keys.prefix}:owners:*")]
+    assert len(remaining) == 1  # the first period's hash has expired
 
 
 async def test_handlers_that_wait_run_concurrently_within_a_batch(bus: Bus) -> None:

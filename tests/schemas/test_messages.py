@@ -42,6 +42,19 @@ def test_envelope_round_trips_on_the_wire(message: Message) -> None:
     )
 
 
+def test_keys_of_any_text_round_trip_on_the_wire() -> None:
+    key = 'ключ "q" \\ 😀\n'
+    assert Envelope.from_wire(Envelope.encode(factories.task(), key), Task).key == key
+    wrapped = Envelope.wrap(factories.task(), key).to_wire()
+    assert Envelope.from_wire(wrapped, Task).key == key
+
+
+def test_envelope_ids_are_unique_and_as_long_as_message_ids() -> None:
+    ids = {json.loads(w["envelope"])["id"] for w in Envelope.encode_many(factories.examples())}
+    assert len(ids) == len(factories.examples())
+    assert {len(i) for i in ids} == {32}
+
+
 def test_invalid_payload_names_the_field() -> None:
     data = json.loads(factories.task().model_dump_json())
     data["spec"]["evaluation_criteria"]["actions"][0]["arguments"] = "not a dict"

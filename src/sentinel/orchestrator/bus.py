@@ -5,14 +5,15 @@ pace; within a group each entry goes to one consumer and stays pending until ack
 
 - A handler that returns acknowledges its entry; one that raises leaves it pending, and a
   sweep (XAUTOCLAIM) hands it to a live consumer once it has been idle `claim_idle_ms`.
-- Handlers that run long keep their lease: the entry is re-claimed by its own consumer
+- Handlers that run long keep their entries: each is re-claimed by its own consumer
   (XCLAIM JUSTID) every `claim_idle_ms / 3`, so no other consumer takes it meanwhile.
 - An entry delivered more than `max_deliveries` times, one whose payload does not validate,
   and one whose handler raises `Reject` go to `<prefix>:dlq:<name>` with the reason and the
   original fields, in the same transaction as their acknowledgement.
 - Each message carries an idempotency key (its natural id by default). A group handles a key
-  once: a marker `<prefix>:done:<name>:<group>:<key>` is set with the acknowledgement, and a
-  lease on the key keeps two copies of one message from running at once.
+  once: the first of its entries to be read owns it (a hash per `dedupe_ttl_s` period,
+  `<prefix>:owners:<name>:<group>:<period>`, maps key to entry id); only the owner runs,
+  and later copies are acknowledged unrun.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from redis.exceptions import ResponseError
 
 from sentinel.config import BusSettings, Settings
 from sentinel.logs import get_logger
-from sentinel.schemas.envelope import Envelope, peek_key
+from sentinel.schemas.envelope import WIRE_FIELD, Envelope, peek_key
 from sentinel.schemas.message import Message, MessageError, utc_now
 
 log = get_logger(__name__)
@@ -45,56 +46,72 @@ Handler = Callable[[Envelope[M]], Awaitable[None]]
 Entry = tuple[str, dict[str, str] | None]
 
 SWEEP_START = "0-0"
+PUBLISH_CHUNK = 500  # messages appended per script call
 
-# Take a key's lease for one entry, or say the key is done or held by another copy.
-_LEASE = """
-local function lease(marker, mine, ms)
-  if redis.call('SET', marker, mine, 'NX', 'PX', ms) then return 'claim' end
-  local held = redis.call('GET', marker)
-  if held == mine then
-    redis.call('PEXPIRE', marker, ms)
-    return 'claim'
-  elseif held == 'done' then
-    return 'dup'
+# Append messages (ARGV: their envelopes' JSON) and count them, in one command: redis-py
+# spends ~30 us per command of a pipeline, more than Redis spends on the script.
+_PUBLISH = f"""
+local ids = {{}}
+for i, envelope in ipairs(ARGV) do
+  ids[i] = redis.call('XADD', KEYS[1], '*', '{WIRE_FIELD}', envelope)
+end
+redis.call('HINCRBY', KEYS[2], 'published', #ids)
+return ids
+"""
+
+# Decide who runs each [key, entry id] of ARGV[2] (JSON): 1 for the key's owner, 0 for a
+# duplicate. A key's owner is the first entry of the group to claim it; only the owner runs
+# (again, if retried). While the owner is pending the group's PEL keeps it alive, so no lease
+# is needed. Owners live in one hash per period of `dedupe_ttl_s` (ARGV[1]): KEYS[1] this
+# period's, KEYS[2] the last one's. A hash expires two periods after its last write, so a key
+# is remembered at least `dedupe_ttl_s`, at most twice that.
+_CLAIM = """
+local ttl, pairs = ARGV[1], cjson.decode(ARGV[2])
+local keys, seen, new, verdicts = {}, {}, {}, {}
+for i, pair in ipairs(pairs) do keys[i] = pair[1] end
+local now = redis.call('HMGET', KEYS[1], unpack(keys))
+local before = redis.call('HMGET', KEYS[2], unpack(keys))
+for i, pair in ipairs(pairs) do
+  local key, id = pair[1], pair[2]
+  local owner = seen[key] or now[i] or before[i]
+  if not owner then
+    owner, seen[key] = id, id
+    new[#new + 1], new[#new + 2] = key, id
   end
-  return 'busy'
+  verdicts[i] = owner == id and 1 or 0
 end
+if #new > 0 then
+  redis.call('HSET', KEYS[1], unpack(new))
+  redis.call('EXPIRE', KEYS[1], 2 * ttl)
+end
+return verdicts
 """
 
-# (after _LEASE) Lease each [key, entry id] of ARGV[3] (JSON) under the marker prefix ARGV[2].
-_CLAIM_KEYS = """
-local out = {}
-for i, pair in ipairs(cjson.decode(ARGV[3])) do
-  out[i] = lease(ARGV[2] .. pair[1], 'run:' .. pair[2], ARGV[1])
-end
-return out
-"""
-
-# Settle a batch (ARGV[4], JSON): mark keys done, acknowledge every settled entry and count
-# what happened. ARGV[3] is the marker prefix.
+# KEYS: the stream, its stats, the owner hashes. ARGV: group, the batch as JSON.
+# Acknowledge the batch's entries, give up the keys its dead letters own (so that a replay
+# runs) and count what happened.
 _SETTLE = """
-local group, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
-local batch = cjson.decode(ARGV[4])
-for _, key in ipairs(batch.done) do
-  redis.call('SET', prefix .. key, 'done', 'EX', ttl)
-end
+local batch = cjson.decode(ARGV[2])
 if #batch.ack > 0 then
-  redis.call('XACK', KEYS[1], group, unpack(batch.ack))
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(batch.ack))
+end
+for _, pair in ipairs(batch.release) do
+  for h = 3, 4 do
+    if redis.call('HGET', KEYS[h], pair[1]) == pair[2] then redis.call('HDEL', KEYS[h], pair[1]) end
+  end
 end
 for name, n in pairs(batch.counts) do
-  if n ~= 0 then redis.call('HINCRBY', KEYS[2], group .. ':' .. name, n) end
+  if n ~= 0 then redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':' .. name, n) end
 end
 """
 
-# Per entry still owned by this consumer: reset its idle time and extend its key's lease.
+# Reset the idle time of each entry (ARGV[4..]) still pending with this consumer.
 _RENEW = """
 local lost = 0
-for i, key in ipairs(KEYS) do
-  local id = ARGV[i + 3]
-  local p = redis.call('XPENDING', ARGV[1], ARGV[2], id, id, 1)
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', ARGV[1], ARGV[2], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[3] then
-    redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, id, 'JUSTID')
-    redis.call('PEXPIRE', key, ARGV[4 + #KEYS])
+    redis.call('XCLAIM', ARGV[1], ARGV[2], ARGV[3], 0, ARGV[i], 'JUSTID')
   else
     lost = lost + 1
   end
@@ -134,9 +151,9 @@ class StreamKeys:
     def stats(self, name: str) -> str:
         return f"{self.prefix}:stats:{name}"
 
-    def done(self, name: str, group: str, key: str = "") -> str:
-        """A key's lease and done marker; with no key, the prefix the Lua scripts extend."""
-        return f"{self.prefix}:done:{name}:{group}:{key}"
+    def owners(self, name: str, group: str, period: int) -> str:
+        """The hash of the keys a group's entries own, for one `dedupe_ttl_s` period."""
+        return f"{self.prefix}:owners:{name}:{group}:{period}"
 
     def name_of(self, stream_key: str) -> str:
         return stream_key.removeprefix(f"{self.prefix}:stream:")
@@ -158,7 +175,7 @@ def default_consumer_name() -> str:
 
 
 def _nogroup(error: ResponseError) -> bool:
-    return str(error).startswith("NOGROUP")
+    return "NOGROUP" in str(error)  # from a script, the error comes after the script's name
 
 
 class Bus:
@@ -166,7 +183,8 @@ class Bus:
         self.redis = client
         self.settings = settings or BusSettings()
         self.keys = StreamKeys(self.settings.prefix)
-        self.claim_script = client.register_script(_LEASE + _CLAIM_KEYS)
+        self.publish_script = client.register_script(_PUBLISH)
+        self.claim_script = client.register_script(_CLAIM)
         self.renew_script = client.register_script(_RENEW)
         self.settle_script = client.register_script(_SETTLE)
 
@@ -183,14 +201,26 @@ class Bus:
         messages: Sequence[Message],
         keys: Sequence[str | None] | None = None,
     ) -> list[str]:
-        """Append messages in one round trip; returns their entry ids."""
-        stream_key = self.keys.stream(stream)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for wire in Envelope.encode_many(messages, keys):
-                pipe.xadd(stream_key, wire)  # type: ignore[arg-type]
-            pipe.hincrby(self.keys.stats(stream), "published", len(messages))
-            results = await pipe.execute()
-        return cast("list[str]", results[:-1])
+        """Append messages in one round trip per `PUBLISH_CHUNK`; returns their entry ids."""
+        script_keys = [self.keys.stream(stream), self.keys.stats(stream)]
+        wires = Envelope.encode_many(messages, keys)
+        ids: list[str] = []
+        for start in range(0, len(wires), PUBLISH_CHUNK):
+            args = [wire[WIRE_FIELD] for wire in wires[start : start + PUBLISH_CHUNK]]
+            ids += await self.publish_script(keys=script_keys, args=args)
+        return ids
+
+    def owner_keys(self, stream: str, group: str) -> list[str]:
+        """The owner hashes a script consults now: this period's, then the last one's."""
+        period = int(time.time()) // self.settings.dedupe_ttl_s
+        return [self.keys.owners(stream, group, p) for p in (period, period - 1)]
+
+    async def owner(self, stream: str, group: str, key: str) -> str | None:
+        """The id of the entry that owns `key` in `group`, if any."""
+        for hash_key in self.owner_keys(stream, group):
+            if (entry_id := await self.redis.hget(hash_key, key)) is not None:
+                return cast("str", entry_id)
+        return None
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the group at the stream's start (and the stream), tolerating BUSYGROUP."""
@@ -266,8 +296,6 @@ class Bus:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.stream(stream), letter.fields)  # type: ignore[arg-type]
             pipe.xdel(self.keys.dlq(stream), entry_id)
-            if (key := peek_key(letter.fields)) is not None:
-                pipe.delete(self.keys.done(stream, letter.group, key))
             new_id, *_ = await pipe.execute()
         return cast("str", new_id)
 
@@ -300,19 +328,19 @@ def _dead_letter(entry_id: str, fields: dict[str, str]) -> DeadLetter:
 
 @dataclass
 class _Batch:
-    """What became of one batch of entries, settled in one transaction."""
+    """One batch of entries, from its fetch to its settlement in one transaction."""
 
-    read: int = 0  # entries new to the group (not swept)
-    claimed: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.read + self.claimed
-
-    done: list[tuple[str, str]] = field(default_factory=list)  # (entry id, key)
+    entries: list[Entry]
+    swept: bool = False  # claimed from idle consumers, not read new
+    attempts: dict[str, int] = field(default_factory=dict)  # deliveries of swept entries
+    done: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     dead: list[tuple[str, dict[str, str], str, int]] = field(default_factory=list)
     failed: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.entries)
 
 
 class _Room:
@@ -351,10 +379,9 @@ class Consumer(Generic[M]):
         self.model, self.handler = model, handler
         self.settings = bus.settings
         self.key = bus.keys.stream(stream)
-        self.markers = bus.keys.done(stream, group)  # + a message key: its lease / done marker
         self._cursor = SWEEP_START
         self._next_sweep = 0.0  # sweep at once: a replacement picks up a dead one's work
-        self._in_flight: dict[str, str] = {}  # entry id -> done-marker key
+        self._in_flight: set[str] = set()  # entry ids whose handlers run
         self._room = _Room(max(self.settings.concurrency, self.settings.batch_size))
         self.log = log.bind(stream=stream, group=group, consumer=name)
 
@@ -371,36 +398,30 @@ class Consumer(Generic[M]):
             async with anyio.create_task_group() as handlers:
                 while stop is None or not stop.is_set():
                     await self._room.wait()
-                    fetched = await self._fetch(self._room.free)
-                    if fetched is not None:
-                        self._room.take(fetched[0].size)
-                        handlers.start_soon(self._handle_batch, *fetched)
+                    batch = await self._fetch(self._room.free)
+                    if batch is not None:
+                        self._room.take(batch.size)
+                        handlers.start_soon(self._handle_batch, batch)
             tg.cancel_scope.cancel()
         self.log.info("consumer stopped")
 
     async def poll(self) -> int:
         """Fetch and handle one batch, then return its size (for tests and benchmarks)."""
-        fetched = await self._fetch(self.settings.batch_size)
-        if fetched is None:
+        batch = await self._fetch(self.settings.batch_size)
+        if batch is None:
             return 0
-        self._room.take(fetched[0].size)
-        await self._handle_batch(*fetched)
-        return fetched[0].size
+        self._room.take(batch.size)
+        await self._handle_batch(batch)
+        return batch.size
 
-    async def _fetch(self, room: int) -> tuple[_Batch, list[Entry], dict[str, int]] | None:
+    async def _fetch(self, room: int) -> _Batch | None:
         """Abandoned entries first (when a sweep is due), else new ones; None if nothing."""
         count = max(1, min(room, self.settings.batch_size))
-        attempts: dict[str, int] = {}
-        entries: list[Entry] = []
-        if time.monotonic() >= self._next_sweep:
-            entries, attempts = await self._sweep(count)
-        batch = _Batch(claimed=len(entries))
-        if not entries:
-            entries = await self._read(count)
-            batch.read = len(entries)
-        return (batch, entries, attempts) if entries else None
+        if time.monotonic() >= self._next_sweep and (swept := await self._sweep(count)):
+            return swept
+        return await self._read(count)
 
-    async def _read(self, count: int) -> list[Entry]:
+    async def _read(self, count: int) -> _Batch | None:
         try:
             reply: list[tuple[str, list[Entry]]] = await self.bus.redis.xreadgroup(  # type: ignore[assignment]
                 self.group,
@@ -414,10 +435,10 @@ class Consumer(Generic[M]):
                 raise
             self.log.warning("group missing; recreating")
             await self.bus.ensure_group(self.stream, self.group)
-            return []
-        return reply[0][1] if reply else []
+            return None
+        return _Batch(reply[0][1]) if reply else None
 
-    async def _sweep(self, count: int) -> tuple[list[Entry], dict[str, int]]:
+    async def _sweep(self, count: int) -> _Batch | None:
         """Claim entries idle past `claim_idle_ms` (from dead or failed handlers)."""
         try:
             cursor, claimed, *_ = await self.bus.redis.xautoclaim(
@@ -432,13 +453,13 @@ class Consumer(Generic[M]):
             if not _nogroup(error):
                 raise
             await self.bus.ensure_group(self.stream, self.group)
-            return [], {}
+            return None
         self._cursor = str(cursor)
         if self._cursor == SWEEP_START:
             jitter = random.uniform(0.75, 1.25)
             self._next_sweep = time.monotonic() + jitter * self.settings.claim_idle_ms / 4000
         if not claimed:
-            return [], {}
+            return None
         ids = [entry_id for entry_id, _ in claimed]
         pending = await self.bus.redis.xpending_range(
             self.key,
@@ -448,35 +469,24 @@ class Consumer(Generic[M]):
             count=len(ids) * 2,
             consumername=self.name,
         )
-        attempts = {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
         self.log.info("reclaimed abandoned entries", count=len(ids))
-        return cast("list[Entry]", claimed), attempts
+        attempts = {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        return _Batch(cast("list[Entry]", claimed), swept=True, attempts=attempts)
 
-    async def _handle_batch(
-        self, batch: _Batch, entries: list[Entry], attempts: dict[str, int]
-    ) -> None:
+    async def _handle_batch(self, batch: _Batch) -> None:
         try:
-            await self._decode_claim_run_settle(batch, entries, attempts)
+            await self._decode_own_run_settle(batch)
         finally:
             self._room.give(batch.size)
 
-    async def _decode_claim_run_settle(
-        self, batch: _Batch, entries: list[Entry], attempts: dict[str, int]
-    ) -> None:
-        ready: list[Envelope[M]] = []
-        ids: dict[str, str] = {}  # message key -> entry id
-        for entry_id, fields in entries:
-            attempt = attempts.get(entry_id, 1)
-            envelope = self._decode(batch, entry_id, fields, attempt)
-            if envelope is None:
-                continue
-            if envelope.key in ids:  # a second copy in this very batch
-                batch.duplicates.append(entry_id)
-                continue
-            ids[envelope.key] = entry_id
-            ready.append(envelope)
-        runnable = await self._claim(batch, ready, ids)
-        await self._run_handlers(batch, runnable, ids)
+    async def _decode_own_run_settle(self, batch: _Batch) -> None:
+        ready: list[tuple[str, Envelope[M]]] = []
+        for entry_id, fields in batch.entries:
+            envelope = self._decode(batch, entry_id, fields, batch.attempts.get(entry_id, 1))
+            if envelope is not None:
+                ready.append((entry_id, envelope))
+        runnable = await self._own(batch, ready)
+        await self._run_handlers(batch, runnable)
         await self._settle(batch)
 
     def _decode(
@@ -495,53 +505,48 @@ class Consumer(Generic[M]):
             batch.dead.append((entry_id, fields, str(error), attempt))
             return None
 
-    async def _claim(
-        self, batch: _Batch, ready: list[Envelope[M]], ids: dict[str, str]
-    ) -> list[Envelope[M]]:
-        """Take each key's lease; drop keys already done, leave keys another copy holds."""
+    async def _own(
+        self, batch: _Batch, ready: list[tuple[str, Envelope[M]]]
+    ) -> list[tuple[str, Envelope[M]]]:
+        """The entries that own their keys, and so run; the others are duplicates."""
         if not ready:
             return []
-        pairs = json.dumps([[e.key, ids[e.key]] for e in ready], ensure_ascii=False)
-        verdicts = await self.bus.claim_script(
-            keys=[], args=[self.settings.claim_idle_ms, self.markers, pairs]
-        )
+        pairs = json.dumps([[e.key, entry_id] for entry_id, e in ready], ensure_ascii=False)
+        owners = self.bus.owner_keys(self.stream, self.group)
+        args: list[str | int] = [self.settings.dedupe_ttl_s, pairs]
+        owned = await self.bus.claim_script(keys=owners, args=args)
         runnable = []
-        for envelope, verdict in zip(ready, verdicts, strict=True):
-            entry_id = ids[envelope.key]
-            if verdict == "claim":
-                self._in_flight[entry_id] = self.markers + envelope.key
-                runnable.append(envelope)
-            elif verdict == "dup":
+        for (entry_id, envelope), verdict in zip(ready, owned, strict=True):
+            if verdict:
+                self._in_flight.add(entry_id)
+                runnable.append((entry_id, envelope))
+            else:
                 batch.duplicates.append(entry_id)
-            # "busy": another copy runs now; this one stays pending and is swept later
         return runnable
 
-    async def _run_handlers(
-        self, batch: _Batch, envelopes: list[Envelope[M]], ids: dict[str, str]
-    ) -> None:
+    async def _run_handlers(self, batch: _Batch, runnable: list[tuple[str, Envelope[M]]]) -> None:
         """Run the batch on up to `concurrency` workers, spawned only once a handler waits.
 
         This task is the first worker. The others start when it first yields, that is when
         a handler suspends; handlers that never do run in turn without spawning a task
         (a task costs ~20-40 us, more than a small handler).
         """
-        queue = deque(envelopes)
+        queue = deque(runnable)
 
         async def worker() -> None:
             while queue:
-                envelope = queue.popleft()
-                await self._run_one(batch, envelope, ids[envelope.key])
+                await self._run_one(batch, *queue.popleft())
 
         async def more_workers() -> None:  # runs once the first worker waits, if ever
             for _ in range(min(self.settings.concurrency - 1, len(queue))):
                 tg.start_soon(worker)
 
         async with anyio.create_task_group() as tg:
-            if self.settings.concurrency > 1 and len(envelopes) > 1:
+            if self.settings.concurrency > 1 and len(runnable) > 1:
                 tg.start_soon(more_workers)
             await worker()
 
-    async def _run_one(self, batch: _Batch, envelope: Envelope[M], entry_id: str) -> None:
+    async def _run_one(self, batch: _Batch, entry_id: str, envelope: Envelope[M]) -> None:
         try:
             await self.handler(envelope)
         except Reject as error:
@@ -550,33 +555,34 @@ class Consumer(Generic[M]):
             )
         except Exception as error:
             batch.failed += 1
-            self._in_flight.pop(entry_id, None)  # its key lease lapses; a sweep retries it
+            self._in_flight.discard(entry_id)  # left idle, so that a sweep retries it
             self.log.exception(
                 "handler failed; will retry", entry_id=entry_id, key=envelope.key,
                 attempt=envelope.attempt, error=repr(error),
             )  # fmt: skip
         else:
-            batch.done.append((entry_id, envelope.key))
+            batch.done.append(entry_id)
 
     async def _settle(self, batch: _Batch) -> None:
-        """Acknowledge, mark done and dead-letter the whole batch in one transaction.
+        """Acknowledge and dead-letter the whole batch in one transaction.
 
         The batch goes to Redis as one JSON argument: encoding a few hundred separate
         arguments costs redis-py more than the script takes to run.
         """
         keys = self.bus.keys
-        done_ids = [entry_id for entry_id, _ in batch.done]
         dead_ids = [entry_id for entry_id, *_ in batch.dead]
-        counts = {"read": batch.read, "claimed": batch.claimed,
-                  "acked": len(done_ids) + len(batch.duplicates),
+        counts = {"read": 0 if batch.swept else batch.size,
+                  "claimed": batch.size if batch.swept else 0,
+                  "acked": len(batch.done) + len(batch.duplicates),
                   "duplicates": len(batch.duplicates), "dead": len(dead_ids),
                   "failed": batch.failed}  # fmt: skip
-        acked = [*done_ids, *batch.duplicates, *dead_ids]
-        done_keys = [key for _, key in batch.done]
-        settled = {"ack": acked, "done": done_keys, "counts": counts}
-        script_keys = [self.key, keys.stats(self.stream)]
-        script_args: list[str | int] = [self.group, self.settings.dedupe_ttl_s, self.markers]
-        script_args.append(json.dumps(settled, ensure_ascii=False))
+        acked = [*batch.done, *batch.duplicates, *dead_ids]
+        release = [[key, entry_id] for entry_id, fields, *_ in batch.dead
+                   if (key := peek_key(fields)) is not None]  # fmt: skip
+        settled = {"ack": acked, "release": release, "counts": counts}
+        owners = self.bus.owner_keys(self.stream, self.group)
+        script_keys = [self.key, keys.stats(self.stream), *owners]
+        script_args = [self.group, json.dumps(settled, ensure_ascii=False)]
         if not batch.dead:
             await self.bus.settle_script(keys=script_keys, args=script_args)
         else:
@@ -586,8 +592,7 @@ class Consumer(Generic[M]):
                     pipe.xadd(keys.dlq(self.stream), letter)
                 await self.bus.settle_script(keys=script_keys, args=script_args, client=pipe)
                 await pipe.execute()
-        for entry_id in acked:
-            self._in_flight.pop(entry_id, None)
+        self._in_flight.difference_update(acked)
         for entry_id, _, reason, attempt in batch.dead:
             self.log.warning("dead-lettered", entry_id=entry_id, reason=reason, attempts=attempt)
 
@@ -608,10 +613,6 @@ class Consumer(Generic[M]):
             await anyio.sleep(self.settings.lease_renew_s)
             if not self._in_flight:
                 continue
-            ids, markers = list(self._in_flight), list(self._in_flight.values())
-            lost = await self.bus.renew_script(
-                keys=markers,
-                args=[self.key, self.group, self.name, *ids, self.settings.claim_idle_ms],
-            )
-            if lost:
+            args = [self.key, self.group, self.name, *self._in_flight]
+            if lost := await self.bus.renew_script(keys=[], args=args):
                 self.log.warning("lost leases to another consumer", count=lost)

@@ -8,11 +8,13 @@ Redis counts deliveries and the consumer fills it in.
 from __future__ import annotations
 
 import builtins
+import itertools
 import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache
+from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +51,7 @@ class Envelope(BaseModel, Generic[M]):
         )
 
     def to_wire(self) -> dict[str, str]:
-        text = json.dumps  # a decoded envelope's strings may hold anything: escape them all
+        text = json_string  # a decoded envelope's strings may hold anything: escape them all
         return _wire(text(self.id), text(self.key), text(self.type), self.schema_version,
                      text(self.created_at.isoformat()), self.payload.model_dump_json())  # fmt: skip
 
@@ -65,7 +67,7 @@ class Envelope(BaseModel, Generic[M]):
         """Wire forms of messages sent together; they share one `created_at`."""
         stamp = f'"{utc_now().isoformat()}"'  # ours, like the hex id and the class name:
         return [  # nothing to escape but the key
-            _wire(f'"{_fast_id()}"', json.dumps(key or payload.key()), f'"{payload.type_name()}"',
+            _wire(f'"{next(_ids)}"', json_string(key or payload.key()), f'"{payload.type_name()}"',
                   payload.schema_version, stamp, payload.model_dump_json())
             for payload, key in zip(payloads, keys or [None] * len(payloads), strict=True)
         ]  # fmt: skip
@@ -99,9 +101,24 @@ def peek_key(fields: Mapping[str, str]) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def _fast_id() -> str:
-    """As random and as long as `new_id` (32 hex digits), without a UUID object: 3 us less."""
-    return os.urandom(16).hex()
+class _Ids:
+    """Envelope ids: 32 hex digits like `new_id`, a random half per process and a counter.
+
+    Unique without a system call per message; a forked child draws a new random half.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+
+    def __next__(self) -> str:
+        return f"{self.prefix}{next(self.count):016x}"
+
+
+_ids = _Ids()
 
 
 def _wire(

@@ -4,6 +4,9 @@ Both paths move the same payloads through the same Redis in the same run: a publ
 appends in pipelined chunks while one consumer reads batches and acknowledges them.
 The paths take turns over `--rounds` rounds, in alternating order, and the ratio is of
 their total times, so that load from other processes weighs on both alike.
+
+Latency is measured apart, at a steady `--rate` well below capacity, through the consumer's
+own loop (`Bus.consume`): publish to handler, without the backlog of a burst.
 The last line printed is one JSON object of figures.
 """
 
@@ -57,17 +60,18 @@ class Clock:
 
 async def sentinel_path(
     url: str, tasks: list[Task], tick: Callable[[int], None], name: str = "bench"
-) -> tuple[float, float, list[float]]:
-    """Publish through the bus while one consumer polls; (wall s, CPU s, latencies)."""
+) -> tuple[float, float]:
+    """Publish through the bus while one consumer polls; (wall s, CPU s)."""
     settings = Settings(redis_url=url, bus=BusSettings(prefix=name, batch_size=CHUNK, block_ms=200))
     bus = Bus(connect(url, settings), settings.bus)
     await bus.ensure_group("tasks", "g")
-    latencies: list[float] = []
+    handled = 0
     done = anyio.Event()
 
     async def handle(envelope: Envelope[Task]) -> None:
-        latencies.append(time.time() - envelope.created_at.timestamp())
-        if len(latencies) == len(tasks):
+        nonlocal handled
+        handled += 1
+        if handled == len(tasks):
             done.set()
 
     async def publish() -> None:
@@ -83,11 +87,39 @@ async def sentinel_path(
             tick(await consumer.poll())
         tg.cancel_scope.cancel()
     elapsed, cpu = await clock.stop()
-    keys = [key async for key in bus.redis.scan_iter(f"{name}:*", count=1000)]
+    await drop(bus)
+    return elapsed, cpu
+
+
+async def drop(bus: Bus) -> None:
+    """Delete everything under the bus's prefix, and close it."""
+    keys = [key async for key in bus.redis.scan_iter(f"{bus.keys.prefix}:*", count=1000)]
     for start in range(0, len(keys), 1000):
         await bus.redis.unlink(*keys[start : start + 1000])
     await bus.aclose()
-    return elapsed, cpu, latencies
+
+
+async def paced_latencies(url: str, tasks: list[Task], rate: int) -> list[float]:
+    """Publish `tasks` ten at a time at `rate` messages/s to a running consumer; latencies."""
+    settings = Settings(redis_url=url, bus=BusSettings(prefix=f"paced-{os.urandom(3).hex()}"))
+    bus = Bus(connect(url, settings), settings.bus)
+    latencies: list[float] = []
+    stop = anyio.Event()
+
+    async def handle(envelope: Envelope[Task]) -> None:
+        latencies.append(time.time() - envelope.created_at.timestamp())
+        if len(latencies) == len(tasks):
+            stop.set()
+
+    await bus.ensure_group("tasks", "g")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: bus.consume("tasks", "g", "paced", Task, handle, stop=stop))
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, len(tasks), 10)):
+            await anyio.sleep(max(0.0, started + index * 10 / rate - time.perf_counter()))
+            await bus.publish_many("tasks", tasks[start : start + 10])
+    await drop(bus)
+    return latencies
 
 
 async def baseline_path(
@@ -126,7 +158,7 @@ async def baseline_path(
     return elapsed, cpu
 
 
-async def measure(url: str, messages: int, rounds: int) -> dict[str, float]:
+async def measure(url: str, messages: int, rounds: int, rate: int) -> dict[str, float]:
     tasks = [task(i) for i in range(messages)]
     # The prebuilt payloads are a fixture, not bus work: keep the collector from rescanning
     # them (a full collection over ~1M fixture objects costs either path ~0.5 s).
@@ -140,7 +172,6 @@ async def measure(url: str, messages: int, rounds: int) -> dict[str, float]:
 
         run = os.urandom(3).hex()  # fresh names: an existing server may hold older runs
         baseline_s = sentinel_s = baseline_cpu = sentinel_cpu = 0.0
-        latencies: list[float] = []
         for turn in range(rounds):
             for path in ("baseline", "sentinel") if turn % 2 == 0 else ("sentinel", "baseline"):
                 name = f"bench-{run}-{path}-{turn}"
@@ -148,10 +179,10 @@ async def measure(url: str, messages: int, rounds: int) -> dict[str, float]:
                     elapsed, cpu = await baseline_path(url, tasks, bar("plain redis-py"), name)
                     baseline_s, baseline_cpu = baseline_s + elapsed, baseline_cpu + cpu
                 else:
-                    elapsed, cpu, seen = await sentinel_path(url, tasks, bar("sentinel"), name)
+                    elapsed, cpu = await sentinel_path(url, tasks, bar("sentinel"), name)
                     sentinel_s, sentinel_cpu = sentinel_s + elapsed, sentinel_cpu + cpu
-                    latencies += seen
-    quantiles = statistics.quantiles(latencies, n=100)
+    paced = tasks[: min(messages, rate * 5)]  # about five seconds
+    quantiles = statistics.quantiles(await paced_latencies(url, paced, rate), n=100)
     total = messages * rounds
     return {
         "messages": messages,
@@ -160,6 +191,7 @@ async def measure(url: str, messages: int, rounds: int) -> dict[str, float]:
         "baseline_msgs_per_s": round(total / baseline_s, 1),
         "overhead_ratio": round(sentinel_s / baseline_s, 3),
         "cpu_overhead_ratio": round(sentinel_cpu / baseline_cpu, 3),  # client + Redis CPU
+        "latency_rate_msgs_per_s": rate,
         "p50_ms": round(quantiles[49] * 1000, 2),
         "p99_ms": round(quantiles[98] * 1000, 2),
     }
@@ -169,10 +201,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=2, help="turns per path, order alternating")
+    parser.add_argument("--rate", type=int, default=1000, help="msgs/s when measuring latency")
     parser.add_argument("--redis-url", help="an existing server (default: embedded redis-server)")
     args = parser.parse_args()
     run: Callable[[str], Awaitable[dict[str, float]]] = lambda url: measure(  # noqa: E731
-        url, args.messages, args.rounds
+        url, args.messages, args.rounds, args.rate
     )
     if args.redis_url:
         figures = anyio.run(run, args.redis_url)

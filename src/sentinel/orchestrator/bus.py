@@ -175,7 +175,7 @@ def default_consumer_name() -> str:
 
 
 def _nogroup(error: ResponseError) -> bool:
-    return "NOGROUP" in str(error)  # from a script, the error comes after the script's name
+    return str(error).startswith("NOGROUP")
 
 
 class Bus:

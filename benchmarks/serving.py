@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from contextlib import aclosing
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -45,34 +46,28 @@ class Turns:
     """Retail Solver turns (system prompt, 15 tools, a user's opening) against one server."""
 
     def __init__(self, url: str, max_tokens: int) -> None:
-        domain = Tau2Domain("retail")
+        self.domain = Tau2Domain("retail")
         self.url = url
-        self.openings = [domain.user_prompt(t)[:200] for t in domain.tasks("train")[:16]]
-        self.settings = RolloutSettings(max_tokens=max_tokens)
-        self.solver = Solver(
-            OpenAIChatClient(LLMEndpoint(base_url=url, model="smol", timeout_s=1800)),
-            domain.policy, domain.tool_schemas, self.settings,
-        )  # fmt: skip
+        self.openings = [self.domain.user_prompt(t)[:200] for t in self.domain.tasks("train")[:16]]
+        self.settings = RolloutSettings(max_tokens=max_tokens, temperature=1.0)
 
     async def batch(self, count: int, model: str = "smol", first: int = 0) -> dict[str, float]:
-        client = OpenAIChatClient(LLMEndpoint(base_url=self.url, model=model, timeout_s=1800))
-        tokens: list[int] = []
+        """`count` concurrent first turns of the Solver, as rollouts take them."""
+        endpoint = LLMEndpoint(base_url=self.url, model=model, timeout_s=1800)
+        async with aclosing(OpenAIChatClient(endpoint)) as client:
+            solver = Solver(client, self.domain.policy, self.domain.tool_schemas, self.settings)
+            tokens: list[int] = []
 
-        async def one(index: int) -> None:
-            opening = f"Hi, I am customer {index}. {self.openings[index % len(self.openings)]}"
-            completion = await client.complete(
-                self.solver.render([ChatMessage(role="user", content=opening)]),
-                max_tokens=self.settings.max_tokens, temperature=1.0,
-                tools=self.solver.tools, tool_choice="required", record_tokens=True,
-            )  # fmt: skip
-            tokens.append(len(completion.completion_token_ids))
+            async def one(index: int) -> None:
+                opening = f"Hi, I am customer {index}. {self.openings[index % len(self.openings)]}"
+                turn = await solver.act([ChatMessage(role="user", content=opening)])
+                tokens.append(len(turn.tokens.completion_token_ids) if turn.tokens else 0)
 
-        started = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for index in range(first, first + count):
-                tg.start_soon(one, index)
-        seconds = time.perf_counter() - started
-        await client.aclose()
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for index in range(first, first + count):
+                    tg.start_soon(one, index)
+            seconds = time.perf_counter() - started
         return {"s": round(seconds, 2), "tokens_per_s": round(sum(tokens) / seconds, 2)}
 
 

@@ -14,7 +14,7 @@ from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import ChatMessage, ToolCall
 
 pytestmark = pytest.mark.anyio
-SETTINGS = RolloutSettings(max_tokens=96, temperature=1.0)
+SETTINGS = RolloutSettings(max_tokens=96, temperature=1.2)
 OPENING = [
     ChatMessage(role="assistant", content="Hi! How can I help you today?"),
     ChatMessage(role="user", content="Please cancel order #W2378156, I ordered by mistake."),
@@ -40,6 +40,7 @@ async def test_real_turn_records_tokens_that_match_the_served_text(
     turn = await solver.act(OPENING)
     assert turn.tokens is not None
     assert turn.tokens.message_index == len(OPENING)
+    assert turn.tokens.temperature == 1.2  # the trainer scores the tokens at it
     assert len(turn.tokens.completion_token_ids) == len(turn.tokens.logprobs) > 0
     assert all(lp <= 0.0 for lp in turn.tokens.logprobs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

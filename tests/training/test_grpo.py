@@ -1,15 +1,19 @@
-"""The GRPO loss and gradients against a straightforward reference implementation."""
+"""The GRPO loss and gradients against a straightforward reference implementation, and the
+trainer's logprobs against the real vLLM server's."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from sentinel.agents.llm import OpenAIChatClient
 from sentinel.schemas import RolloutGroup, TurnTokens
-from sentinel.training.batch import build_batch, micro_batches, pack
+from sentinel.training.batch import Sample, build_batch, micro_batches, pack
 from sentinel.training.grpo import (
     LossConfig,
     LossStats,
@@ -36,10 +40,15 @@ def tiny_model() -> LlamaForCausalLM:
 
 
 def turns(
-    rng: random.Random, count: int, *, prefix: bool, start: list[int] | None = None
+    rng: random.Random,
+    count: int,
+    *,
+    prefix: bool,
+    start: list[int] | None = None,
+    temperature: float = 1.0,
 ) -> list[TurnTokens]:
-    """Turns whose prompts extend the previous turn (prefix=True) or start afresh; the first
-    prompt begins with `start` (a system prompt the group shares)."""
+    """Turns sampled at `temperature` whose prompts extend the previous turn (prefix=True) or
+    start afresh; the first prompt begins with `start` (a system prompt the group shares)."""
     made: list[TurnTokens] = []
     context: list[int] = list(start or [])
     for _ in range(count):
@@ -49,14 +58,15 @@ def turns(
         completion = [rng.randrange(VOCAB) for _ in range(rng.randint(2, 5))]
         logprobs = [-rng.uniform(0.5, 4.0) for _ in completion]
         made.append(TurnTokens(message_index=len(made), prompt_token_ids=prompt,
-                               completion_token_ids=completion, logprobs=logprobs))  # fmt: skip
+                               completion_token_ids=completion, logprobs=logprobs,
+                               temperature=temperature))  # fmt: skip
         context = prompt + completion
     return made
 
 
 def groups(shared: int = 0) -> list[RolloutGroup]:
     """Three groups (the last without reward variance); each group's prompts start with the
-    same `shared` tokens."""
+    same `shared` tokens. Trajectories were sampled at different temperatures (0: greedy)."""
     rng = random.Random(7)
     out = []
     for g, rewards in enumerate([[1.0, 0.0, 0.5], [0.0, 1.0], [1.0, 1.0]]):  # the last: no variance
@@ -65,7 +75,8 @@ def groups(shared: int = 0) -> list[RolloutGroup]:
         for i, reward in enumerate(rewards):
             t = factories.trajectory(g * 10 + i, reward)
             t.group_id = f"g{g}"
-            t.turns = turns(rng, 2 + i % 2, prefix=i != 1, start=start)
+            temperature = [1.0, 1.5, 0.0, 0.7][(g + i) % 4]
+            t.turns = turns(rng, 2 + i % 2, prefix=i != 1, start=start, temperature=temperature)
             trajectories.append(t)
         out.append(RolloutGroup(task_id=f"t{g}", policy_version=3, trajectories=trajectories))
     return out
@@ -85,7 +96,7 @@ def reference(model: LlamaForCausalLM, data: list[RolloutGroup], aggregation: st
             terms = []
             for turn in trajectory.turns:
                 ids = torch.tensor([turn.prompt_token_ids + turn.completion_token_ids])
-                logits = model(input_ids=ids).logits[0]
+                logits = model(input_ids=ids).logits[0] / (turn.temperature or 1.0)
                 for j, token in enumerate(turn.completion_token_ids):
                     position = len(turn.prompt_token_ids) + j
                     lp = torch.log_softmax(logits[position - 1].float(), -1)[token]
@@ -170,15 +181,19 @@ def test_packing_keeps_turns_that_extend_each_other_in_one_sequence() -> None:
     rng = random.Random(1)
     trajectory = factories.trajectory(0)
     trajectory.turns = turns(rng, 3, prefix=True)
-    [(ids, mask, behaviour)] = pack(trajectory)
+    [(ids, mask, behaviour, temperature)] = pack(trajectory)
     last = trajectory.turns[-1]
     assert ids == last.prompt_token_ids + last.completion_token_ids
     assert sum(mask) == sum(len(t.completion_token_ids) for t in trajectory.turns)
     assert [b for b, m in zip(behaviour, mask, strict=True) if m] == [
         lp for t in trajectory.turns for lp in t.logprobs
     ]
+    assert temperature == 1.0
     trajectory.turns = turns(rng, 3, prefix=False)
     assert len(pack(trajectory)) == 3
+    trajectory.turns = turns(rng, 2, prefix=True, temperature=1.5)
+    trajectory.turns[1].temperature = 0.7  # scored at another temperature: its own sequence
+    assert [p.temperature for p in pack(trajectory)] == [1.5, 0.7]
 
 
 def test_tokens_the_grammar_forced_carry_no_loss() -> None:
@@ -187,7 +202,7 @@ def test_tokens_the_grammar_forced_carry_no_loss() -> None:
         TurnTokens(message_index=2, prompt_token_ids=[1, 2], completion_token_ids=[3, 4, 5, 6],
                    logprobs=[0.0, -1.2, -0.0, -3e-5])
     ]  # fmt: skip
-    [(_, mask, _)] = pack(trajectory)
+    [(_, mask, _, _)] = pack(trajectory)
     assert mask == [False, False, False, True, False, False]
 
 
@@ -218,3 +233,31 @@ def test_a_group_shares_its_prompt_up_to_the_first_loss_token() -> None:
     split = shared_prefix(tensors)
     assert 12 <= split <= int(tensors.loss_mask.any(0).nonzero()[0])
     assert not tensors.loss_mask[:, :split].any()
+
+
+@pytest.mark.anyio
+async def test_trainer_logprobs_match_vllms_at_the_sampling_temperature(
+    llm: Callable[..., OpenAIChatClient], model_dir: Path
+) -> None:
+    completion = await llm().complete(
+        [{"role": "user", "content": "Name three fruits and say why you like each."}],
+        max_tokens=24, temperature=1.5, record_tokens=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    ids = completion.prompt_token_ids + completion.completion_token_ids
+    prompt = len(completion.prompt_token_ids)
+
+    def gap(temperature: float) -> float:
+        """Mean |trainer - server| logprob of the sampled tokens, scored at `temperature`."""
+        sample = Sample(
+            ids, [i >= prompt for i in range(len(ids))],
+            [0.0] * prompt + completion.logprobs, 0.0, 0.0, "t", temperature=temperature,
+        )  # fmt: skip
+        tensors = collate([sample], pad_id=0, device=torch.device("cpu"))
+        with torch.no_grad():
+            logp = policy_logprobs(model, tensors)[tensors.loss_mask]
+        return float((logp - tensors.behaviour[tensors.loss_mask]).abs().mean())
+
+    assert len(completion.completion_token_ids) > 4
+    assert gap(1.5) < 0.01  # the behaviour distribution itself, up to float error (~1e-5)
+    assert gap(1.0) > 0.1  # the untempered policy is another distribution (~1 nat a token)

@@ -107,7 +107,7 @@ class Solver:
             tool_choice="required",
             record_tokens=True,
         )
-        tokens = _tokens(completion, message_index=len(history))
+        tokens = _tokens(completion, len(history), self.settings.temperature)
         message, problem = self._interpret(completion)
         return AgentTurn(message=message, tokens=tokens, malformed=problem)
 
@@ -163,7 +163,7 @@ def _malformed(raw: str, reason: str) -> tuple[ChatMessage, str]:
     return ChatMessage(role="assistant", content=raw, error=True), reason
 
 
-def _tokens(completion: Completion, message_index: int) -> TurnTokens | None:
+def _tokens(completion: Completion, message_index: int, temperature: float) -> TurnTokens | None:
     ids, logprobs = completion.completion_token_ids, completion.logprobs
     if not ids or len(ids) != len(logprobs):
         return None  # the server does not return token ids and logprobs (not vLLM)
@@ -173,6 +173,7 @@ def _tokens(completion: Completion, message_index: int) -> TurnTokens | None:
         completion_token_ids=completion.completion_token_ids,
         logprobs=completion.logprobs,
         finish_reason=completion.finish_reason,
+        temperature=temperature,
     )
 
 

@@ -33,8 +33,9 @@ class TurnTokens(Strict):
     message_index: int  # the ChatMessage this turn produced
     prompt_token_ids: list[int]
     completion_token_ids: list[int]
-    logprobs: list[float]  # behaviour logprob of each completion token
+    logprobs: list[float]  # behaviour logprob of each completion token, at `temperature`
     finish_reason: str | None = None
+    temperature: float = 1.0  # sampled at: the trainer scores the tokens at it too
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

@@ -24,6 +24,9 @@ from sentinel.process import Service, free_port, read_record, start_child, stop_
 log = get_logger(__name__)
 
 CHAT_TEMPLATE = Path(__file__).with_name("chatml_tools.jinja")
+# Behaviour logprobs of the distribution sampled from (after temperature), which is what
+# the trainer scores; vLLM's default is the untempered model's.
+LOGPROBS_MODE = "processed_logprobs"
 
 
 class ServerUnavailable(RuntimeError):
@@ -98,6 +101,7 @@ class VLLMServer(Service):
             "--port", str(self.port),
             "--max-model-len", str(s.max_model_len),
             "--dtype", s.dtype,
+            "--logprobs-mode", LOGPROBS_MODE,
             "--enable-lora",
             "--max-lora-rank", str(s.max_lora_rank),
             "--max-loras", str(s.max_loras),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean, pstdev
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sentinel.schemas import RolloutGroup, Trajectory
 
@@ -37,6 +37,7 @@ class Sample:
     weight: float  # per loss token
     trajectory_id: str
     group_id: str = ""
+    temperature: float = 1.0  # the policy's: its logits are divided by it, as when sampled
 
 
 @dataclass
@@ -58,18 +59,32 @@ class GRPOBatch:
         return fmean(self.rewards) if self.rewards else None
 
 
-def pack(trajectory: Trajectory) -> list[tuple[list[int], list[bool], list[float]]]:
-    """The trajectory's turns as few sequences as the prefix property allows."""
-    sequences: list[tuple[list[int], list[bool], list[float]]] = []
+class Packed(NamedTuple):
+    """Turns that extend each other, as one sequence; arrays indexed by position."""
+
+    ids: list[int]
+    mask: list[bool]
+    behaviour: list[float]
+    temperature: float
+
+
+def pack(trajectory: Trajectory) -> list[Packed]:
+    """The trajectory's turns as few sequences as the prefix property (and one temperature per
+    sequence) allows."""
+    sequences: list[Packed] = []
     for turn in trajectory.turns:
         prompt, completion = turn.prompt_token_ids, turn.completion_token_ids
         current = sequences[-1] if sequences else None
-        if current is not None and prompt[: len(current[0])] == current[0]:
-            ids, mask, behaviour = current
+        if (
+            current is not None
+            and current.temperature == turn.temperature
+            and prompt[: len(current.ids)] == current.ids
+        ):
+            ids, mask, behaviour, _ = current
             extra = prompt[len(ids) :]
         else:
             ids, mask, behaviour = [], [], []
-            sequences.append((ids, mask, behaviour))
+            sequences.append(Packed(ids, mask, behaviour, turn.temperature))
             extra = prompt
         ids.extend(extra)
         mask.extend([False] * len(extra))
@@ -125,28 +140,22 @@ def build_batch(
     advantage = advantages(kept, scale, partial_credit)
     packed = {t.id: pack(t) for g in kept for t in g.trajectories}
     trajectories = [
-        t for g in kept for t in g.trajectories if any(any(m) for _, m, _ in packed[t.id])
+        t for g in kept for t in g.trajectories if any(any(p.mask) for p in packed[t.id])
     ]
-    total_tokens = sum(sum(m) for seqs in packed.values() for _, m, _ in seqs)
+    total_tokens = sum(sum(p.mask) for seqs in packed.values() for p in seqs)
     for trajectory in trajectories:
-        own_tokens = sum(sum(m) for _, m, _ in packed[trajectory.id])
+        own_tokens = sum(sum(p.mask) for p in packed[trajectory.id])
         weight = (
             1.0 / total_tokens
             if aggregation == "token_mean"
             else 1.0 / (own_tokens * len(trajectories))
         )
-        for ids, mask, behaviour in packed[trajectory.id]:
-            batch.samples.append(
-                Sample(
-                    ids,
-                    mask,
-                    behaviour,
-                    advantage[trajectory.id],
-                    weight,
-                    trajectory.id,
-                    trajectory.group_id or "",
-                )
-            )
+        for ids, mask, behaviour, temperature in packed[trajectory.id]:
+            sample = Sample(
+                ids, mask, behaviour, advantage[trajectory.id], weight, trajectory.id,
+                trajectory.group_id or "", temperature,
+            )  # fmt: skip
+            batch.samples.append(sample)
     return batch
 
 

@@ -26,6 +26,8 @@ from transformers import DynamicCache
 
 from sentinel.training.batch import Sample
 
+GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
+
 
 @dataclass
 class LossConfig:
@@ -45,6 +47,7 @@ class Tensors:
     behaviour: torch.Tensor  # [B, T-1]
     advantages: torch.Tensor  # [B, 1]
     weights: torch.Tensor  # [B, 1] per loss token
+    temperatures: torch.Tensor  # [B, 1] each row's sampling temperature
 
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors:
@@ -64,11 +67,21 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors
         behaviour=behaviour[:, 1:].float().to(device),
         advantages=torch.tensor([[s.advantage] for s in samples]).float().to(device),
         weights=torch.tensor([[s.weight] for s in samples]).float().to(device),
+        temperatures=torch.tensor([[_temperature(s.temperature)] for s in samples]).to(device),
     )
+
+
+def _temperature(value: float) -> float:
+    """As vLLM samples: a temperature near 0 is greedy, and its logprobs are untempered."""
+    return value if value >= GREEDY_BELOW else 1.0
 
 
 def policy_logprobs(model: torch.nn.Module, batch: Tensors) -> torch.Tensor:
     """log p(x_{t+1} | x_<=t) at the loss positions, 0 elsewhere: [B, T-1], float32.
+
+    p is the policy at each row's sampling temperature, as vLLM's processed logprobs (the
+    behaviour logprobs) are: the ratio and the truncated importance weights then compare
+    like with like, and the update is on-policy for the distribution that was sampled.
 
     The vocabulary projection runs only where there is loss: a 5k-token prompt with a
     49k vocabulary would otherwise cost ~1 GB of logits per sequence for a few dozen tokens.
@@ -103,6 +116,7 @@ def _logprobs(
         )  # fmt: skip
     loss_mask = batch.loss_mask[:, split:]
     logits = base.lm_head(out.last_hidden_state[:, :-1][loss_mask]).float()
+    logits = logits / batch.temperatures.expand_as(loss_mask)[loss_mask].unsqueeze(-1)
     targets = batch.input_ids[:, split + 1 :][loss_mask]
     picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
@@ -129,7 +143,7 @@ def rows(batch: Tensors, index: slice) -> Tensors:
     return Tensors(
         batch.input_ids[index, :width], batch.attention_mask[index, :width],
         batch.loss_mask[index, : width - 1], batch.behaviour[index, : width - 1],
-        batch.advantages[index], batch.weights[index],
+        batch.advantages[index], batch.weights[index], batch.temperatures[index],
     )  # fmt: skip
 
 

@@ -259,5 +259,5 @@ async def test_trainer_logprobs_match_vllms_at_the_sampling_temperature(
         return float((logp - tensors.behaviour[tensors.loss_mask]).abs().mean())
 
     assert len(completion.completion_token_ids) > 4
-    assert gap(1.5) < 0.01  # the behaviour distribution itself, up to float error (~1e-5)
+    assert gap(1.5) < 0.01  # the behaviour distribution itself, up to float error (< 1e-4)
     assert gap(1.0) > 0.1  # the untempered policy is another distribution (~1 nat a token)

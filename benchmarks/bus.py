@@ -62,9 +62,7 @@ async def sentinel_path(
     url: str, tasks: list[Task], tick: Callable[[int], None], name: str = "bench"
 ) -> tuple[float, float]:
     """Publish through the bus while one consumer polls; (wall s, CPU s)."""
-    settings = Settings(redis_url=url, bus=BusSettings(prefix=name, batch_size=CHUNK, block_ms=200))
-    bus = Bus(connect(url, settings), settings.bus)
-    await bus.ensure_group("tasks", "g")
+    bus = await open_bus(url, BusSettings(prefix=name, batch_size=CHUNK, block_ms=200))
     handled = 0
     done = anyio.Event()
 
@@ -91,6 +89,13 @@ async def sentinel_path(
     return elapsed, cpu
 
 
+async def open_bus(url: str, settings: BusSettings) -> Bus:
+    """A bus on `url` whose stream `tasks` has the group `g`."""
+    bus = Bus(connect(url, Settings(redis_url=url, bus=settings)), settings)
+    await bus.ensure_group("tasks", "g")
+    return bus
+
+
 async def drop(bus: Bus) -> None:
     """Delete everything under the bus's prefix, and close it."""
     keys = [key async for key in bus.redis.scan_iter(f"{bus.keys.prefix}:*", count=1000)]
@@ -101,8 +106,7 @@ async def drop(bus: Bus) -> None:
 
 async def paced_latencies(url: str, tasks: list[Task], rate: int) -> list[float]:
     """Publish `tasks` ten at a time at `rate` messages/s to a running consumer; latencies."""
-    settings = Settings(redis_url=url, bus=BusSettings(prefix=f"paced-{os.urandom(3).hex()}"))
-    bus = Bus(connect(url, settings), settings.bus)
+    bus = await open_bus(url, BusSettings(prefix=f"paced-{os.urandom(3).hex()}"))
     latencies: list[float] = []
     stop = anyio.Event()
 
@@ -111,7 +115,6 @@ async def paced_latencies(url: str, tasks: list[Task], rate: int) -> list[float]
         if len(latencies) == len(tasks):
             stop.set()
 
-    await bus.ensure_group("tasks", "g")
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: bus.consume("tasks", "g", "paced", Task, handle, stop=stop))
         started = time.perf_counter()

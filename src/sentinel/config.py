@@ -163,6 +163,9 @@ class ControllerSettings(Section):
     merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
     max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
     publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis
+    # Dead letters kept per stream; older ones are dropped (counted, logged): Redis runs
+    # `noeviction`, so an uncapped dead-letter stream would end in out-of-memory errors.
+    dlq_maxlen: int = Field(10_000, ge=1)
 
 
 class ProposerSettings(Section):

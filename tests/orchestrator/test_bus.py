@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -15,13 +15,27 @@ import pytest
 
 from sentinel.config import BusSettings, Settings
 from sentinel.orchestrator.bus import Bus, Reject, connect
+from sentinel.orchestrator.monitor import run_monitor
+from sentinel.orchestrator.recorder import Recorder as RunRecorder
 from sentinel.orchestrator.redis_server import RedisServer
-from sentinel.schemas import Envelope, Task
+from sentinel.orchestrator.streams import GROUPS, ORCHESTRATOR, RECORDER, TRAINER, Stream
+from sentinel.schemas import Envelope, RolloutGroup, Task
 from sentinel.schemas.envelope import peek_key
 from tests import factories
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    """The bus with no declared groups: these tests read `tasks` with groups of their own.
+
+    Tests of the declared groups build `Bus(bus.redis, bus.settings)`, as every process does.
+    """
+    bus = Bus(connect(settings.redis_url or "", settings), settings.bus, groups={})
+    yield bus
+    await bus.aclose()
 
 
 class Recorder:
@@ -412,3 +426,160 @@ async def test_a_rejected_foreign_entry_is_dead_lettered_as_valid_json(bus: Bus)
     assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 1
     [letter] = await bus.dead_letters("tasks")
     assert Envelope.from_wire(letter.fields, Task).id == 'from "elsewhere"'
+
+
+def rollout_groups(n: int) -> list[RolloutGroup]:
+    return [factories.group(f"retail-{i}", [1.0, 0.0], i) for i in range(n)]
+
+
+async def drain(
+    bus: Bus, stream: str, group: str, model: type[RolloutGroup], n: int, timeout: float = 5.0
+) -> list[str]:
+    """Keys `group` handles within `timeout`, or once it has `n`; fewer is the test's to judge."""
+    seen: list[str] = []
+
+    async def handle(envelope: Envelope[RolloutGroup]) -> None:
+        seen.append(envelope.key)
+
+    stop = anyio.Event()
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.consume(stream, group, None, model, handle, stop=stop))
+            while len(seen) < n:
+                await anyio.sleep(0.05)
+            stop.set()
+    return seen
+
+
+async def test_trim_keeps_entries_for_a_declared_group_that_does_not_exist_yet(bus: Bus) -> None:
+    """Issue 19, 2: the trainer's group is created when its (last to start) pod first reads."""
+    declared = Bus(bus.redis, bus.settings)  # streams.GROUPS, as every process opens the bus
+    groups = rollout_groups(5)
+    await bus.publish_many(Stream.ROLLOUT_GROUPS, groups)  # a publisher that declares nothing
+    for early in (RECORDER, ORCHESTRATOR):  # acknowledge everything, without declaring
+        assert len(await drain(bus, Stream.ROLLOUT_GROUPS, early, RolloutGroup, 5)) == 5
+    assert await declared.trim(Stream.ROLLOUT_GROUPS) == 0
+    assert await bus.redis.xlen(bus.keys.stream(Stream.ROLLOUT_GROUPS)) == 5
+    late = await drain(declared, Stream.ROLLOUT_GROUPS, TRAINER, RolloutGroup, 5)
+    assert sorted(late) == sorted(g.id for g in groups)
+    assert await declared.trim(Stream.ROLLOUT_GROUPS) == 5  # now every group has them
+
+
+async def test_the_trainer_starting_after_the_recorder_acknowledged_everything_gets_every_group(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Issue 19's done-when, with the real recorder, the monitor's trimming and group names."""
+    declared = Bus(bus.redis, bus.settings)
+    groups = rollout_groups(6)
+    await declared.publish_many(Stream.ROLLOUT_GROUPS, groups)  # as the rollout workers do
+    record = tmp_path / "artifacts" / f"{Stream.ROLLOUT_GROUPS.value}.jsonl"
+    stop = anyio.Event()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(RunRecorder(declared, tmp_path).run, stop)
+            seen = await drain(declared, Stream.ROLLOUT_GROUPS, ORCHESTRATOR, RolloutGroup, 6)
+            while not record.exists() or len(record.read_text().splitlines()) < 6:
+                await anyio.sleep(0.05)
+            stop.set()
+    assert len(seen) == 6
+    key = declared.keys.stream(Stream.ROLLOUT_GROUPS)
+    for group in (RECORDER, ORCHESTRATOR):
+        assert (await declared.redis.xpending(key, group))["pending"] == 0
+    with anyio.move_on_after(1.0):  # the monitor trims every stream a few times meanwhile
+        await run_monitor(declared, 0.1)
+    late = await drain(declared, Stream.ROLLOUT_GROUPS, TRAINER, RolloutGroup, 6)
+    assert sorted(late) == sorted(g.id for g in groups)
+
+
+async def test_the_first_publish_and_a_consumer_start_create_the_declared_groups(bus: Bus) -> None:
+    declared = Bus(bus.redis, bus.settings)
+    await declared.publish(Stream.TRAJECTORIES, factories.trajectory(0))
+    info = await declared.redis.xinfo_groups(declared.keys.stream(Stream.TRAJECTORIES))
+    assert sorted(g["name"] for g in info) == sorted(GROUPS[Stream.TRAJECTORIES])
+    assert {int(g["pending"]) for g in info} == {0}
+    await declared.redis.delete(declared.keys.stream(Stream.POLICY_VERSIONS))
+    consumer = declared.consumer(Stream.POLICY_VERSIONS, RECORDER, Task, Recorder())
+    stop = anyio.Event()
+    stop.set()  # start, create, stop
+    await consumer.run(stop)
+    info = await declared.redis.xinfo_groups(declared.keys.stream(Stream.POLICY_VERSIONS))
+    assert sorted(g["name"] for g in info) == sorted(GROUPS[Stream.POLICY_VERSIONS])
+
+
+def test_every_consumer_group_of_the_code_is_declared() -> None:
+    """A group missing from streams.GROUPS is one trimming may outrun."""
+    from sentinel.agents import controller, proposer
+    from sentinel.orchestrator import dispatch, loop, recorder
+    from sentinel.workers import trainer
+
+    used = {
+        (Stream.TRAJECTORIES, controller.GROUP),
+        (Stream.PATTERNS, proposer.GROUP),
+        (Stream.VALIDATIONS, proposer.FEEDBACK_GROUP),
+        (Stream.PROPOSALS, dispatch.GROUP),
+        (Stream.ROLLOUT_GROUPS, loop.GROUP),
+        (Stream.TRAIN_REPORTS, loop.GROUP),
+        (Stream.POLICY_VERSIONS, loop.GROUP),
+        (Stream.ROLLOUT_GROUPS, trainer.GROUP),
+        *((stream, recorder.GROUP) for stream in Stream),
+    }
+    assert {(s, g) for s, groups in GROUPS.items() for g in groups} == used
+
+
+async def test_dead_letters_beyond_dlq_maxlen_are_dropped_counted_and_the_newest_kept(
+    bus: Bus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capped = Bus(bus.redis, bus.settings.model_copy(update={"dlq_maxlen": 3, "batch_size": 2}))
+    poison = [await bus.redis.xadd(bus.keys.stream("tasks"), {"junk": str(i)}) for i in range(5)]
+    await capped.ensure_group("tasks", "g")
+    consumer = capped.consumer("tasks", "g", Task, Recorder(), "c1")
+    while await consumer.poll():
+        pass
+    letters = await capped.dead_letters("tasks")
+    assert [letter.original_id for letter in letters] == poison[2:]
+    assert [letter.fields for letter in letters] == [{"junk": str(i)} for i in (2, 3, 4)]
+    assert (await bus.redis.hgetall(bus.keys.stats("tasks")))["dlq_dropped"] == "2"
+    assert (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"] == 0
+    out = capsys.readouterr().out
+    assert "dead letters dropped: dlq_maxlen reached" in out
+    assert all(str(entry_id) in out for entry_id in poison[:2])  # the dropped ones, by id
+
+
+async def test_a_newer_schema_is_dead_lettered_even_when_its_payload_validates(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Task, "schema_version", 2)  # this consumer reads version 2
+    for version in (1, 2, 3):
+        envelope = json.loads(Envelope.wrap(factories.task(version)).to_wire()["envelope"])
+        envelope["schema_version"] = version  # the same, valid, payload under each version
+        await bus.redis.xadd(bus.keys.stream("tasks"), {"envelope": json.dumps(envelope)})
+    recorder = Recorder()
+    await bus.ensure_group("tasks", "g")
+    assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 3
+    assert recorder.handled == Counter({"retail-1": 1, "retail-2": 1})  # older and current
+    [letter] = await bus.dead_letters("tasks")
+    assert peek_key(letter.fields) == "retail-3"
+    assert "field 'schema_version': 3 is newer than 2" in letter.reason
+
+
+async def test_hostile_entries_are_dead_lettered_with_a_reason_and_the_consumer_goes_on(
+    bus: Bus,
+) -> None:
+    wire = Envelope.wrap(factories.task(0)).to_wire()["envelope"]
+    hostile = {
+        # a lone surrogate in the key: JSON can say it, UTF-8 (and so Redis) cannot
+        "surrogate": wire.replace('"retail-0"', '"\\ud800"', 1),
+        "nested": '{"key":"k","payload":' + "[" * 100_000 + "]" * 100_000 + "}",
+        "huge": wire.replace('"domain":"retail"', f'"domain":["{"x" * 1_000_000}"]'),
+    }
+    for text in hostile.values():
+        await bus.redis.xadd(bus.keys.stream("tasks"), {"envelope": text})
+    await bus.publish("tasks", factories.task(1))
+    recorder = Recorder()
+    await bus.ensure_group("tasks", "g")
+    assert await bus.consumer("tasks", "g", Task, recorder, "c1").poll() == 4
+    assert recorder.handled == Counter({"retail-1": 1})
+    letters = await bus.dead_letters("tasks")
+    assert [letter.fields["envelope"] for letter in letters] == list(hostile.values())
+    assert all(letter.reason.startswith("invalid Task: field") for letter in letters)
+    assert (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"] == 0

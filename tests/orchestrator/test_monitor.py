@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -10,9 +11,24 @@ from sentinel.cli import app
 from sentinel.config import Settings
 from sentinel.logs import configure_logging
 from sentinel.orchestrator.bus import Bus, Reject, connect
-from sentinel.orchestrator.monitor import _group_figures, log_snapshot, take_snapshot, with_rates
+from sentinel.orchestrator.monitor import (
+    _group_figures,
+    log_snapshot,
+    run_monitor,
+    take_snapshot,
+    with_rates,
+)
+from sentinel.orchestrator.streams import GROUPS, Stream
 from sentinel.schemas import Envelope, Task
 from tests import factories
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    """The bus with no declared groups: the figures below are of group `g` alone."""
+    bus = Bus(connect(settings.redis_url or "", settings), settings.bus, groups={})
+    yield bus
+    await bus.aclose()
 
 
 async def _fill(bus: Bus) -> None:
@@ -91,7 +107,7 @@ def test_status_command_shows_real_figures(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def fill() -> None:
-        bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
+        bus = Bus(connect(settings.redis_url or "", settings), settings.bus, groups={})
         await _fill(bus)
         await bus.aclose()
 
@@ -111,3 +127,39 @@ def test_status_command_shows_real_figures(
     row = next(line for line in table.stdout.splitlines() if "tasks" in line)
     cells = [cell.strip() for cell in row.split("│")[1:9]]
     assert cells == ["tasks", "10", "10", "1", "g", "1", "0", "3"]
+
+
+@pytest.mark.anyio
+async def test_dead_letters_dropped_by_the_cap_are_figures(
+    bus: Bus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(3):
+        await bus.redis.xadd(bus.keys.stream("tasks"), {"junk": str(i)})
+    capped = Bus(bus.redis, bus.settings.model_copy(update={"dlq_maxlen": 1}), groups={})
+
+    async def never(envelope: Envelope[Task]) -> None:
+        raise AssertionError("junk reached the handler")
+
+    await capped.ensure_group("tasks", "g")
+    assert await capped.consumer("tasks", "g", Task, never, "c1").poll() == 3
+    [stream] = (await take_snapshot(bus, ["tasks"])).streams
+    assert (stream.dead_letters, stream.dead_letters_dropped) == (1, 2)
+    configure_logging("INFO", "json", process="monitor")
+    capsys.readouterr()
+    log_snapshot(await take_snapshot(bus, ["tasks"]))
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert json.loads(line)["dead_letters_dropped"] == 2
+
+
+@pytest.mark.anyio
+async def test_the_monitor_creates_the_declared_groups_so_their_lag_shows(bus: Bus) -> None:
+    """A consumer that has not started yet shows as lag, and holds back trimming."""
+    await bus.publish_many(Stream.ROLLOUT_GROUPS, [factories.group("retail-0", [1.0, 0.0])])
+    declared = Bus(bus.redis, bus.settings)
+    with anyio.move_on_after(0.5):
+        await run_monitor(declared, 0.1)
+    [stream] = (await take_snapshot(bus, [Stream.ROLLOUT_GROUPS])).streams
+    assert {g.group: g.lag for g in stream.groups} == dict.fromkeys(
+        GROUPS[Stream.ROLLOUT_GROUPS], 1
+    )
+    assert stream.length == 1

@@ -14,6 +14,7 @@ from sentinel.schemas import (
     TurnTokens,
     message_class,
 )
+from sentinel.schemas.envelope import peek_key
 from tests import factories
 
 
@@ -154,3 +155,27 @@ def test_task_spec_accepts_a_real_tau2_task_shape() -> None:
     spec = factories.task().spec.model_validate(tau2_task)
     assert spec.evaluation_criteria is not None
     assert [b.value for b in spec.evaluation_criteria.reward_basis] == ["DB", "COMMUNICATE"]
+
+
+def test_a_newer_schema_is_refused_even_when_its_payload_validates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wire = json.loads(Envelope.wrap(factories.task()).to_wire()["envelope"])
+    monkeypatch.setattr(Task, "schema_version", 2)
+    for older_or_same in (1, 2):
+        entry = {"envelope": json.dumps(wire | {"schema_version": older_or_same})}
+        assert Envelope.from_wire(entry, Task).schema_version == older_or_same
+    with pytest.raises(MessageError, match="'schema_version': 3 is newer than 2: upgrade"):
+        Envelope.from_wire({"envelope": json.dumps(wire | {"schema_version": 3})}, Task)
+    with pytest.raises(MessageError, match="'schema_version': Input should be greater"):
+        Envelope.from_wire({"envelope": json.dumps(wire | {"schema_version": 0})}, Task)
+
+
+def test_deep_nesting_and_keys_that_are_no_text_get_a_reason() -> None:
+    deep = {"envelope": '{"key":"k","payload":' + "[" * 100_000 + "]" * 100_000 + "}"}
+    with pytest.raises(MessageError, match="invalid Task: field"):
+        Envelope.from_wire(deep, Task)
+    assert peek_key(deep) is None
+    assert peek_key({"envelope": '{"key":"\\ud800"}'}) is None  # a lone surrogate
+    assert peek_key({"envelope": '{"key":"\\ud83d\\ude00"}'}) == "😀"  # a pair is text
+    assert peek_key({"envelope": '{"key":7}'}) is None

@@ -7,9 +7,14 @@ pace; within a group each entry goes to one consumer and stays pending until ack
   sweep (XAUTOCLAIM) hands it to a live consumer once it has been idle `claim_idle_ms`.
 - Handlers that run long keep their entries: each is re-claimed by its own consumer
   (XCLAIM JUSTID) every `claim_idle_ms / 3`, so no other consumer takes it meanwhile.
-- An entry delivered more than `max_deliveries` times, one whose payload does not validate,
-  and one whose handler raises `Reject` go to `<prefix>:dlq:<name>` with the reason and the
-  original fields, in the same transaction as their acknowledgement.
+- An entry delivered more than `max_deliveries` times, one whose payload does not validate
+  (or comes from a newer schema), and one whose handler raises `Reject` go to
+  `<prefix>:dlq:<name>` with the reason and the original fields, in the same script as their
+  acknowledgement. A dead-letter stream keeps its newest `dlq_maxlen` entries; what the cap
+  drops is counted (`dlq_dropped` in the stream's stats) and logged.
+- Each stream declares the groups that read it (`streams.GROUPS`). The first publish to a
+  stream and every consumer's start create them at id 0, and `trim` keeps every entry a
+  declared group has not acknowledged, even while that group does not exist yet.
 - Each message carries an idempotency key (its natural id by default). A group handles a key
   once: the first of its entries to be read owns it (a hash per `dedupe_ttl_s` period,
   `<prefix>:owners:<name>:<group>:<period>`, maps key to entry id); only the owner runs,
@@ -24,10 +29,10 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 import anyio
 import redis.asyncio as aioredis
@@ -36,6 +41,7 @@ from redis.exceptions import ResponseError
 
 from sentinel.config import BusSettings, Settings
 from sentinel.logs import get_logger
+from sentinel.orchestrator.streams import GROUPS
 from sentinel.schemas.envelope import WIRE_FIELD, Envelope, peek_key
 from sentinel.schemas.message import Message, MessageError, utc_now
 
@@ -87,11 +93,26 @@ end
 return verdicts
 """
 
-# KEYS: the stream, its stats, the owner hashes. ARGV: group, the batch as JSON.
-# Acknowledge the batch's entries, give up the keys its dead letters own (so that a replay
-# runs) and count what happened.
+# KEYS: the stream, its stats, the owner hashes, the dead-letter stream. ARGV: group, the
+# batch as JSON, dlq_maxlen. Dead-letter, acknowledge the batch's entries, give up the keys
+# its dead letters own (so that a replay runs) and count what happened. Past dlq_maxlen the
+# oldest dead letters go; returns their original entry ids, for the log.
 _SETTLE = """
-local batch = cjson.decode(ARGV[2])
+local batch, dropped = cjson.decode(ARGV[2]), {}
+if #batch.dead > 0 then
+  for _, letter in ipairs(batch.dead) do redis.call('XADD', KEYS[5], '*', unpack(letter)) end
+  local over = redis.call('XLEN', KEYS[5]) - tonumber(ARGV[3])
+  if over > 0 then
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[5], '-', '+', 'COUNT', over)) do
+      local f = entry[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'dlq.id' then dropped[#dropped + 1] = f[i + 1] end
+      end
+    end
+    redis.call('XTRIM', KEYS[5], 'MAXLEN', ARGV[3])
+    redis.call('HINCRBY', KEYS[2], 'dlq_dropped', over)
+  end
+end
 if #batch.ack > 0 then
   redis.call('XACK', KEYS[1], ARGV[1], unpack(batch.ack))
 end
@@ -102,6 +123,17 @@ for _, pair in ipairs(batch.release) do
 end
 for name, n in pairs(batch.counts) do
   if n ~= 0 then redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':' .. name, n) end
+end
+return dropped
+"""
+
+# Create each group of ARGV at id 0 (and the stream KEYS[1]); one that exists is left as is.
+_CREATE_GROUPS = """
+for _, group in ipairs(ARGV) do
+  local ok = redis.pcall('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
+  if type(ok) == 'table' and ok.err and not string.find(ok.err, '^BUSYGROUP') then
+    return redis.error_reply(ok.err)
+  end
 end
 """
 
@@ -179,10 +211,19 @@ def _nogroup(error: ResponseError) -> bool:
 
 
 class Bus:
-    def __init__(self, client: aioredis.Redis, settings: BusSettings | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: BusSettings | None = None,
+        groups: Mapping[str, Sequence[str]] = GROUPS,
+    ) -> None:
+        """`groups`: the consumer groups each stream must keep its entries for."""
         self.redis = client
         self.settings = settings or BusSettings()
         self.keys = StreamKeys(self.settings.prefix)
+        self.groups = groups
+        self._declared: set[str] = set()  # streams whose groups this bus has created
+        self.create_groups_script = client.register_script(_CREATE_GROUPS)
         self.publish_script = client.register_script(_PUBLISH)
         self.claim_script = client.register_script(_CLAIM)
         self.renew_script = client.register_script(_RENEW)
@@ -202,6 +243,8 @@ class Bus:
         keys: Sequence[str | None] | None = None,
     ) -> list[str]:
         """Append messages in one round trip per `PUBLISH_CHUNK`; returns their entry ids."""
+        if stream not in self._declared:  # before the first entry: no group misses it
+            await self.ensure_groups(stream)
         script_keys = [self.keys.stream(stream), self.keys.stats(stream)]
         wires = Envelope.encode_many(messages, keys)
         ids: list[str] = []
@@ -224,11 +267,19 @@ class Bus:
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the group at the stream's start (and the stream), tolerating BUSYGROUP."""
-        try:
-            await self.redis.xgroup_create(self.keys.stream(stream), group, id="0", mkstream=True)
-        except ResponseError as error:
-            if not str(error).startswith("BUSYGROUP"):
-                raise
+        await self.ensure_groups(stream, group)
+
+    async def ensure_groups(self, stream: str, *extra: str) -> None:
+        """Create the stream's declared groups and `extra` ones, at id 0, in one call."""
+        groups = list(dict.fromkeys([*self.groups.get(stream, ()), *extra]))
+        if groups:
+            await self.create_groups_script(keys=[self.keys.stream(stream)], args=groups)
+        self._declared.add(stream)
+
+    async def declare_all(self) -> None:
+        """Create every declared group of every stream (a process's start, the monitor's)."""
+        for stream in self.groups:
+            await self.ensure_groups(stream)
 
     def consumer(
         self,
@@ -263,13 +314,18 @@ class Bus:
         """Drop entries that every group has acknowledged; returns how many went.
 
         The floor is the oldest entry any group still has pending, or, for a group with
-        nothing pending, the last entry it was given. A stream without groups is not trimmed.
+        nothing pending, the last entry it was given. A stream without groups is not trimmed,
+        nor one missing a declared group: that group's consumer has not started yet.
         """
         key = self.keys.stream(stream)
         if not await self.redis.exists(key):
             return 0
         groups = await self.redis.xinfo_groups(key)
         if not groups:
+            return 0
+        present = {str(group["name"]) for group in groups}
+        if missing := [g for g in self.groups.get(stream, ()) if g not in present]:
+            log.debug("not trimming: declared groups missing", stream=stream, missing=missing)
             return 0
         floors = []
         for group in groups:
@@ -298,6 +354,11 @@ class Bus:
             pipe.xdel(self.keys.dlq(stream), entry_id)
             new_id, *_ = await pipe.execute()
         return cast("str", new_id)
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    """A stream entry's fields as XADD takes them: name, value, name, value..."""
+    return [item for pair in fields.items() for item in pair]
 
 
 def _successor(entry_id: str) -> str:
@@ -391,7 +452,13 @@ class Consumer(Generic[M]):
         Each read batch is handled and settled on its own, so one slow handler holds back
         only its own batch. On stop, reading ends and running handlers finish.
         """
-        await self.bus.ensure_group(self.stream, self.group)
+        await self.bus.ensure_groups(self.stream, self.group)
+        declared = self.bus.groups.get(self.stream)
+        if declared is not None and self.group not in declared:
+            self.log.warning(
+                "consumer group not declared in streams.GROUPS: trimming may drop entries "
+                "before this group reads them", declared=list(declared),
+            )  # fmt: skip
         self.log.info("consumer started", model=self.model.type_name())
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_leases)
@@ -434,7 +501,7 @@ class Consumer(Generic[M]):
             if not _nogroup(error):
                 raise
             self.log.warning("group missing; recreating")
-            await self.bus.ensure_group(self.stream, self.group)
+            await self.bus.ensure_groups(self.stream, self.group)
             return None
         return _Batch(reply[0][1]) if reply else None
 
@@ -452,7 +519,7 @@ class Consumer(Generic[M]):
         except ResponseError as error:
             if not _nogroup(error):
                 raise
-            await self.bus.ensure_group(self.stream, self.group)
+            await self.bus.ensure_groups(self.stream, self.group)
             return None
         self._cursor = str(cursor)
         if self._cursor == SWEEP_START:
@@ -564,7 +631,7 @@ class Consumer(Generic[M]):
             batch.done.append(entry_id)
 
     async def _settle(self, batch: _Batch) -> None:
-        """Acknowledge and dead-letter the whole batch in one transaction.
+        """Dead-letter and acknowledge the whole batch in one script call.
 
         The batch goes to Redis as one JSON argument: encoding a few hundred separate
         arguments costs redis-py more than the script takes to run.
@@ -579,22 +646,22 @@ class Consumer(Generic[M]):
         acked = [*batch.done, *batch.duplicates, *dead_ids]
         release = [[key, entry_id] for entry_id, fields, *_ in batch.dead
                    if (key := peek_key(fields)) is not None]  # fmt: skip
-        settled = {"ack": acked, "release": release, "counts": counts}
+        letters = [_flat({**fields, **self._dlq_meta(entry_id, reason, attempt)})
+                   for entry_id, fields, reason, attempt in batch.dead]  # fmt: skip
+        settled = {"ack": acked, "release": release, "counts": counts, "dead": letters}
         owners = self.bus.owner_keys(self.stream, self.group)
-        script_keys = [self.key, keys.stats(self.stream), *owners]
-        script_args = [self.group, json.dumps(settled, ensure_ascii=False)]
-        if not batch.dead:
-            await self.bus.settle_script(keys=script_keys, args=script_args)
-        else:
-            async with self.bus.redis.pipeline(transaction=True) as pipe:
-                for entry_id, fields, reason, attempt in batch.dead:
-                    letter: dict[Any, Any] = {**fields, **self._dlq_meta(entry_id, reason, attempt)}
-                    pipe.xadd(keys.dlq(self.stream), letter)
-                await self.bus.settle_script(keys=script_keys, args=script_args, client=pipe)
-                await pipe.execute()
+        script_keys = [self.key, keys.stats(self.stream), *owners, keys.dlq(self.stream)]
+        settled_json = json.dumps(settled, ensure_ascii=False)
+        script_args: list[str | int] = [self.group, settled_json, self.settings.dlq_maxlen]
+        dropped = await self.bus.settle_script(keys=script_keys, args=script_args)
         self._in_flight.difference_update(acked)
         for entry_id, _, reason, attempt in batch.dead:
             self.log.warning("dead-lettered", entry_id=entry_id, reason=reason, attempts=attempt)
+        if dropped:
+            self.log.warning(
+                "dead letters dropped: dlq_maxlen reached", count=len(dropped),
+                dlq_maxlen=self.settings.dlq_maxlen, original_ids=dropped[:20],
+            )  # fmt: skip
 
     def _dlq_meta(self, entry_id: str, reason: str, attempt: int) -> dict[str, str]:
         return {

@@ -39,6 +39,7 @@ class StreamFigures(BaseModel):
     length: int
     published: int
     dead_letters: int
+    dead_letters_dropped: int  # by the `bus.dlq_maxlen` cap, since the stream began
     groups: list[GroupFigures]
 
 
@@ -73,6 +74,7 @@ async def _stream_figures(bus: Bus, name: str) -> StreamFigures:
         length=length,
         published=stats.get("published", 0),
         dead_letters=dead,
+        dead_letters_dropped=stats.get("dlq_dropped", 0),
         groups=[await _group_figures(bus, key, group, stats) for group in groups],
     )
 
@@ -120,6 +122,7 @@ def log_snapshot(snapshot: QueueSnapshot) -> None:
             "length": stream.length,
             "published": stream.published,
             "dead_letters": stream.dead_letters,
+            "dead_letters_dropped": stream.dead_letters_dropped,
         }
         if not stream.groups:
             log.info("queue", group=None, **base)
@@ -128,7 +131,11 @@ def log_snapshot(snapshot: QueueSnapshot) -> None:
 
 
 async def run_monitor(bus: Bus, interval_s: float, *, trim: bool = True) -> None:
-    """Log queue figures every `interval_s` seconds, trimming fully acknowledged entries."""
+    """Log queue figures every `interval_s` seconds, trimming fully acknowledged entries.
+
+    Declared groups are created first, so that their lag shows before their consumers start.
+    """
+    await bus.declare_all()
     previous = await take_snapshot(bus)
     while True:
         await anyio.sleep(interval_s)
@@ -146,7 +153,10 @@ def render_table(snapshot: QueueSnapshot) -> Table:
                    "lag", "oldest pending", "read/s", "acked/s", "acked", "dead"):  # fmt: skip
         table.add_column(column, justify="left" if column in {"stream", "group"} else "right")
     for stream in snapshot.streams:
-        head = [stream.stream, str(stream.length), str(stream.published), str(stream.dead_letters)]
+        dlq = str(stream.dead_letters)
+        if stream.dead_letters_dropped:
+            dlq += f" (+{stream.dead_letters_dropped} dropped)"
+        head = [stream.stream, str(stream.length), str(stream.published), dlq]
         if not stream.groups:
             table.add_row(*head, "-", *[""] * 8)
         for group in stream.groups:

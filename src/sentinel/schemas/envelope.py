@@ -32,7 +32,7 @@ class Envelope(BaseModel, Generic[M]):
     id: str = Field(default_factory=new_id)
     key: str  # the idempotency key
     type: str
-    schema_version: int
+    schema_version: int = Field(ge=1)
     created_at: datetime = Field(default_factory=utc_now)
     attempt: int = Field(1, exclude=True)  # deliveries so far, from Redis
     payload: M
@@ -87,6 +87,8 @@ class Envelope(BaseModel, Generic[M]):
             raise _explain(name, model.schema_version, raw, error) from None
         if envelope.type != name:
             raise MessageError(name, "type", f"expected {name}, got {envelope.type!r}")
+        if envelope.schema_version > model.schema_version:  # even when its payload validates
+            raise _newer(name, envelope.schema_version, model.schema_version)
         if envelope.attempt != attempt:  # pydantic's __setattr__ is slow: skip it when equal
             envelope.attempt = attempt
         return envelope
@@ -96,7 +98,8 @@ def peek_key(fields: Mapping[str, str]) -> str | None:
     """The idempotency key of a raw entry, without validating it."""
     try:
         key = json.loads(fields.get(WIRE_FIELD, "")).get("key")
-    except (ValueError, AttributeError):
+        key.encode()  # a lone surrogate ("\ud800" on the wire) is no text Redis can hold
+    except (ValueError, AttributeError, RecursionError):  # UnicodeEncodeError: a ValueError
         return None
     return key if isinstance(key, str) else None
 
@@ -145,12 +148,17 @@ def _explain(name: str, version: int, raw: str, error: ValidationError) -> Messa
     """A clear error; a wrong type or a newer schema explains a failure better than its field."""
     try:
         head: Any = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: pydantic's error says it already
         head = None
     if isinstance(head, dict):
         if isinstance(head.get("type"), str) and head["type"] != name:
             return MessageError(name, "type", f"expected {name}, got {head['type']!r}")
         if isinstance(head.get("schema_version"), int) and head["schema_version"] > version:
-            newer = head["schema_version"]
-            return MessageError(name, "schema_version", f"{newer} is newer than {version}")
+            return _newer(name, head["schema_version"], version)
     return MessageError.from_validation(name, error)
+
+
+def _newer(name: str, newer: int, version: int) -> MessageError:
+    """A newer schema may mean something else by the same fields: never read it as ours."""
+    reason = f"{newer} is newer than {version}: upgrade this consumer, then replay the message"
+    return MessageError(name, "schema_version", reason)

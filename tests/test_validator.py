@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
 import pytest
 from pydantic import ValidationError
 
@@ -30,6 +33,7 @@ from sentinel.validator import (
     Validator,
     gold_signature,
     reject_unparseable,
+    similarity,
 )
 from tests.factories import cancellation
 
@@ -55,10 +59,9 @@ def with_actions(task: Task, actions: list[Action]) -> Task:
     )
 
 
-async def codes(validator: Validator, task: Task) -> list[RejectionCode]:
+async def verdict(validator: Validator, task: Task) -> tuple[bool, list[RejectionCode]]:
     result = await validator.validate(proposal(task))
-    assert result.accepted == (not result.reasons)
-    return [r.code for r in result.reasons]
+    return result.accepted, [r.code for r in result.reasons]
 
 
 async def test_a_correct_new_task_is_accepted_once(
@@ -71,7 +74,7 @@ async def test_a_correct_new_task_is_accepted_once(
     again = await validator.validate(proposal(task))  # a redelivery: its own claim
     assert again.accepted
     copy = task.model_copy(update={"id": "new-cancel-copy"})
-    assert await codes(validator, copy) == [RejectionCode.DUPLICATE]
+    assert await verdict(validator, copy) == (False, [RejectionCode.DUPLICATE])
 
 
 async def test_unknown_tools_bad_arguments_and_entities(
@@ -80,7 +83,7 @@ async def test_unknown_tools_bad_arguments_and_entities(
     task = cancellation(retail, "bad", nth=1)
     [find, get, cancel] = task.actions
     unknown = with_actions(task, [find, get, cancel.model_copy(update={"name": "refund_all"})])
-    assert await codes(validator, unknown) == [RejectionCode.UNKNOWN_TOOL]
+    assert await verdict(validator, unknown) == (False, [RejectionCode.UNKNOWN_TOOL])
     args = {"order_id": 42, "why": "x"}  # wrong type, unknown, and "reason" missing
     bad = with_actions(task, [find, get, cancel.model_copy(update={"arguments": args})])
     result = await validator.validate(proposal(bad))
@@ -90,7 +93,7 @@ async def test_unknown_tools_bad_arguments_and_entities(
         assert expected in details
     ghost = {"order_id": "#W0000000", "reason": "no longer needed"}
     missing = with_actions(task, [find, get, cancel.model_copy(update={"arguments": ghost})])
-    assert await codes(validator, missing) == [RejectionCode.UNKNOWN_ENTITY]
+    assert await verdict(validator, missing) == (False, [RejectionCode.UNKNOWN_ENTITY])
 
 
 async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
@@ -111,12 +114,12 @@ async def test_reads_only_tasks_are_not_discriminative(
 ) -> None:
     task = cancellation(retail, "reads", nth=3)
     reads = with_actions(task, task.actions[:2])
-    assert await codes(validator, reads) == [RejectionCode.NOT_DISCRIMINATIVE]
+    assert await verdict(validator, reads) == (False, [RejectionCode.NOT_DISCRIMINATIVE])
     told = reads.spec.evaluation_criteria.model_copy(update={"communicate_info": ["pending"]})  # type: ignore[union-attr]
     informative = reads.model_copy(
         update={"spec": reads.spec.model_copy(update={"evaluation_criteria": told})}
     )
-    assert await codes(validator, informative) == []  # saying the status is the task
+    assert await verdict(validator, informative) == (True, [])  # saying the status is the task
 
 
 async def test_test_split_copies_leak_and_train_copies_duplicate(
@@ -125,17 +128,14 @@ async def test_test_split_copies_leak_and_train_copies_duplicate(
     proposed = Provenance(origin=Origin.PROPOSED)
     test_task = next(t for t in retail.tasks("test") if t.actions)
     leak = test_task.model_copy(update={"id": "innocent", "provenance": proposed})
-    assert await codes(validator, leak) == [RejectionCode.TEST_LEAKAGE]
-    train = next(
-        t for t in retail.tasks("train")
-        if any(a.name in retail.write_tools for a in t.actions)
+    assert await verdict(validator, leak) == (False, [RejectionCode.TEST_LEAKAGE])
+    train = next(t for t in retail.tasks("train") if t.id == "retail-0")  # its gold succeeds
+    again = train.model_copy(update={"id": "again", "provenance": proposed})
+    result = await validator.validate(proposal(again))
+    assert (result.accepted, [r.code for r in result.reasons]) == (
+        False, [RejectionCode.DUPLICATE],
     )  # fmt: skip
-    assert await codes(
-        validator, train.model_copy(update={"id": "again", "provenance": proposed})
-    ) in (
-        [RejectionCode.DUPLICATE],
-        [RejectionCode.GOLD_WRITE_FAILED],  # a train task whose gold fails on purpose
-    )
+    assert "retail-0" in result.reasons[0].detail
 
 
 async def test_leakage_survives_reordering_and_case(retail: Tau2Domain) -> None:
@@ -164,11 +164,11 @@ async def test_injection_and_huge_proposals(retail: Tau2Domain, validator: Valid
     injected = task.model_copy(
         update={"spec": task.spec.model_copy(update={"user_scenario": scenario})}
     )
-    assert await codes(validator, injected) == [RejectionCode.INJECTION]
+    assert await verdict(validator, injected) == (False, [RejectionCode.INJECTION])
     huge = task.model_copy(
         update={"spec": task.spec.model_copy(update={"description": {"x": "y" * 10_000}})}
     )
-    assert await codes(validator, huge) == [RejectionCode.TOO_LARGE]
+    assert await verdict(validator, huge) == (False, [RejectionCode.TOO_LARGE])
 
 
 async def test_a_hostile_replay_is_killed_and_the_validator_carries_on(
@@ -177,9 +177,10 @@ async def test_a_hostile_replay_is_killed_and_the_validator_carries_on(
     task = cancellation(retail, "hostile", nth=5)
     bomb = Action(action_id="x", name="calculate", arguments={"expression": "9**9**9**9"})
     hostile = with_actions(task, [bomb, *task.actions])
-    [code] = await codes(validator, hostile)
+    accepted, [code] = await verdict(validator, hostile)
+    assert not accepted
     assert code in {RejectionCode.SANDBOX_TIMEOUT, RejectionCode.SANDBOX_CRASH}
-    assert await codes(validator, cancellation(retail, "after", nth=6)) == []
+    assert await verdict(validator, cancellation(retail, "after", nth=6)) == (True, [])
 
 
 def test_unparseable_proposals_become_schema_verdicts() -> None:
@@ -207,3 +208,87 @@ async def test_the_difficulty_probe_runs_the_solver_and_scores_learnability(
     assert result.learnability == pytest.approx(4 * p * (1 - p))
     expected = {0.0: [RejectionCode.TOO_HARD], 1.0: [RejectionCode.TOO_EASY]}.get(p, [])
     assert [r.code for r in result.reasons] == expected
+
+
+def _scenario(words: list[str]) -> frozenset[str]:
+    return frozenset(" ".join(words[i : i + 3]) for i in range(len(words) - 2))
+
+
+def _random_scenario(rng: random.Random, n: int = 60) -> frozenset[str]:
+    return _scenario([rng.choice(VOCABULARY) for _ in range(n)])
+
+
+VOCABULARY = [f"w{i}" for i in range(400)]
+
+
+async def _commands_during(bus: Bus, action: Callable[[], Awaitable[object]]) -> list[str]:
+    """The commands Redis ran on this test's keys while `action` ran (MONITOR)."""
+    seen: list[str] = []
+    async with bus.redis.monitor() as monitor:
+
+        async def listen() -> None:
+            while True:
+                seen.append(str((await monitor.next_command())["command"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            await anyio.sleep(0.2)
+            await action()
+            await anyio.sleep(0.5)
+            tg.cancel_scope.cancel()
+    return [c for c in seen if bus.settings.prefix in c]
+
+
+async def test_near_duplicates_are_found_without_reading_the_pool(
+    retail: Tau2Domain, bus: Bus
+) -> None:
+    index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
+    rng = random.Random(7)
+    for i in range(300):
+        assert await index.claim(f"sig-{i}", _random_scenario(rng), f"pool-{i}", 0.85) is None
+    words = [rng.choice(VOCABULARY) for _ in range(80)]
+    original, near = _scenario(words), _scenario([*words[:79], "changed"])
+    assert 0.85 <= similarity(original, near) < 1
+    assert await index.claim("sig-original", original, "original", 0.85) is None
+
+    async def lookups() -> None:
+        assert await index.duplicate_of("sig-near", near, "near", 0.85) == "original"
+        assert await index.claim("sig-near", near, "near", 0.85) == "original"
+        assert await index.claim("sig-3", _random_scenario(rng), "other", 0.85) == "pool-3"
+        assert await index.claim("sig-new", _random_scenario(rng), "new", 0.85) is None
+
+    commands = await _commands_during(bus, lookups)
+    assert commands, "MONITOR saw nothing"
+    scans = [c for c in commands if c.split()[0].upper() in WHOLE_HASH]
+    assert scans == []
+    scenario_reads = [c for c in commands if c.startswith("HGET ") and ":scenarios " in c]
+    assert 2 <= len(scenario_reads) < 20  # the bucket candidates, not the 300 tasks
+
+
+WHOLE_HASH = {"HGETALL", "HSCAN", "HKEYS", "HVALS", "KEYS", "SCAN"}
+
+
+async def test_concurrent_near_duplicates_one_claims(retail: Tau2Domain, bus: Bus) -> None:
+    index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
+    words = [f"v{i}" for i in range(100)]
+    variants = [_scenario([*words[:99], f"end{i}"]) for i in range(8)]
+    holders: list[str | None] = []
+
+    async def claim(i: int) -> None:
+        holders.append(await index.claim(f"sig-{i}", variants[i], f"task-{i}", 0.85))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(variants)):
+            tg.start_soon(claim, i)
+    assert holders.count(None) == 1
+
+
+async def test_tasks_indexed_before_the_buckets_are_back_filled(
+    retail: Tau2Domain, bus: Bus
+) -> None:
+    """A pool claimed by the previous index (signatures and scenarios only) keeps its tasks."""
+    prefix = bus.settings.prefix
+    old = _scenario([f"u{i}" for i in range(50)])
+    await bus.redis.hset(f"{prefix}:pool:retail:scenarios", "legacy", json.dumps(sorted(old)))
+    index = RedisTaskIndex(bus.redis, prefix, retail)
+    assert await index.duplicate_of("sig-x", old, "new", 0.85) == "legacy"

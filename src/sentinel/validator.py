@@ -5,7 +5,7 @@ with every problem that stage found as a machine-readable reason for the Propose
 
 1. static checks, without an environment: size, domain, gold actions present, known tools,
    arguments that match each tool's parameters, entity ids that exist in the database, and
-   no prompt-injection text in what the user simulator or the evaluator will read;
+   no prompt-injection text in any string of the task (`sentinel.injection`);
 2. the gold actions replayed in a sandboxed child (`envs.sandbox`): every gold write must
    succeed, and a task with writes must change the database;
 3. a discriminative checker: by tau2's reward, the no-op trajectory and one of only the gold
@@ -27,9 +27,12 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+import anyio
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
+from sentinel import injection, lsh
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import ValidationSettings
 from sentinel.envs.sandbox import (
@@ -38,8 +41,9 @@ from sentinel.envs.sandbox import (
     ReplayRequest,
     Sandbox,
     SandboxLimits,
+    SandboxUnavailable,
 )
-from sentinel.envs.tau2 import Tau2Domain, id_arguments
+from sentinel.envs.tau2 import Tau2Domain, id_arguments, to_tau2_task
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     Action,
@@ -55,13 +59,6 @@ from sentinel.schemas import (
 log = get_logger(__name__)
 
 Reasons = list[RejectionReason]
-INJECTION = re.compile(
-    r"ignore\s+(all\s+|any\s+|the\s+)?(previous|prior|above|earlier|your)\s+(instructions|rules)"
-    r"|system\s+prompt|you\s+are\s+now\b|developer\s+mode|jailbreak"
-    r"|<\|im_(start|end)\|>|</?(system|tool_call|policy|instructions)>"
-    r"|\b(assistant|system)\s*:\s*\n",
-    re.IGNORECASE,
-)
 JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
     "integer": (int,),
@@ -163,52 +160,68 @@ def reject_unparseable(raw: str, error: ValidationError | ValueError) -> Validat
 
 
 class RedisTaskIndex:
-    """Signatures and scenario shingles of the pool's tasks, seeded with the train split."""
+    """Signatures and scenario shingles of the pool's tasks, seeded with the train split.
+
+    A lookup reads one signature and the stored shingles of the tasks in the proposal's LSH
+    buckets (`sentinel.lsh`), never the whole pool; check and claim are one Lua script."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, domain: Tau2Domain) -> None:
         self.redis = redis
         self.domain = domain
-        self.signatures = f"{prefix}:pool:{domain.name}:signatures"  # signature -> task id
-        self.scenarios = f"{prefix}:pool:{domain.name}:scenarios"  # task id -> shingles JSON
-        self.lock = f"{prefix}:pool:{domain.name}:lock"
+        base = f"{prefix}:pool:{domain.name}"
+        self.signatures = f"{base}:signatures"  # signature -> task id
+        self.scenarios = f"{base}:scenarios"  # task id -> shingles JSON
+        self.buckets = f"{base}:lsh"  # {buckets}:{band}:{digest} -> set of task ids
+        self.seeded = f"{base}:seeded"  # lsh.VERSION once the train split and buckets are in
+        self.script = redis.register_script(lsh.CHECK_AND_CLAIM)
         self._seeded = False
+        self._seeding = anyio.Lock()
 
     async def _seed(self) -> None:
-        if self._seeded:
-            return
+        async with self._seeding:
+            if not self._seeded and await self.redis.get(self.seeded) != lsh.VERSION:
+                await self._seed_once()
+            self._seeded = True
+
+    async def _seed_once(self) -> None:
+        """The train split, and buckets for tasks claimed before this version (one pass;
+        idempotent, so processes starting together may both run it)."""
+        writes = self.domain.write_tools
         async with self.redis.pipeline(transaction=False) as pipe:
             for task in self.domain.tasks("train"):
-                pipe.hsetnx(self.signatures, gold_signature(task, self.domain.write_tools), task.id)
-                pipe.hsetnx(self.scenarios, task.id, json.dumps(sorted(scenario_shingles(task))))
+                shingles = scenario_shingles(task)
+                pipe.hsetnx(self.signatures, gold_signature(task, writes), task.id)
+                pipe.hsetnx(self.scenarios, task.id, json.dumps(sorted(shingles)))
+                for bucket in lsh.bands(shingles):
+                    pipe.sadd(f"{self.buckets}:{bucket}", task.id)
             await pipe.execute()
-        self._seeded = True
+        async for task_id, raw in self.redis.hscan_iter(self.scenarios, count=500):
+            for bucket in lsh.bands(frozenset(json.loads(raw))):
+                await self.redis.sadd(f"{self.buckets}:{bucket}", task_id)
+        await self.redis.set(self.seeded, lsh.VERSION)
+
+    async def _run(
+        self, signature: str, shingles: frozenset[str], task_id: str, threshold: float, claim: bool
+    ) -> str | None:
+        await self._seed()
+        keys = [self.signatures, self.scenarios]
+        keys += [f"{self.buckets}:{bucket}" for bucket in lsh.bands(shingles)]
+        args: list[str] = [signature, task_id, json.dumps(sorted(shingles)), repr(threshold)]
+        args.append("1" if claim else "0")
+        holder = await self.script(keys=keys, args=args)
+        return None if holder is None else str(holder)
 
     async def duplicate_of(
         self, signature: str, shingles: frozenset[str], task_id: str, threshold: float
     ) -> str | None:
-        await self._seed()
-        holder = await self.redis.hget(self.signatures, signature)
-        if holder is not None and holder != task_id:
-            return str(holder)
-        for other, raw in (await self.redis.hgetall(self.scenarios)).items():
-            if other != task_id and similarity(shingles, frozenset(json.loads(raw))) >= threshold:
-                return str(other)
-        return None
+        return await self._run(signature, shingles, task_id, threshold, claim=False)
 
     async def claim(
         self, signature: str, shingles: frozenset[str], task_id: str, threshold: float
     ) -> str | None:
-        """Check again and record, under a lock: two concurrent near-duplicates (by scenario,
-        which no single Redis command can compare) cannot both get in."""
-        async with self.redis.lock(self.lock, timeout=30, blocking_timeout=60):
-            holder = await self.duplicate_of(signature, shingles, task_id, threshold)
-            if holder is not None:
-                return holder
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.signatures, signature, task_id)
-                pipe.hset(self.scenarios, task_id, json.dumps(sorted(shingles)))
-                await pipe.execute()
-        return None
+        """Check again and record, atomically: two concurrent near-duplicates cannot both
+        get in, and a redelivered task finds its own claim."""
+        return await self._run(signature, shingles, task_id, threshold, claim=True)
 
 
 def local_sandbox(settings: ValidationSettings, domain: str) -> LocalProcessSandbox:
@@ -219,6 +232,7 @@ def local_sandbox(settings: ValidationSettings, domain: str) -> LocalProcessSand
     return LocalProcessSandbox(
         limits, warm=settings.warm, preload=(domain,), max_concurrency=settings.max_concurrency,
         replays_per_child=settings.replays_per_child,
+        isolation="off" if settings.allow_no_network_isolation else "require",
     )  # fmt: skip
 
 
@@ -277,7 +291,10 @@ class Validator:
 
     def static(self, proposal: TaskProposal) -> Reasons:
         task = proposal.task
-        size = len(proposal.model_dump_json())
+        try:
+            size = len(proposal.model_dump_json())
+        except PydanticSerializationError as error:  # nested past the serializer's limit
+            return [_reason(RejectionCode.SCHEMA, f"cannot be serialized: {error}")]
         if size > self.settings.max_task_chars:
             detail = f"{size} characters (at most {self.settings.max_task_chars})"
             return [_reason(RejectionCode.TOO_LARGE, detail)]
@@ -286,6 +303,7 @@ class Validator:
             return reasons
         for i, action in enumerate(task.actions):
             reasons += self._action(i, action)
+        reasons += self._calls(task)
         return reasons + self._injection(task)
 
     def _shape(self, task: Task) -> Reasons:
@@ -307,8 +325,9 @@ class Validator:
 
     def _action(self, i: int, action: Action) -> Reasons:
         where = f"action {i} ({action.name})"
-        if action.requestor == "user":
-            return []  # user tools are not the agent's; the replay checks them
+        if action.requestor == "user":  # its name is checked by `_calls`
+            schema = self.domain.user_tool_schemas.get(action.name)
+            return [] if schema is None else self._arguments(where, action.arguments, schema)
         if action.name not in self.parameters:
             valid = ", ".join(sorted(self.parameters))
             return [
@@ -320,6 +339,16 @@ class Validator:
                 detail = f"{where}: {name} {value!r} does not exist"
                 reasons.append(_reason(RejectionCode.UNKNOWN_ENTITY, detail))
         return reasons
+
+    def _calls(self, task: Task) -> Reasons:
+        """tau2 must read the task, and every function its initial state, env assertions and
+        user actions name must be on the domain's allow-lists: tau2 dispatches them with
+        `getattr`, in the reward path too."""
+        try:
+            to_tau2_task(task)
+        except (ValidationError, ValueError, TypeError) as error:
+            return [_reason(RejectionCode.SCHEMA, f"not a valid tau2 task: {error}")]
+        return [_reason(RejectionCode.UNKNOWN_TOOL, p) for p in self.domain.call_problems(task)]
 
     def _arguments(self, where: str, arguments: dict[str, Any], schema: dict[str, Any]) -> Reasons:
         properties: dict[str, Any] = schema.get("properties", {})
@@ -334,23 +363,24 @@ class Validator:
         return [_reason(RejectionCode.BAD_ARGUMENTS, f"{where}: {p}") for p in problems]
 
     def _injection(self, task: Task) -> Reasons:
-        criteria = task.spec.evaluation_criteria
-        texts = [
-            task.spec.user_scenario.model_dump_json(),
-            *(criteria.communicate_info or [] if criteria else []),
-        ]
-        for text in texts:
-            if match := INJECTION.search(text):
-                return [
-                    _reason(RejectionCode.INJECTION, f"instruction-like text: {match.group(0)!r}")
-                ]
-        return []
+        """Every string of the task, keys included, through the injection filter: all of
+        them reach an LLM somewhere (user simulator, evaluator, prompts, Controller)."""
+        findings = injection.scan(task.model_dump(mode="json"))
+        return [_reason(RejectionCode.INJECTION, f.detail) for f in findings]
 
     # --- 2. replay -------------------------------------------------------------------------
 
     def replayed(self, task: Task, outcome: ReplayOutcome) -> Reasons:
+        if not outcome.network_isolated and not self.settings.allow_no_network_isolation:
+            raise SandboxUnavailable(
+                "the replay ran without network isolation, and "
+                "validation.allow_no_network_isolation does not waive it"
+            )
         if outcome.failure is not None:
             return [outcome.failure]
+        if outcome.assertion_error is not None:
+            detail = f"an env assertion cannot be evaluated: {outcome.assertion_error}"
+            return [_reason(RejectionCode.SCHEMA, detail)]
         failed = [
             _reason(RejectionCode.GOLD_WRITE_FAILED, f"action {i} ({r.name}): {r.content}")
             for i, r in enumerate(outcome.results)
@@ -368,6 +398,9 @@ class Validator:
                     RejectionCode.NO_STATE_CHANGE, "the gold writes leave the database as it was"
                 )
             ]
+        if outcome.assertions_after is False:
+            detail = "after the gold actions, the task's env assertions do not hold"
+            return [_reason(RejectionCode.GOLD_WRITE_FAILED, detail)]
         return []
 
     # --- 3. discriminative -------------------------------------------------------------------
@@ -378,15 +411,15 @@ class Validator:
         agent_actions = [a for a in actions if a.requestor == "assistant"]
         reads = [a for a in agent_actions if a.name not in self.domain.write_tools]
         passing = []
-        if self._passes(
-            task, (outcome.db_hash_before, outcome.user_db_hash_before), target, not agent_actions
-        ):
+        before = (outcome.db_hash_before, outcome.user_db_hash_before)
+        if self._passes(task, before, target, not agent_actions, outcome.assertions_before):
             passing.append("the no-op trajectory")
         if self._passes(
             task,
             (outcome.read_only_db_hash, outcome.read_only_user_db_hash),
             target,
             len(reads) == len(agent_actions),
+            outcome.assertions_read_only,
         ):
             passing.append("a trajectory of only the gold reads")
         if passing:
@@ -400,15 +433,18 @@ class Validator:
         hashes: tuple[str | None, str | None],
         target: tuple[str | None, str | None],
         has_all_actions: bool,
+        assertions: bool | None,
     ) -> bool:
-        """Whether a silent trajectory ending with `hashes` would earn tau2's reward of 1."""
+        """Whether a silent trajectory ending with `hashes` would earn tau2's reward of 1;
+        `assertions`: whether the env assertions hold there, as the sandbox found (None: the
+        task has none, which tau2 scores 1)."""
         criteria = task.spec.evaluation_criteria
         if criteria is None:
             return True
         basis = set(criteria.reward_basis)
         checks = {
             RewardBasis.DB: hashes == target,
-            RewardBasis.ENV_ASSERTION: hashes == target,
+            RewardBasis.ENV_ASSERTION: assertions is not False,
             RewardBasis.COMMUNICATE: not criteria.communicate_info,  # it says nothing
             RewardBasis.ACTION: has_all_actions,
         }

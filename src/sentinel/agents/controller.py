@@ -6,6 +6,10 @@ LLM may answer: its JSON schema only offers the categories and steps the signals
 root cause among the evidence and explains it; a weak one cannot invent a category, and when
 the endpoint fails or answers nonsense the diagnosis falls back to the signals alone. Either
 way the diagnosis joins the pattern library, so a failure is never lost.
+
+The summary, the evidence and the signals' details become the pattern description that the
+Proposer's LLM reads, so each is bounded in length and passed through the injection filter
+(`sentinel.injection`) first: a hostile text in a trajectory cannot travel on that way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
+from sentinel import injection
 from sentinel.agents.llm import ChatClient, LLMError, complete_structured
 from sentinel.agents.signals import (
     PRIORITY,
@@ -47,6 +52,10 @@ log = get_logger(__name__)
 GROUP = "controller"
 MAX_TOOLS = 3
 LINE_CHARS = 300
+SUMMARY_CHARS = 300  # what of the LLM's summary, each evidence quote and each signal's
+EVIDENCE_CHARS = 160  # detail reaches the diagnosis, at most
+DETAIL_CHARS = 300
+WITHHELD = "[withheld: instruction-like text]"
 
 SYSTEM = """You are the Controller of a training loop for a customer-service agent.
 You read one conversation in which the agent failed its task, and you diagnose the root cause:
@@ -181,6 +190,7 @@ class Controller:
         draft: DiagnosisDraft | None,
     ) -> FailureDiagnosis:
         """The LLM's choice where the evidence allows it, the signals' otherwise."""
+        signals = _clean_signals(signals)
         allowed = {s.category for s in signals}
         category = primary_category(signals)
         if draft is not None and (not allowed or draft.category in allowed):
@@ -189,7 +199,11 @@ class Controller:
         step = first_wrong_step(chosen)
         if draft is not None and draft.first_wrong_step in {s.step for s in chosen}:
             step = draft.first_wrong_step
-        summary = draft.summary.strip() if draft and draft.summary.strip() else _summary(chosen)
+        summary = injection.bounded(draft.summary, SUMMARY_CHARS) if draft else None
+        quotes = [*(s.detail for s in chosen[:3]), *(draft.evidence if draft else [])]
+        evidence = [q for q in (injection.bounded(q, EVIDENCE_CHARS) for q in quotes) if q]
+        if draft and ((summary is None and draft.summary.strip()) or len(evidence) < len(quotes)):
+            log.warning("diagnosis text withheld", trajectory=trajectory.id)
         return FailureDiagnosis(
             id=f"diagnosis-{trajectory.id}",
             trajectory_id=trajectory.id,
@@ -197,8 +211,8 @@ class Controller:
             policy_version=trajectory.policy_version,
             category=category,
             first_wrong_step=step,
-            summary=summary,
-            evidence=[*(s.detail for s in chosen[:3]), *(draft.evidence if draft else [])],
+            summary=summary or _summary(chosen),
+            evidence=evidence,
             tools=self._tools(task, trajectory, chosen, draft),
             signals=list(signals),
             diagnoser_model=self.client.model if draft and self.client else None,
@@ -244,6 +258,16 @@ class Controller:
 
     async def run(self, stop: anyio.Event | None = None) -> None:
         await self.bus.consume(Stream.TRAJECTORIES, GROUP, None, Trajectory, self.handle, stop=stop)
+
+
+def _clean_signals(signals: Sequence[FailureSignal]) -> list[FailureSignal]:
+    """Signals whose details are bounded, and withheld where they read as instructions:
+    they quote the trajectory (the Solver's and the user's words)."""
+    return [
+        s if (detail := injection.bounded(s.detail, DETAIL_CHARS)) == s.detail
+        else s.model_copy(update={"detail": detail or WITHHELD})
+        for s in signals
+    ]  # fmt: skip
 
 
 def _summary(signals: Sequence[FailureSignal]) -> str:

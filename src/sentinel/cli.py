@@ -599,7 +599,9 @@ def orchestrator(ctx: typer.Context) -> None:
             celery = make_app(settings, resolve_url(settings))
             pool = TaskPool(bus.redis, settings.bus.prefix, domain.tasks("train"))
             curriculum = Curriculum(bus.redis, settings.bus.prefix, pool, settings.loop)
-            await Loop(settings, bus, celery, domain, curriculum).run()
+            # task lists only: rollouts and evaluations run on the workers
+            tools = domain.write_tools if settings.loop.mode == "synthetic" else ()
+            await Loop(settings, bus, celery, curriculum, domain.tasks("test"), tools).run()
 
     try:
         _write_config(settings)

@@ -311,14 +311,34 @@ class ValidationSettings(Section):
     probe_rollouts: int = Field(0, ge=0)  # Solver rollouts of the difficulty probe; 0: off
 
 
+VISIBILITY_MARGIN_S = 150  # above workers.rollout's longest retry countdown (120 s)
+
+
 class WorkerSettings(Section):
     """Celery workers (validate, rollout queues); reasons in sentinel.workers.app."""
 
     concurrency: int = Field(2, ge=1)
     soft_time_limit_s: int = Field(300, ge=1)
     time_limit_s: int = Field(360, ge=1)
-    visibility_timeout_s: int = Field(3600, ge=1)
+    # None: derived from time_limit_s (`visibility_s`). A live rollout holds its lease, so a
+    # redelivered copy skips; the timeout only bounds a task whose worker died before its lease.
+    visibility_timeout_s: int | None = Field(None, ge=1)
     max_attempts: int = Field(3, ge=1)
+    lease_s: float = Field(60.0, gt=0)  # a rollout's lease; a dead worker's group is lost after it
+
+    @property
+    def visibility_s(self) -> int:
+        """Celery's `visibility_timeout`: past the hard limit and the longest retry countdown."""
+        return self.visibility_timeout_s or self.time_limit_s + VISIBILITY_MARGIN_S
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if not self.soft_time_limit_s < self.time_limit_s < self.visibility_s:
+            raise ValueError(
+                "soft_time_limit_s < time_limit_s < visibility_timeout_s is required, "
+                "or Celery redelivers tasks that are still running"
+            )
+        return self
 
 
 class LoopSettings(Section):
@@ -396,12 +416,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed "
                 f"bus.block_ms ({self.bus.block_ms} ms), or blocking reads time out"
-            )
-        workers = self.workers
-        if not workers.soft_time_limit_s < workers.time_limit_s < workers.visibility_timeout_s:
-            raise ValueError(
-                "workers: soft_time_limit_s < time_limit_s < visibility_timeout_s is required, "
-                "or Celery redelivers tasks that are still running"
             )
         if not self.trainer.full_finetune and self.trainer.lora_rank > self.serve.max_lora_rank:
             raise ValueError(

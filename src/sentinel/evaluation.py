@@ -2,22 +2,33 @@
 
 Results go to `<out>/results.jsonl` (one line per finished trial) and full trajectories to
 `<out>/trajectories.jsonl`. A trajectory is written before its result line, so a result always
-has its trajectory; re-running skips every (task, trial) that already has a result.
+has its trajectory; re-running skips every (task, trial) that already has a result, except
+one ended by an infrastructure error, which runs again.
+
+A trial ended by an infrastructure error (the server or the environment failed, not the
+agent) says nothing about the policy: as tau2 does, it is left out of pass^k, pass@k and the
+mean reward, and counted apart (`EvalReport.infra_errors`). A task left with fewer than K
+trials is left out whole, so every task in the figures has K.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from pydantic import BaseModel
 from rich.table import Table
 
-from sentinel.agents.rollout import RolloutRunner
 from sentinel.metrics import pass_table
 from sentinel.schemas import EvalReport, RolloutGroup, Task, TerminationReason, Trajectory
+
+if TYPE_CHECKING:  # the orchestrator reports evaluations without running any
+    from sentinel.agents.rollout import RolloutRunner
+
+INFRA = TerminationReason.INFRA_ERROR
 
 
 class TrialResult(BaseModel):
@@ -50,12 +61,24 @@ def load_results(path: Path) -> list[TrialResult]:
     return results
 
 
-def report(results: list[TrialResult], policy: str, trials: int) -> EvalReport:
-    rewards: dict[str, list[float]] = defaultdict(list)
-    terminations: dict[str, int] = defaultdict(int)
+def final_results(results: list[TrialResult]) -> list[TrialResult]:
+    """One result per (task, trial): an infrastructure error gives way to its retry."""
+    final: dict[tuple[str, int], TrialResult] = {}
     for result in results:
-        rewards[result.task_id].append(result.reward)
-        terminations[result.termination.value] += 1
+        key = (result.task_id, result.trial)
+        if key not in final or final[key].termination == INFRA:
+            final[key] = result
+    return list(final.values())
+
+
+def report(results: list[TrialResult], policy: str, trials: int, lost: int = 0) -> EvalReport:
+    """pass^k and pass@k over `results`, infrastructure errors apart; `lost`: trials that
+    never ran (a dropped group), counted with them."""
+    final = final_results(results)
+    rewards: dict[str, list[float]] = defaultdict(list)
+    for result in final:
+        if result.termination != INFRA:
+            rewards[result.task_id].append(result.reward)
     complete = {task: r for task, r in rewards.items() if len(r) >= trials}
     table = pass_table(complete, max_k=trials)
     every = [r for rs in complete.values() for r in rs]
@@ -63,7 +86,8 @@ def report(results: list[TrialResult], policy: str, trials: int) -> EvalReport:
         policy=policy, tasks=len(complete), trials=trials,
         pass_hat_k=table["pass^k"], pass_at_k=table["pass@k"],
         mean_reward=sum(every) / len(every) if every else 0.0,
-        terminations=dict(terminations),
+        terminations=dict(Counter(r.termination.value for r in final)),
+        infra_errors=sum(r.termination == INFRA for r in final) + lost,
     )  # fmt: skip
 
 
@@ -78,7 +102,7 @@ async def evaluate(
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
     results_path, trajectories_path = out / "results.jsonl", out / "trajectories.jsonl"
     results = load_results(results_path)
-    done = {(r.task_id, r.trial) for r in results}
+    done = {(r.task_id, r.trial) for r in results if r.termination != INFRA}
     todo = [(task, i) for task in tasks for i in range(trials) if (task.id, i) not in done]
     policy = runner.solver.client.model
     if results and {r.policy for r in results} != {policy}:
@@ -101,12 +125,9 @@ async def evaluate(
     return report([r for r in results if r.task_id in wanted], policy, trials)
 
 
-def group_report(groups: list[RolloutGroup]) -> EvalReport:
-    """The same figures over rollout groups: each group's trajectories are a task's trials."""
-    results = [TrialResult.of(t, i) for g in groups for i, t in enumerate(g.trajectories)]
-    size = min((len(g.trajectories) for g in groups), default=0)
-    policy = results[0].policy if results else ""
-    return report(results, policy, size)
+def group_results(group: RolloutGroup) -> list[TrialResult]:
+    """A held-out group's trajectories as its task's trials."""
+    return [TrialResult.of(t, i) for i, t in enumerate(group.trajectories)]
 
 
 def render_report(result: EvalReport) -> Table:
@@ -121,4 +142,6 @@ def render_report(result: EvalReport) -> Table:
         table.add_row(str(k), f"{result.pass_hat_k[k]:.3f}", f"{result.pass_at_k[k]:.3f}")
     endings = ", ".join(f"{name} {count}" for name, count in sorted(result.terminations.items()))
     table.caption = f"terminations: {endings}"
+    if result.infra_errors:
+        table.caption += f"; {result.infra_errors} trials lost to infrastructure errors, left out"
     return table

@@ -5,7 +5,9 @@ and accepted (with the top rejection reasons), rollouts, train steps, policy ver
 held-out pass^k and pass@k per version, and what LEAFE explored and distilled. `problems()`
 checks that the record is whole: every accepted task traces to a pattern, every trained
 trajectory to a task and a policy version, and every rollout group was trained exactly once
-or dropped with a reason.
+or dropped with a reason. A group the orchestrator wrote off (its worker died) is in the
+record as a dropped group with its reason, like one a worker dropped. Held-out groups
+(`purpose` eval) are evaluation trials: they are in `evals`, not among the groups.
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ class RunReport(BaseModel):
     rollouts: int
     groups: int
     dropped_groups: int
+    drop_reasons: dict[str, int] = {}  # the most common reasons groups were dropped
     informative_groups: int
     train_steps: int  # GRPO steps that updated the weights
     policy_versions: list[int]
     trainer_idle_fraction: float | None
     evals: dict[int, dict[int, float]]  # version -> pass^k
     evals_at_k: dict[int, dict[int, float]] = {}  # version -> pass@k
+    eval_infra_errors: dict[int, int] = {}  # version -> trials left out of pass^k
     leafe: LeafeFigures | None = None  # None: no group was explored
 
 
@@ -111,7 +115,7 @@ def build_report(run_dir: Path) -> RunReport:
     partial_credit = _partial_credit(run_dir)
     trajectories = a.read(Stream.TRAJECTORIES, Trajectory)
     diagnoses = a.read(Stream.DIAGNOSES, FailureDiagnosis)
-    groups = a.read(Stream.ROLLOUT_GROUPS, RolloutGroup)
+    groups = _training_groups(a)
     verdicts = a.read(Stream.VALIDATIONS, ValidationResult)
     reports = a.read(Stream.TRAIN_REPORTS, TrainStepReport)
     evals = a.read(Stream.EVALUATIONS, EvalReport)
@@ -136,6 +140,7 @@ def build_report(run_dir: Path) -> RunReport:
         rollouts=len(trajectories),
         groups=len(groups),
         dropped_groups=sum(g.dropped is not None for g in groups),
+        drop_reasons=dict(Counter(g.dropped for g in groups if g.dropped).most_common(5)),
         informative_groups=sum(g.informative(partial_credit) for g in groups),
         train_steps=sum(r.tokens > 0 and r.mode == "grpo" for r in reports),
         policy_versions=sorted(
@@ -144,8 +149,14 @@ def build_report(run_dir: Path) -> RunReport:
         trainer_idle_fraction=waited / busy if busy else None,
         evals={e.policy_version or 0: e.pass_hat_k for e in evals},
         evals_at_k={e.policy_version or 0: e.pass_at_k for e in evals},
+        eval_infra_errors={e.policy_version or 0: e.infra_errors for e in evals},
         leafe=_leafe(groups, reports),
     )
+
+
+def _training_groups(a: Artifacts) -> list[RolloutGroup]:
+    """The rollout groups of the loop's budget, without the held-out evaluation's."""
+    return [g for g in a.read(Stream.ROLLOUT_GROUPS, RolloutGroup) if g.purpose == "train"]
 
 
 def _leafe(groups: list[RolloutGroup], reports: list[TrainStepReport]) -> LeafeFigures | None:
@@ -228,7 +239,7 @@ def _problems(a: Artifacts, seed_ids: set[str]) -> Iterator[str]:
         if task.provenance.origin != Origin.SEED and task.provenance.pattern_id not in pattern_ids:
             yield f"accepted task {task.id} names no recorded pattern"
     versions = {0} | {v.version for v in a.read(Stream.POLICY_VERSIONS, PolicyVersion)}
-    groups = {g.id: g for g in a.read(Stream.ROLLOUT_GROUPS, RolloutGroup)}
+    groups = {g.id: g for g in _training_groups(a)}
     fate: dict[str, list[str]] = defaultdict(list)
     for report in a.read(Stream.TRAIN_REPORTS, TrainStepReport):
         for group_id in report.trained_groups:
@@ -259,6 +270,9 @@ def render_report(report: RunReport) -> Table:
         ("train steps (GRPO)", str(report.train_steps)),
         ("policy versions", ", ".join(map(str, report.policy_versions))),
     ]  # fmt: skip
+    if report.drop_reasons:
+        reasons = "; ".join(f"{r} ({n})" for r, n in report.drop_reasons.items())
+        rows.append(("dropped groups, why", reasons))
     if report.trainer_idle_fraction is not None:
         rows.append(("trainer idle", f"{report.trainer_idle_fraction:.0%}"))
     if (x := report.leafe) is not None:
@@ -279,6 +293,8 @@ def render_report(report: RunReport) -> Table:
         figures = "  ".join(
             f"pass^{k} {v:.3f} pass@{k} {at_k.get(k, 0.0):.3f}" for k, v in sorted(table_k.items())
         )
+        if lost := report.eval_infra_errors.get(version):
+            figures += f"  ({lost} trials lost to infrastructure errors, left out)"
         rows.append((f"held-out, policy v{version}", figures))
     for trend in report.patterns[:8]:
         shares = "  ".join(f"v{v}: {s:.0%}" for v, s in trend.share.items())

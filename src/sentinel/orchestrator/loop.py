@@ -1,37 +1,47 @@
-"""The orchestrator's loop: the one place that decides what runs next.
+"""The orchestrator's loop: the one place that decides what runs next. It only schedules.
 
 It keeps up to `loop.max_inflight` rollout groups on the Celery `rollout` queue, each on a
 task the curriculum picks and under the newest policy version; it counts the groups that come
 back (curriculum) and the ones the trainer reports (trained or dropped); it follows new
-policy versions and evaluates them on the held-out test split every `loop.eval_every`
+policy versions and has them evaluated on the held-out test split every `loop.eval_every`
 versions, and before and after a bounded run. It also dispatches proposals to validation and
 records every stream to the run directory.
 
-All of its state is in Redis (counters, in-flight requests, the current policy), so a
-restarted orchestrator carries on where the last one stopped. A bounded run
+Held-out evaluation is rollout work too: one `eval` request per test task, `eval_trials`
+trials each, on the same queue and workers (a slow tool call or LLM there stalls a worker,
+not the loop). Their groups come back on `rollout_groups`, which the trainer and curriculum
+skip for them; once all of a version's are back, the loop publishes its `EvalReport`. The
+test tasks are read from the domain's task files at start, as the train split that seeds the
+pool is: the orchestrator runs no environment and calls no LLM.
+
+All of its state is in Redis (counters, in-flight requests, evaluations, the current
+policy), so a restarted orchestrator carries on where the last one stopped: a request is
+recorded before it is sent and sent again if a crash came between (`inflight`), and each
+group is counted once, by the one script that marks it returned. A group whose worker died is
+sent again or written off (`inflight`); the write-off is a dropped group on the stream, so it
+is counted, trained-or-dropped and recorded like any other. A bounded run
 (`loop.max_groups`) ends once every group is back and accounted for by the trainer, and the
 final policy is evaluated.
 """
 
 from __future__ import annotations
 
-import json
-import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import anyio
 import redis.asyncio as aioredis
 from celery import Celery
+from pydantic import BaseModel
 
-from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
-from sentinel.evaluation import evaluate
+from sentinel.evaluation import TrialResult, group_results, report
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, Entry
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.dispatch import ValidationDispatcher
+from sentinel.orchestrator.inflight import Flights
 from sentinel.orchestrator.recorder import Recorder
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
@@ -41,14 +51,30 @@ from sentinel.schemas import (
     PolicyVersion,
     RolloutGroup,
     RolloutRequest,
+    Task,
     TrainStepReport,
 )
-from sentinel.workers.app import ROLLOUT_QUEUE
 
 log = get_logger(__name__)
 
 GROUP = "orchestrator"
 POLL_S = 1.0
+
+# KEYS: returned set, in-flight hash, its unsent set, dropped counter, dropped-in-row counter.
+# ARGV: group id, 1 if dropped. Count a group back once, however often it is delivered and
+# whichever of its copies (the real group, a write-off) comes first. Returns 1 if it was new.
+_RETURNED = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '1' then
+  redis.call('INCR', KEYS[4])
+  redis.call('INCR', KEYS[5])
+else
+  redis.call('SET', KEYS[5], 0)
+end
+return 1
+"""
 
 
 class LoopStopped(Exception):
@@ -77,25 +103,39 @@ async def loop_progress(redis: aioredis.Redis, prefix: str) -> Progress:
     return Progress(int(dispatched or 0), returned, accounted, inflight, int(dropped or 0))
 
 
+class EvalGroup(BaseModel):
+    """What the loop keeps of one held-out group: its trials, and how many never ran."""
+
+    results: list[TrialResult]
+    lost: int = 0
+
+
 class Loop:
     def __init__(
         self,
         settings: Settings,
         bus: Bus,
         celery: Celery,
-        domain: Tau2Domain,
         curriculum: Curriculum,
+        test_tasks: Sequence[Task] = (),
+        write_tools: Iterable[str] = (),
     ) -> None:
+        """`test_tasks`: the held-out split; `write_tools`: the domain's, for `synthetic`."""
         self.settings = settings
         self.bus = bus
         self.redis = bus.redis
         self.celery = celery
-        self.domain = domain
         self.curriculum = curriculum
+        self.test_tasks = list(test_tasks)[: settings.loop.eval_tasks]
+        if leaked := [t.id for t in self.test_tasks if t.provenance.split != "test"]:
+            raise ValueError(f"held-out tasks must be test-split tasks: {', '.join(leaked[:5])}")
+        self.write_tools = sorted(write_tools)
         self.key = f"{settings.bus.prefix}:loop"
+        self.flights = Flights(bus, celery, settings, "inflight")
+        self.eval_flights = Flights(bus, celery, settings, "eval:inflight")
         self.returned_event = anyio.Event()
         self.failure: LoopStopped | None = None
-        self.evaluating: set[int] = set()
+        self._returned = self.redis.register_script(_RETURNED)
 
     # -- state in Redis ------------------------------------------------------------------
 
@@ -113,16 +153,15 @@ class Loop:
 
     async def on_group(self, envelope: Envelope[RolloutGroup]) -> None:
         group = envelope.payload
+        if group.purpose == "eval":
+            await self.on_eval_group(group)
+            return
         await self.curriculum.record(group)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(f"{self.key}:returned", group.id)
-            pipe.hdel(f"{self.key}:inflight", group.id)
-            if group.dropped:
-                pipe.incr(f"{self.key}:dropped_in_row")
-                pipe.incr(f"{self.key}:dropped")
-            else:
-                pipe.set(f"{self.key}:dropped_in_row", 0)
-            new, *_ = await pipe.execute()
+        keys = [
+            f"{self.key}:returned", self.flights.hash, self.flights.unsent,
+            f"{self.key}:dropped", f"{self.key}:dropped_in_row",
+        ]  # fmt: skip
+        new = await self._returned(keys=keys, args=[group.id, int(group.dropped is not None)])
         self.returned_event.set()
         if new and group.dropped:
             await self._check_drops(group.dropped)
@@ -162,41 +201,23 @@ class Loop:
             policy_version=policy.version, served_name=policy.served_name,
             explore=self.settings.loop.training != "grpo",
         )  # fmt: skip
-        entry = json.dumps({"task": task.id, "at": time.time()})
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(f"{self.key}:inflight", request.id, entry)
+        async with self.redis.pipeline(transaction=True) as pipe:  # counted with its record
+            self.flights.record(pipe, request)
             pipe.incr(f"{self.key}:dispatched")
             await pipe.execute()
-        await anyio.to_thread.run_sync(self._send, request)
+        await self.flights.send(request)
         log.info("rollout dispatched", group=request.id, task=task.id, policy=policy.version)
         return True
 
-    def _send(self, request: RolloutRequest) -> None:
-        self.celery.send_task(
-            "sentinel.rollout", args=[request.model_dump_json()], task_id=request.id,
-            queue=ROLLOUT_QUEUE,
-        )  # fmt: skip
-
-    async def write_off_lost(self) -> None:
-        """In-flight groups older than `inflight_timeout_s` count as returned and dropped."""
-        cutoff = time.time() - self.settings.loop.inflight_timeout_s
-        for group_id, raw in (await self.redis.hgetall(f"{self.key}:inflight")).items():
-            entry = json.loads(raw)
-            if entry["at"] < cutoff and await self.redis.hdel(f"{self.key}:inflight", group_id):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.sadd(f"{self.key}:returned", group_id)
-                    pipe.sadd(f"{self.key}:accounted", group_id)  # the trainer never sees it
-                    pipe.incr(f"{self.key}:dropped")
-                    await pipe.execute()
-                log.warning(
-                    "rollout group written off", group=group_id, task=entry["task"],
-                    reason=f"not back after {self.settings.loop.inflight_timeout_s:.0f} s",
-                )  # fmt: skip
+    async def reap(self) -> None:
+        """Send again, or write off, the groups whose workers died (`inflight`)."""
+        await self.flights.reap()
+        await self.eval_flights.reap()
 
     async def schedule(self, stop: anyio.Event) -> None:
         budget = self.settings.loop.max_groups
         while not stop.is_set() and self.failure is None:
-            await self.write_off_lost()
+            await self.reap()
             progress = await self.progress()
             if budget is not None and progress.dispatched >= budget:
                 if await self.finished(progress):
@@ -211,7 +232,8 @@ class Loop:
             self.returned_event = anyio.Event()
 
     async def finished(self, progress: Progress) -> bool:
-        """Every group back, accounted for by the trainer, and the final policy evaluated."""
+        """Every group back, accounted for by the trainer, and every evaluation done, the
+        final policy's included."""
         if progress.inflight or progress.returned < progress.dispatched:
             return False
         returned = await self.redis.smembers(f"{self.key}:returned")
@@ -219,8 +241,9 @@ class Loop:
         if not all(accounted):
             return False
         await self.catch_up_policy()
-        await self.evaluate(await self.policy())
-        return True
+        final = await self.policy()
+        await self.evaluate(final)
+        return await self.evaluated(final.version) and not await self.eval_flights.size()
 
     async def catch_up_policy(self) -> None:
         """Take the newest published policy now, not when its consumer gets to it."""
@@ -231,35 +254,89 @@ class Loop:
 
     # -- held-out evaluation -------------------------------------------------------------
 
+    def _eval_key(self, version: int, what: str) -> str:
+        return f"{self.key}:eval:v{version}:{what}"
+
+    async def evaluated(self, version: int) -> bool:
+        return bool(await self.redis.sismember(f"{self.key}:evaluated", str(version)))
+
     async def evaluate(self, policy: PolicyVersion) -> None:
-        """pass^k of `policy` on the test split; once per version, resumed after a crash."""
-        loop, version = self.settings.loop, policy.version
-        done = await self.redis.sismember(f"{self.key}:evaluated", str(version))
-        if done or version in self.evaluating:
+        """Have `policy` evaluated on the test split: one `eval` request per task, once per
+        version; its report is published when every group is back (`on_eval_group`)."""
+        version = policy.version
+        if await self.evaluated(version) or await self.redis.exists(
+            self._eval_key(version, "expected")
+        ):
             return
-        self.evaluating.add(version)
-        tasks = self.domain.tasks("test")[: loop.eval_tasks]
-        runner = RolloutRunner.from_settings(
-            self.settings, self.domain, policy.served_name, version
-        )
-        try:
-            out = self.settings.run_dir / "evals" / f"v{version}"
-            report = await evaluate(runner, tasks, loop.eval_trials, out)
-        finally:
-            await runner.aclose()
-            self.evaluating.discard(version)
-        report.policy_version = version
-        await self.bus.publish(Stream.EVALUATIONS, report)
-        await self.redis.sadd(f"{self.key}:evaluated", version)
-        log.info("evaluated", version=version, pass_hat_k=report.pass_hat_k)
+        if not self.test_tasks:
+            log.warning("no held-out tasks to evaluate on", version=version)
+            await self.redis.sadd(f"{self.key}:evaluated", version)
+            return
+        requests = [
+            RolloutRequest(
+                id=f"eval-v{version}-{task.id}",
+                task=task,
+                size=self.settings.loop.eval_trials,
+                policy_version=version,
+                served_name=policy.served_name,
+                purpose="eval",
+            )
+            for task in self.test_tasks
+        ]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for request in requests:
+                self.eval_flights.record(pipe, request)
+            pipe.sadd(self._eval_key(version, "expected"), *[r.id for r in requests])
+            pipe.set(self._eval_key(version, "policy"), policy.served_name)
+            pipe.sadd(f"{self.key}:evaluating", version)
+            await pipe.execute()
+        for request in requests:
+            await self.eval_flights.send(request)
+        log.info("evaluation dispatched", version=version, tasks=len(requests))
+
+    async def on_eval_group(self, group: RolloutGroup) -> None:
+        version, size = group.policy_version, self.settings.loop.eval_trials
+        kept = EvalGroup(results=group_results(group), lost=max(size - len(group.trajectories), 0))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self._eval_key(version, "results"), group.id, kept.model_dump_json())
+            self.eval_flights.forget(pipe, group.id)
+            await pipe.execute()
+        await self.complete_evaluation(version)
+
+    async def complete_evaluation(self, version: int) -> None:
+        """Publish a version's report once all of its held-out groups are back."""
+        expected = await self.redis.smembers(self._eval_key(version, "expected"))
+        results = await self.redis.hgetall(self._eval_key(version, "results"))
+        if not expected or not expected <= results.keys() or await self.evaluated(version):
+            return
+        groups = [EvalGroup.model_validate_json(results[g]) for g in sorted(expected)]
+        served = str(await self.redis.get(self._eval_key(version, "policy")) or "")
+        result = report(
+            [r for g in groups for r in g.results], served, self.settings.loop.eval_trials,
+            lost=sum(g.lost for g in groups),
+        )  # fmt: skip
+        result.policy_version = version
+        await self.bus.publish(Stream.EVALUATIONS, result)  # keyed: a second copy is a no-op
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(f"{self.key}:evaluated", version)
+            pipe.srem(f"{self.key}:evaluating", version)
+            await pipe.execute()
+        self.returned_event.set()
+        log.info(
+            "evaluated", version=version, pass_hat_k=result.pass_hat_k,
+            infra_errors=result.infra_errors,
+        )  # fmt: skip
 
     async def evaluations(self, stop: anyio.Event) -> None:
-        """Evaluate the base policy, then every `eval_every`-th version as it appears."""
+        """Evaluate the base policy, then every `eval_every`-th version as it appears, and
+        finish what a restart interrupted."""
         every = self.settings.loop.eval_every
         while not stop.is_set():
             policy = await self.policy()
             if policy.version == 0 or (every and policy.version % every == 0):
                 await self.evaluate(policy)
+            for version in await self.redis.smembers(f"{self.key}:evaluating"):
+                await self.complete_evaluation(int(version))
             with anyio.move_on_after(POLL_S * 5):
                 await stop.wait()
 
@@ -267,7 +344,7 @@ class Loop:
 
     async def publish_general_patterns(self) -> None:
         """`synthetic` mode: one pattern per write tool, not tied to any failure."""
-        for tool in sorted(self.domain.write_tools):
+        for tool in self.write_tools:
             pattern = ErrorPattern(
                 id=f"general-{tool}",
                 title=f"Use {tool} correctly",
@@ -282,6 +359,8 @@ class Loop:
         stop = stop or anyio.Event()
         if self.settings.loop.mode == "synthetic":
             await self.publish_general_patterns()
+        for flights in (self.flights, self.eval_flights):  # what a crash left unsent
+            await flights.send_unsent()
         recorder = Recorder(self.bus, self.settings.run_dir)
         dispatcher = ValidationDispatcher(self.bus, self.celery)
         async with anyio.create_task_group() as tg:

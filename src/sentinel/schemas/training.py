@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from statistics import pvariance
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -13,9 +13,13 @@ from sentinel.schemas.message import Message, new_id
 from sentinel.schemas.task import Task
 from sentinel.schemas.trajectory import Trajectory
 
+Purpose = Literal["train", "eval"]
+
 
 class RolloutRequest(Message):
     """The orchestrator's order for one rollout group; its id becomes the group's id."""
+
+    schema_version: ClassVar[int] = 2  # 2: purpose
 
     id: str = Field(default_factory=new_id)
     task: Task
@@ -23,13 +27,19 @@ class RolloutRequest(Message):
     policy_version: int = Field(ge=0)
     served_name: str  # the model name the Solver requests
     explore: bool = False  # LEAFE: reflect on failures and branch from the wrong step
+    # eval: a held-out test task, `size` trials for pass^k; the group carries its trajectories
+    # to the orchestrator alone (not to the Controller, the curriculum or the trainer)
+    purpose: Purpose = "train"
 
 
 class RolloutGroup(Message):
     """G trajectories of one task under one policy version: GRPO's unit of advantage.
 
     A group whose rollouts could not run (endpoint down, time limit) is still published,
-    with `dropped` saying why and no trajectories, so every request ends in a group."""
+    with `dropped` saying why and no trajectories, so every request ends in a group. The
+    orchestrator publishes one too, under the request's id, for a group it writes off."""
+
+    schema_version: ClassVar[int] = 2  # 2: purpose
 
     id: str = Field(default_factory=new_id)
     task_id: str
@@ -37,6 +47,7 @@ class RolloutGroup(Message):
     trajectories: list[Trajectory]
     dropped: str | None = None
     exploration: Exploration | None = None  # LEAFE's branches, when the request asked
+    purpose: Purpose = "train"  # eval: held-out trials; the trainer and curriculum skip it
 
     @property
     def rewards(self) -> list[float]:
@@ -106,6 +117,9 @@ class EvalReport(Message):
     pass_at_k: dict[int, float]
     mean_reward: float
     terminations: dict[str, int]
+    # trials ended by an infrastructure error (or never run: a lost group), left out of
+    # pass^k and the mean as tau2 leaves them out; a task short of `trials` is left out whole
+    infra_errors: int = 0
 
     def key(self) -> str:
         return f"eval-{self.split}-{self.policy}-v{self.policy_version}-{self.tasks}x{self.trials}"

@@ -10,8 +10,11 @@ The settings, and why (FIELD_NOTES §6):
   every task counts its attempts in Redis and gives up (with a verdict) after `max_attempts`,
   so nothing is redelivered forever.
 - `visibility_timeout` above the hard time limit, which is above the soft one (the settings
-  enforce it): Redis redelivers an unacknowledged task only after `visibility_timeout`, so a
-  task still running is never handed to a second worker.
+  enforce it), and derived from it (`workers.visibility_s`): Redis redelivers an
+  unacknowledged task after `visibility_timeout`. A rollout still running holds its lease
+  (`workers.lease`), so a copy handed to a second worker skips; the timeout bounds only a
+  task whose worker died before taking its lease. A worker that dies while it runs a group is
+  found by the orchestrator when the lease lapses, within `workers.lease_s`, not this timeout.
 - No result backend: results are messages on Redis Streams, like everything else.
 - `global_keyprefix`: the broker's keys live under the bus prefix, beside the streams.
 - The worker keeps our structured logging (`worker_hijack_root_logger=False`).
@@ -41,7 +44,7 @@ def make_app(settings: Settings, broker_url: str) -> Celery:
         task_soft_time_limit=workers.soft_time_limit_s,
         task_time_limit=workers.time_limit_s,
         broker_transport_options={
-            "visibility_timeout": workers.visibility_timeout_s,
+            "visibility_timeout": workers.visibility_s,
             "global_keyprefix": f"{settings.bus.prefix}:celery:",
         },
         task_ignore_result=True,

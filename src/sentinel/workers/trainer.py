@@ -65,6 +65,8 @@ class TrainerWorker:
 
     async def handle(self, envelope: Envelope[RolloutGroup]) -> None:
         group = envelope.payload
+        if group.purpose == "eval":  # held-out trials: the orchestrator's, never trained on
+            return
         if group.id in self.trained:
             log.info("group already trained; acknowledging", group=group.id)
             return

@@ -42,7 +42,7 @@ from sentinel.orchestrator.monitor import (
     with_rates,
 )
 from sentinel.orchestrator.redis_server import RedisUnavailable, ensure_redis, resolve_url
-from sentinel.schemas import Task
+from sentinel.schemas import Task, TaskProposal, ValidationResult
 from sentinel.serving.model import ModelUnavailable, prepare_model
 from sentinel.serving.server import KEY_FILE, ServerUnavailable, VLLMServer, ensure_policy_server
 from sentinel.usersim.cli import usersim_app
@@ -687,6 +687,43 @@ def prompts(ctx: typer.Context) -> None:
                 }))  # fmt: skip
 
     anyio.run(show)
+
+
+@app.command("validate")
+def validate_proposal(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="A TaskProposal, or a bare Task, as JSON.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the ValidationResult as JSON, last.")
+    ] = False,
+) -> None:
+    """Run the full validator on a proposal file: static checks, sandboxed replay,
+    discriminative and novelty checks (against the pool in Redis, which is not changed).
+    Exit 0 accepted, 1 rejected, 2 not a proposal (with a verdict saying why)."""
+    from sentinel.proposal_file import read_proposal, render_verdict, validate_file
+
+    settings = _settings(ctx)
+    parsed = read_proposal(path, settings.validation.max_task_chars)
+    if isinstance(parsed, str):
+        _fail(parsed)
+    results = [parsed] if isinstance(parsed, ValidationResult) else []
+    errors: list[str] = []
+
+    async def work() -> None:
+        async with _bus(settings) as bus:
+            assert isinstance(parsed, TaskProposal)
+            try:
+                results.append(await validate_file(settings, bus.redis, parsed))
+            except Exception as error:  # infrastructure: Redis, the sandbox, the endpoint
+                errors.append(f"{type(error).__name__}: {error}")
+
+    if not results:
+        _run(work)
+    if errors or not results:
+        _fail(f"validation could not run: {errors[0] if errors else 'interrupted'}", code=3)
+    [result] = results
+    typer.echo(result.model_dump_json() if as_json else render_verdict(result))
+    raise typer.Exit(2 if result is parsed else 0 if result.accepted else 1)
 
 
 @dlq_app.command("list")

@@ -25,6 +25,7 @@ import json
 import re
 import time
 from collections.abc import Iterable
+from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 import anyio
@@ -34,7 +35,7 @@ from pydantic_core import PydanticSerializationError
 
 from sentinel import injection, lsh
 from sentinel.agents.rollout import RolloutRunner
-from sentinel.config import ValidationSettings
+from sentinel.config import Settings, ValidationSettings
 from sentinel.envs.sandbox import (
     LocalProcessSandbox,
     ReplayOutcome,
@@ -236,6 +237,25 @@ def local_sandbox(settings: ValidationSettings, domain: str) -> LocalProcessSand
     )  # fmt: skip
 
 
+async def open_validator(
+    settings: Settings, redis: aioredis.Redis, stack: AsyncExitStack, domain: str | None = None
+) -> Validator:
+    """The validator as a `validate` worker runs it: tau2's domain, the local sandbox, the
+    pool index in Redis and, when configured, the difficulty probe on the policy endpoint.
+    What it opens is closed by `stack`."""
+    v = settings.validation
+    tau2 = await anyio.to_thread.run_sync(Tau2Domain, domain or settings.domain)
+    sandbox = local_sandbox(v, tau2.name)
+    stack.push_async_callback(sandbox.aclose)
+    index = RedisTaskIndex(redis, settings.bus.prefix, tau2)
+    probe = None
+    if v.probe_rollouts:  # the current Solver on the policy endpoint
+        runner = RolloutRunner.from_settings(settings, tau2)
+        stack.push_async_callback(runner.aclose)
+        probe = RolloutProbe(runner)
+    return Validator(tau2, sandbox, v, index, probe)
+
+
 class Validator:
     def __init__(
         self,
@@ -261,7 +281,9 @@ class Validator:
             for t in domain.tasks("test")
         ]
 
-    async def validate(self, proposal: TaskProposal) -> ValidationResult:
+    async def validate(self, proposal: TaskProposal, *, claim: bool = True) -> ValidationResult:
+        """The verdict; an accepted task claims its place in the pool index unless `claim`
+        is False (a dry run, as `sentinel validate` does: the pool is left unchanged)."""
         start = time.perf_counter()
         task = proposal.task
         verdict: dict[str, Any] = {}
@@ -276,7 +298,7 @@ class Validator:
             reasons = await self.novel(task)
         if not reasons and self.probe is not None and self.settings.probe_rollouts:
             reasons = await self.difficulty(task, verdict)
-        if not reasons:
+        if not reasons and claim:
             reasons = await self.claim(task)
         return ValidationResult(
             proposal_id=proposal.id,

@@ -13,27 +13,18 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-import anyio
 from celery import Task as CeleryTask
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.pool import TaskPool
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import RejectionCode, RejectionReason, TaskProposal, ValidationResult
-from sentinel.validator import (
-    RedisTaskIndex,
-    RolloutProbe,
-    Validator,
-    local_sandbox,
-    reject_unparseable,
-)
+from sentinel.validator import open_validator, reject_unparseable
 from sentinel.workers.service import WorkerProcess, call_cancelling, count_attempt
 
 log = get_logger(__name__)
@@ -50,19 +41,10 @@ class ValidationService:
         self.stack = AsyncExitStack()
 
     async def start(self) -> None:
-        settings, v = self.settings, self.settings.validation
+        settings = self.settings
         self.bus = Bus(connect(self.redis_url, settings), settings.bus)
         self.stack.push_async_callback(self.bus.aclose)
-        domain = await anyio.to_thread.run_sync(Tau2Domain, settings.domain)
-        sandbox = local_sandbox(v, domain.name)
-        self.stack.push_async_callback(sandbox.aclose)
-        index = RedisTaskIndex(self.bus.redis, settings.bus.prefix, domain)
-        probe = None
-        if v.probe_rollouts:  # the current Solver on the policy endpoint
-            runner = RolloutRunner.from_settings(settings, domain)
-            self.stack.push_async_callback(runner.aclose)
-            probe = RolloutProbe(runner)
-        self.validator = Validator(domain, sandbox, v, index, probe)
+        self.validator = await open_validator(settings, self.bus.redis, self.stack)
         self.pool = TaskPool(self.bus.redis, settings.bus.prefix)
 
     async def stop(self) -> None:

@@ -211,6 +211,11 @@ class RolloutSettings(Section):
     user_temperature: float = Field(0.0, ge=0)
     concurrency: int = Field(16, ge=1)  # rollouts in flight at once; keeps vLLM's batches full
     max_string_length: int = Field(64, ge=8)  # maxLength on tool string arguments
+    # Tool calls run in limited child processes (sentinel.envs.episodes): one that takes
+    # longer is stopped and ends its rollout with tool_timeout (an agent failure).
+    tool_timeout_s: float = Field(5.0, gt=0)
+    env_processes: int = Field(1, ge=1)  # children per runner; each holds many episodes
+    env_memory_mb: int = Field(2048, ge=512)  # each child's address space
 
 
 class TrainerSettings(Section):
@@ -309,6 +314,9 @@ class ValidationSettings(Section):
     max_actions: int = Field(20, ge=1)
     scenario_similarity: float = Field(0.85, gt=0, le=1)  # above it, a near-duplicate
     probe_rollouts: int = Field(0, ge=0)  # Solver rollouts of the difficulty probe; 0: off
+    # Replays run in their own user and network namespaces; without them the sandbox refuses
+    # to run, unless this waives them (a machine without unprivileged user namespaces).
+    allow_no_network_isolation: bool = False
 
 
 VISIBILITY_MARGIN_S = 150  # above workers.rollout's longest retry countdown (120 s)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Any
 
+import anyio
 import pytest
 
-from sentinel.agents.llm import OpenAIChatClient
+from sentinel.agents.llm import Completion, OpenAIChatClient, RawToolCall
 from sentinel.agents.rollout import GREETING, RolloutRunner
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator, is_stop
 from sentinel.config import LLMEndpoint, RolloutSettings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.process import free_port
-from sentinel.schemas import ChatMessage, TerminationReason, ToolCall
+from sentinel.schemas import ChatMessage, TerminationReason, ToolCall, Trajectory
 
 pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48, concurrency=8)
@@ -98,3 +101,85 @@ def test_user_never_sees_tools_or_error_observations() -> None:
         {"role": "assistant", "content": "Cancel my order."},
         {"role": "user", "content": "Which order?"},
     ]
+
+
+class Scripted:
+    """A stand-in Solver endpoint whose output is hostile on purpose: it always calls
+    retail's `calculate` on `9**9**9`, which holds the GIL for minutes in C."""
+
+    model = "scripted"
+
+    async def complete(self, messages: list[dict[str, Any]], **_: Any) -> Completion:
+        bomb = RawToolCall(id="bomb", name="calculate", arguments='{"expression": "9**9**9"}')
+        return Completion(tool_calls=[bomb], finish_reason="tool_calls")
+
+
+HOSTILE = SETTINGS.model_copy(update={"tool_timeout_s": 1.0})
+
+
+def hostile_runner(retail: Tau2Domain, user: OpenAIChatClient) -> RolloutRunner:
+    solver = Solver(Scripted(), retail.policy, retail.tool_schemas, HOSTILE)
+    return RolloutRunner(retail, solver, UserSimulator(user, HOSTILE), settings=HOSTILE)
+
+
+async def test_a_hostile_tool_call_ends_the_rollout_and_the_loop_keeps_ticking(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    runner = hostile_runner(retail, llm())
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.05)
+            ticks += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            started = time.monotonic()
+            with anyio.fail_after(120):  # the user's turn is a real LLM call
+                trajectory = await runner.run(retail.tasks("train")[0])
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+    finally:
+        await runner.aclose()
+    assert trajectory.termination is TerminationReason.TOOL_TIMEOUT
+    assert trajectory.reward is not None
+    assert trajectory.reward.reward == 0.0
+    last = trajectory.messages[-1]
+    assert last.role == "tool"
+    assert last.error
+    assert "stopped" in (last.content or "")
+    assert HOSTILE.tool_timeout_s <= trajectory.timings.env_s < HOSTILE.tool_timeout_s + 3
+    assert ticks >= (elapsed - trajectory.timings.user_s) / 0.05 * 0.5  # never frozen
+
+
+async def test_leafe_branches_replay_and_step_under_the_same_limits(
+    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    """A branch from an agent turn meets the same limit; a prefix holding the hostile call
+    (as if it had once passed) fails its replay in the child, not in this process."""
+    runner, task = hostile_runner(retail, llm()), retail.tasks("train")[0]
+    call = ToolCall(id="bomb", name="calculate", arguments={"expression": "9**9**9"})
+    trajectory = Trajectory(
+        task_id=task.id, domain="retail", policy_version=0, policy_model="scripted",
+        messages=[
+            ChatMessage(role="assistant", content=GREETING),
+            ChatMessage(role="user", content="What is nine to the nine to the nine?"),
+            ChatMessage(role="assistant", tool_calls=[call]),
+            ChatMessage(role="tool", content="...", tool_call_id="bomb"),
+            ChatMessage(role="assistant", content="Done."),
+        ],
+        termination=TerminationReason.AGENT_STOP,
+    )  # fmt: skip
+    try:
+        with anyio.fail_after(60):
+            branched = await runner.branch(task, trajectory, 2, "be careful", max_turns=2)
+            replayed = await runner.branch(task, trajectory, 4, None, max_turns=2)
+    finally:
+        await runner.aclose()
+    assert branched.termination is TerminationReason.TOOL_TIMEOUT
+    assert replayed.termination is TerminationReason.INFRA_ERROR
+    assert replayed.reward is not None
+    assert replayed.reward.reward == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +15,13 @@ import anyio
 import pytest
 
 from sentinel.envs.sandbox import (
+    DebugAction,
     LocalProcessSandbox,
+    Namespaces,
     ReplayOutcome,
     ReplayRequest,
     SandboxLimits,
+    SandboxUnavailable,
 )
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import Action, RejectionCode, Task
@@ -61,9 +65,15 @@ def zombie_children() -> list[int]:
 
 def unshare_works() -> bool:
     try:
-        return subprocess.run(["unshare", "--net", "true"], check=False).returncode == 0
+        check = ["unshare", "--user", "--map-root-user", "--net", "true"]
+        return subprocess.run(check, check=False).returncode == 0
     except OSError:
         return False
+
+
+@pytest.fixture(scope="module")
+def telecom() -> Tau2Domain:
+    return Tau2Domain("telecom")
 
 
 def is_replay_child(pid: int) -> bool:
@@ -274,6 +284,9 @@ async def test_the_child_is_confined(
     limits = seen["limits"]
     assert limit_line(limits, "Max cpu time") == ["20", "21", "seconds"]
     assert limit_line(limits, "Max address space") == [str(1024 << 20)] * 2 + ["bytes"]
+    assert limit_line(limits, "Max open files") == ["256", "256", "files"]
+    assert limit_line(limits, "Max file size") == [str(16 << 20)] * 2 + ["bytes"]
+    assert limit_line(limits, "Max processes") == ["32", "32", "processes"]  # where it counts
     assert seen["pgid"] == seen["pid"] != os.getpgid(0)
     tmp = await anyio.Path(tempfile.gettempdir()).resolve()
     assert seen["cwd"].startswith(str(tmp / "sentinel-sandbox-"))
@@ -337,3 +350,111 @@ async def test_reused_children_serve_many_replays_and_die_with_a_failure(
     assert "SIGXCPU" in spin.failure.detail
     assert sandbox_pids(sandbox.id) == []
     assert zombie_children() == []
+
+
+@pytest.mark.parametrize(
+    ("action", "error"),
+    [
+        ("fork_bomb", "BlockingIOError"),  # RLIMIT_NPROC
+        ("open_files", "Too many open files"),  # RLIMIT_NOFILE
+        ("big_file", "File too large"),  # RLIMIT_FSIZE
+    ],
+)
+async def test_process_file_and_size_limits_stop_a_child(
+    sandbox: LocalProcessSandbox, task: Task, action: DebugAction, error: str
+) -> None:
+    limits = SandboxLimits(max_processes=16, max_open_files=64, max_file_mb=1)
+    await sandbox.network_isolated()
+    if action == "fork_bomb" and os.geteuid() == 0 and sandbox.namespaces.owner is None:
+        pytest.skip("children stay root here (nobody cannot run this Python): no NPROC for root")
+    outcome = await sandbox.replay(
+        ReplayRequest(domain="retail", task=task, limits=limits, debug_action=action)
+    )
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH, outcome
+    assert outcome.failure is not None
+    assert error in outcome.failure.detail
+
+
+async def test_the_child_cannot_read_its_parents_environment(
+    sandbox: LocalProcessSandbox, task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent holds the Redis password; its /proc/<pid>/environ is out of reach even to a
+    child running as the same user (root included), from its own user namespace."""
+    monkeypatch.setenv("SENTINEL_REDIS_URL", "redis://:hunter2@redis:6379/0")
+    request = ReplayRequest(domain="retail", task=task, debug_action="read_parent_env")
+    outcome = await sandbox.replay(request)
+    assert outcome.network_isolated
+    assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH, outcome
+    assert outcome.failure is not None
+    assert "PermissionError" in outcome.failure.detail
+
+
+async def test_isolation_is_required_unless_waived(
+    task: Task, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unshare here: no namespaces
+    with pytest.raises(SandboxUnavailable, match="allow_no_network_isolation"):
+        await Namespaces("require").isolated()
+    assert await Namespaces("prefer").isolated() is False
+    async with LocalProcessSandbox() as sandbox:
+        with pytest.raises(SandboxUnavailable):
+            await sandbox.replay(ReplayRequest(domain="retail", task=task))
+        assert sandbox_pids(sandbox.id) == []  # refused before any child started
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_non_root_parent_gets_isolated_children(task: Task) -> None:
+    """`unshare --net` alone needs root; the sandbox must isolate for anyone else too."""
+    script = (
+        "import anyio, sys\n"
+        "from sentinel.envs.sandbox import LocalProcessSandbox, ReplayRequest\n"
+        "from sentinel.schemas import Task\n"
+        "async def main():\n"
+        "    async with LocalProcessSandbox(preload=()) as box:\n"
+        "        task = Task.model_validate_json(sys.stdin.read())\n"
+        "        outcome = await box.replay(ReplayRequest(domain='retail', task=task))\n"
+        "        print(outcome.ok, outcome.network_isolated, outcome.failure)\n"
+        "anyio.run(main)\n"
+    )
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    runs = [*nobody, sys.executable, "-c", "import sentinel"]
+    if subprocess.run(runs, check=False, cwd=tempfile.gettempdir()).returncode != 0:
+        pytest.skip("nobody cannot run this Python (an interpreter under /root)")
+    done = subprocess.run(
+        [*nobody, sys.executable, "-c", script], input=task.model_dump_json(),
+        capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir(),
+        env={**os.environ, "HOME": tempfile.gettempdir()},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "None"], done.stdout
+
+
+async def test_env_assertions_are_evaluated_inside_the_replay(telecom: Tau2Domain) -> None:
+    task = next(
+        t for t in telecom.tasks("train")
+        if t.spec.evaluation_criteria and t.spec.evaluation_criteria.env_assertions
+    )  # fmt: skip
+    criteria = task.spec.evaluation_criteria
+    assert criteria is not None
+    assert criteria.env_assertions is not None
+    flipped = [
+        a.model_copy(update={"assert_value": not a.assert_value}) for a in criteria.env_assertions
+    ]
+    broken = [
+        a.model_copy(update={"arguments": {"no_such_argument": 1}}) for a in criteria.env_assertions
+    ]
+    outcomes = []
+    async with LocalProcessSandbox(preload=("telecom",)) as sandbox:
+        for assertions in (criteria.env_assertions, flipped, broken):
+            changed = criteria.model_copy(update={"env_assertions": assertions})
+            spec = task.spec.model_copy(update={"evaluation_criteria": changed})
+            request = ReplayRequest(domain="telecom", task=task.model_copy(update={"spec": spec}))
+            outcomes.append(await sandbox.replay(request))
+    gold, inverted, bad = outcomes
+    assert all(o.ok for o in outcomes), outcomes
+    assert gold.assertions_after is True
+    assert gold.assertion_error is None
+    assert inverted.assertions_after is False
+    assert bad.assertions_after is False
+    assert bad.assertion_error is not None
+    assert "no_such_argument" in bad.assertion_error

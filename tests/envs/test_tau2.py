@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 
@@ -121,3 +122,21 @@ def test_bad_tool_calls_become_error_results(retail: Tau2Domain) -> None:
 def test_unknown_domain_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown tau2 domain 'mall'"):
         Tau2Domain("mall")
+
+
+def test_gold_hashes_cache_keeps_only_the_most_recent_tasks(
+    retail: Tau2Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retail, "_gold", type(retail._gold)())
+    monkeypatch.setattr(retail, "gold_cache_size", 2)
+    first, second, third = retail.tasks("train")[:3]
+    expected = retail.gold_hashes(first)
+    retail.gold_hashes(second)
+    assert retail.gold_hashes(first) == expected  # a hit: `first` is now the most recent
+    retail.gold_hashes(third)  # evicts `second`, the least recently used
+
+    def key(task: Task) -> str:
+        return hashlib.sha256(task.spec.model_dump_json().encode()).hexdigest()
+
+    assert list(retail._gold) == [key(first), key(third)]
+    assert retail.gold_hashes(first) == expected

@@ -3,8 +3,13 @@
 The flow follows tau2-bench's orchestrator: the agent greets, the user answers, and then the
 agent either calls a tool (the environment answers, the agent goes again) or talks (the user
 answers). It ends when the user sends a stop token, the agent says ###STOP###, a budget runs
-out, the context is full, or the endpoint fails; every ending has its termination reason,
-and the trajectory is scored by tau2's rules.
+out, the context is full, the endpoint fails, or a tool call runs past its limits; every
+ending has its termination reason, and the trajectory is scored by tau2's rules.
+
+The environment is never in this process: episodes live in limited children
+(`envs.episodes.EnvPool`), so a hostile tool call (retail's `calculate` on `9**9**9`) is
+stopped at `rollout.tool_timeout_s` and ends its rollout with `tool_timeout`, while this event
+loop, and the other rollouts on it, go on. tau2's reward is computed there too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClien
 from sentinel.agents.solver import Solver, error_observation
 from sentinel.agents.user import UserSimulator, is_stop
 from sentinel.config import RolloutSettings, Settings
-from sentinel.envs.tau2 import Episode, Tau2Domain
+from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
+from sentinel.envs.sandbox import SandboxLimits
+from sentinel.envs.tau2 import STOPPED, Tau2Domain, unscored
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     ChatMessage,
@@ -38,7 +45,9 @@ GREETING = "Hi! How can I help you today?"
 class Rollout:
     """The mutable state of one conversation, turned into a Trajectory at the end."""
 
-    def __init__(self, task: Task, episode: Episode, user_prompt: str, max_turns: int) -> None:
+    def __init__(
+        self, task: Task, episode: RemoteEpisode, user_prompt: str, max_turns: int
+    ) -> None:
         self.task = task
         self.episode = episode
         self.user_prompt = user_prompt
@@ -53,7 +62,12 @@ class Rollout:
 
     @classmethod
     def resumed(
-        cls, task: Task, trajectory: Trajectory, step: int, episode: Episode, user_prompt: str
+        cls,
+        task: Task,
+        trajectory: Trajectory,
+        step: int,
+        episode: RemoteEpisode,
+        user_prompt: str,
     ) -> Rollout:
         """The state just before message `step` of `trajectory`, its counters included;
         `episode` must be the prefix's tool calls replayed."""
@@ -66,7 +80,8 @@ class Rollout:
 
 
 class RolloutRunner:
-    """Runs rollouts concurrently, at most `settings.concurrency` at once across all callers."""
+    """Runs rollouts concurrently, at most `settings.concurrency` at once across all callers;
+    their episodes live in `envs` (by default a pool of its own, stopped by `aclose`)."""
 
     def __init__(
         self,
@@ -76,6 +91,7 @@ class RolloutRunner:
         *,
         settings: RolloutSettings,
         policy_version: int = 0,
+        envs: EnvPool | None = None,
     ) -> None:
         self.domain = domain
         self.solver = solver
@@ -83,6 +99,13 @@ class RolloutRunner:
         self.settings = settings
         self.policy_version = policy_version
         self.limiter = anyio.CapacityLimiter(settings.concurrency)
+        self._own_envs = envs is None
+        self.envs = envs or EnvPool(
+            domain.name,
+            tool_timeout_s=settings.tool_timeout_s,
+            processes=settings.env_processes,
+            limits=SandboxLimits(memory_mb=settings.env_memory_mb),
+        )
 
     @classmethod
     def from_settings(
@@ -100,21 +123,30 @@ class RolloutRunner:
         )
 
     async def aclose(self) -> None:
-        """Close the endpoints' connections (call before the event loop ends)."""
+        """Close the endpoints' connections and stop the environment children (call before
+        the event loop ends)."""
         for client in (self.solver.client, self.user.client):
             close = getattr(client, "aclose", None)
             if close is not None:
                 await close()
+        if self._own_envs:
+            await self.envs.aclose()
 
     async def run(
         self, task: Task, group_id: str | None = None, trajectory_id: str | None = None
     ) -> Trajectory:
         async with self.limiter:
-            episode = await anyio.to_thread.run_sync(self.domain.episode, task)
-            prompt = self.domain.user_prompt(task)
-            state = Rollout(task, episode, prompt, self.settings.max_agent_turns)
-            termination = await self._converse(state)
-            return await self._finish(state, termination, group_id, trajectory_id)
+            try:
+                episode = await self.envs.open(task)
+            except EnvFailure as error:
+                return self._lost(task, str(error), group_id, trajectory_id)
+            try:
+                prompt = self.domain.user_prompt(task)
+                state = Rollout(task, episode, prompt, self.settings.max_agent_turns)
+                termination = await self._converse(state)
+                return await self._finish(state, termination, group_id, trajectory_id)
+            finally:
+                await episode.close()
 
     async def branch(
         self,
@@ -129,17 +161,39 @@ class RolloutRunner:
         environment rebuilt by replaying the prefix's tool calls, at most `max_turns` agent
         turns more, and the Solver shown `experience`. Scored by the same tau2 reward."""
         async with self.limiter:
-            state = await self.resume(task, trajectory, step)
-            state.max_turns, state.experience = max_turns, experience
-            termination = await self._converse(state, opening=False)
-            return await self._finish(state, termination, trajectory.group_id, trajectory_id)
+            try:
+                state = await self.resume(task, trajectory, step)
+            except EnvFailure as error:
+                return self._lost(task, str(error), trajectory.group_id, trajectory_id)
+            try:
+                state.max_turns, state.experience = max_turns, experience
+                termination = await self._converse(state, opening=False)
+                return await self._finish(state, termination, trajectory.group_id, trajectory_id)
+            finally:
+                await state.episode.close()
 
     async def resume(self, task: Task, trajectory: Trajectory, step: int) -> Rollout:
-        """The conversation and environment just before message `step` of `trajectory`."""
+        """The conversation and environment just before message `step` of `trajectory`; the
+        prefix's calls are replayed in an environment child, under the same limits. Raises
+        `EnvFailure` if that fails; close the state's episode when done."""
         prefix = trajectory.messages[:step]
         calls = [c for m in prefix if m.role == "assistant" and not m.error for c in m.tool_calls]
-        episode = await anyio.to_thread.run_sync(self.domain.replay, task, calls)
+        episode = await self.envs.open(task, calls)
         return Rollout.resumed(task, trajectory, step, episode, self.domain.user_prompt(task))
+
+    def _lost(
+        self, task: Task, error: str, group_id: str | None, trajectory_id: str | None
+    ) -> Trajectory:
+        """The trajectory of a rollout whose environment could not be opened: infra."""
+        log.warning("rollout without an environment", task=task.id, error=error)
+        messages = [ChatMessage(role="assistant", content=GREETING)]
+        termination = TerminationReason.INFRA_ERROR
+        return Trajectory(
+            id=trajectory_id or new_id(), task_id=task.id, domain=task.domain, group_id=group_id,
+            policy_version=self.policy_version, policy_model=self.solver.client.model,
+            messages=messages, termination=termination,
+            reward=unscored(task, messages, termination), timings=Timings(finished_at=utc_now()),
+        )  # fmt: skip
 
     async def _finish(
         self,
@@ -149,9 +203,14 @@ class RolloutRunner:
         trajectory_id: str | None,
     ) -> Trajectory:
         task = state.task
-        reward = await anyio.to_thread.run_sync(
-            self.domain.reward, task, state.episode, state.messages, termination
-        )
+        if termination in STOPPED:
+            try:
+                reward = await state.episode.reward(state.messages, termination)
+            except EnvFailure as error:
+                log.warning("rollout not scored", task=task.id, error=str(error))
+                termination = TerminationReason.INFRA_ERROR
+        if termination not in STOPPED:  # no environment needed: it scores 0
+            reward = unscored(task, state.messages, termination)
         state.timings.finished_at = utc_now()
         return Trajectory(
             id=trajectory_id or new_id(), task_id=task.id, domain=task.domain, group_id=group_id,
@@ -209,23 +268,38 @@ class RolloutRunner:
             state.messages.append(error_observation(turn.malformed))
             return None
         if turn.message.tool_calls:
-            self._run_tools(state, turn.message)
-            return None
+            return await self._run_tools(state, turn.message)
         if turn.stops:
             return TerminationReason.AGENT_STOP
         return TerminationReason.USER_STOP if await self._user_turn(state) else None
 
-    def _run_tools(self, state: Rollout, message: ChatMessage) -> None:
+    async def _run_tools(self, state: Rollout, message: ChatMessage) -> TerminationReason | None:
+        """Each call in the environment child; one stopped at its limits ends the rollout
+        (`tool_timeout`), and so does an environment that failed (`infra_error`)."""
         started = time.monotonic()
+        ending: TerminationReason | None = None
         for call in message.tool_calls:
-            result = state.episode.step(call)
-            state.tool_errors += result.error
+            if ending is not None:
+                content, error = "not run: an earlier call failed", True
+            else:
+                try:
+                    result = await state.episode.step(call)
+                    content, error = result.content, result.error
+                except ToolStopped as stopped:
+                    log.warning("tool call stopped", task=state.task.id, tool=call.name,
+                                error=str(stopped))  # fmt: skip
+                    content, error = f"Error: the tool call was stopped: {stopped}", True
+                    ending = TerminationReason.TOOL_TIMEOUT
+                except EnvFailure as failure:
+                    log.warning("environment failed", task=state.task.id, error=str(failure))
+                    content, error = f"Error: the environment failed: {failure}", True
+                    ending = TerminationReason.INFRA_ERROR
+            state.tool_errors += error
             state.messages.append(
-                ChatMessage(
-                    role="tool", content=result.content, tool_call_id=call.id, error=result.error
-                )
+                ChatMessage(role="tool", content=content, tool_call_id=call.id, error=error)
             )
         state.timings.env_s += time.monotonic() - started
+        return ending
 
     async def _user_turn(self, state: Rollout) -> bool:
         """The user answers; True if it ended the conversation."""

@@ -11,9 +11,14 @@ trusts the child to end:
 - The child caps its own CPU time and address space (RLIMIT_CPU, RLIMIT_AS) and asks to die
   with its parent (PR_SET_PDEATHSIG) before it reads the request; anyio has no `preexec_fn`,
   and nothing untrusted reaches the child before that point.
+- It also caps processes (threads included), open files and the size of any file it writes
+  (RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_FSIZE).
 - It gets a scrubbed environment (no proxies, no keys), a temporary working directory that is
-  also its HOME, its own process group, and no network when `unshare --net` works here (root,
-  or unprivileged user namespaces); otherwise the outcome says `network_isolated=False`.
+  also its HOME, its own process group, and its own user and network namespaces
+  (`unshare -Urn`, which needs no root where unprivileged user namespaces are allowed): no
+  network, and no access to other processes' `/proc/<pid>/environ`, where the parent's secrets
+  are. Without those namespaces the sandbox refuses to run (`SandboxUnavailable`), unless the
+  isolation was waived explicitly; the outcome says whether it was isolated.
 - The parent enforces the wall clock and an output cap, SIGKILLs the whole process group on
   timeout, overflow or exit (grandchildren too), and turns every way the child can end into a
   `ReplayOutcome` with a `RejectionReason`. Only a failure to start a child raises.
@@ -55,16 +60,20 @@ from sentinel.schemas import RejectionCode, RejectionReason, Task, ToolCall
 from sentinel.schemas.message import Strict
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.tau2 import Episode, Tau2Domain
 
 log = get_logger(__name__)
 
 STDERR_TAIL_BYTES = 8192  # of the child's stderr, for crash reasons
 STDERR_FILE = "stderr.log"  # in the child's directory
 _PR_SET_PDEATHSIG = 1
+UNPRIVILEGED = 65534  # nobody: what a root parent's children run as
 
 # Tests only: misbehaviour the child performs before the replay, to prove the limits hold.
-DebugAction = Literal["hang", "eat_memory", "crash"]
+DebugAction = Literal[
+    "hang", "eat_memory", "crash", "fork_bomb", "open_files", "big_file", "read_parent_env"
+]
+Isolation = Literal["require", "prefer", "off"]  # off: waived; prefer: when it works here
 
 
 class SandboxLimits(Strict):
@@ -81,6 +90,10 @@ class SandboxLimits(Strict):
     wall_s: float = Field(default=30.0, gt=0)
     max_output_bytes: int = Field(default=1_000_000, gt=0)  # the outcome JSON on stdout
     max_result_chars: int = Field(default=4096, gt=0)  # kept of each action's result
+    # Counted in the child's own user namespace, so only when isolated (see `limit_args`).
+    max_processes: int = Field(default=32, gt=0)  # RLIMIT_NPROC: threads count too
+    max_open_files: int = Field(default=256, gt=0)  # RLIMIT_NOFILE
+    max_file_mb: int = Field(default=16, gt=0)  # RLIMIT_FSIZE: any file, its stderr log too
 
 
 class ReplayRequest(Strict):
@@ -98,7 +111,8 @@ class ActionResult(Strict):
 
 class ReplayOutcome(Strict):
     """Agent and user DB hashes before, after the gold actions, and after only their reads
-    (what a trajectory that looks things up but changes nothing would leave)."""
+    (what a trajectory that looks things up but changes nothing would leave); and whether the
+    task's env assertions hold in each of those states (None: it has none)."""
 
     ok: bool  # the replay ran to the end (its actions may still have failed)
     results: list[ActionResult] = Field(default_factory=list)
@@ -108,6 +122,10 @@ class ReplayOutcome(Strict):
     user_db_hash_after: str | None = None
     read_only_db_hash: str | None = None
     read_only_user_db_hash: str | None = None
+    assertions_before: bool | None = None
+    assertions_after: bool | None = None
+    assertions_read_only: bool | None = None
+    assertion_error: str | None = None  # an assertion that could not be evaluated, and why
     duration_s: float = 0.0  # from taking a child to the outcome, start-up included
     network_isolated: bool = False
     failure: RejectionReason | None = None
@@ -115,6 +133,11 @@ class ReplayOutcome(Strict):
 
 class Sandbox(Protocol):
     async def replay(self, request: ReplayRequest) -> ReplayOutcome: ...
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation the sandbox requires does not work on this machine: infrastructure, not
+    a verdict on the task."""
 
 
 def _failed(code: RejectionCode, detail: str) -> ReplayOutcome:
@@ -159,6 +182,128 @@ def _judge(returncode: int, child: _Child) -> ReplayOutcome:
     return _failed(RejectionCode.SANDBOX_CRASH, f"exit code {returncode}: {child.stderr_tail()}")
 
 
+class Namespaces:
+    """The user and network namespaces children run in: `unshare -Urn`, checked once.
+
+    `require` (the default) raises `SandboxUnavailable` where they do not work, `prefer` runs
+    without them and says so, `off` waives them (a setting must say so explicitly). A user
+    namespace is what makes it work without root (`unshare --net` alone needs CAP_SYS_ADMIN)
+    and what keeps a child from reading other processes' environments: the kernel grants
+    that only with CAP_SYS_PTRACE in the target's namespace, which the child lacks. A root
+    parent's children also become `nobody` first (`setpriv`) where nobody can run this
+    Python: the kernel never applies RLIMIT_NPROC to root, and nobody cannot read root's
+    files (the run directory's secrets). Where it cannot (an interpreter under /root), they
+    stay root in their namespace, without a process limit; the deployment runs as non-root.
+    """
+
+    def __init__(self, mode: Isolation = "require") -> None:
+        self.mode = mode
+        self._unshare = shutil.which("unshare") or "unshare"
+        self._setpriv = shutil.which("setpriv") or "setpriv"
+        self._works: bool | None = None if mode != "off" else False
+        self.owner: int | None = None  # the uid children run as, where it is not ours
+
+    @property
+    def prefix(self) -> list[str]:
+        drop = [self._setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}",
+                "--clear-groups"] if self.owner is not None else []  # fmt: skip
+        return [*drop, self._unshare, "--user", "--map-root-user", "--net", "--"]
+
+    async def _probe(self) -> bool:
+        """Whether a child can start behind `prefix` and import us there."""
+        with contextlib.suppress(OSError):
+            probe = [*self.prefix, sys.executable, "-s", "-P", "-c", "import sentinel"]
+            check = await anyio.run_process(probe, check=False, cwd=tempfile.gettempdir())
+            return check.returncode == 0
+        return False
+
+    async def isolated(self) -> bool:
+        """Whether children get the namespaces; raises when required and impossible."""
+        if self._works is None:
+            if os.geteuid() == 0:
+                self.owner = UNPRIVILEGED
+                if not await self._probe():
+                    self.owner = None
+                    log.info("sandbox children stay root in their namespace: no NPROC limit")
+            works = await self._probe()
+            self._works = works
+            if not works and self.mode == "prefer":
+                log.warning("sandbox children will run without user and network namespaces")
+        if not self._works and self.mode == "require":
+            raise SandboxUnavailable(
+                f"a child cannot start in its own namespaces here ({' '.join(self.prefix)}): "
+                "are unprivileged user namespaces disabled, or is the code unreadable to "
+                "nobody? Fix that, or waive the isolation explicitly "
+                "(validation.allow_no_network_isolation)"
+            )
+        return self._works
+
+
+def child_env(home: str, marker: str) -> dict[str, str]:
+    """Only what a child needs: no proxies, no credentials, nothing inherited."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": home,
+        "TMPDIR": home,
+        "LANG": "C.UTF-8",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at import
+        "OPENBLAS_NUM_THREADS": "1",  # numpy's thread pool, per child, is wasted here
+        "SENTINEL_SANDBOX": marker,
+    }
+    if pythonpath := os.environ.get("PYTHONPATH"):  # a source checkout, not installed
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def limit_args(limits: SandboxLimits, isolated: bool) -> list[str]:
+    """The child's command-line limits. RLIMIT_NPROC counts every process of the user, so it
+    is only set in the child's own user namespace, where it counts the child's alone."""
+    return [
+        "--memory-mb", str(limits.memory_mb), "--parent-pid", str(os.getpid()),
+        "--max-open-files", str(limits.max_open_files), "--max-file-mb", str(limits.max_file_mb),
+        *(["--max-processes", str(limits.max_processes)] if isolated else []),
+    ]  # fmt: skip
+
+
+async def spawn_child(
+    module: str,
+    args: Sequence[str],
+    limits: SandboxLimits,
+    prefix: Sequence[str],
+    marker: str,
+    owner: int | None = None,
+) -> _Child:
+    """`python -m module args` in a fresh directory (`owner`'s, if given) and process group,
+    behind `prefix`."""
+    workdir = tempfile.TemporaryDirectory(prefix="sentinel-sandbox-")
+    argv = [*prefix, sys.executable, "-s", "-P", "-m", module, *args]
+    try:
+        if owner is not None:
+            os.chown(workdir.name, owner, owner)
+        # shielded: a caller cancelled mid-spawn must still get the child, to kill it
+        with (
+            open(Path(workdir.name) / STDERR_FILE, "wb") as stderr,  # noqa: ASYNC230 (local, tiny)
+            anyio.CancelScope(shield=True),
+        ):
+            process = await anyio.open_process(
+                argv, cwd=workdir.name, env=child_env(workdir.name, marker), stderr=stderr,
+                start_new_session=True,
+            )  # fmt: skip
+    except BaseException:
+        workdir.cleanup()
+        raise
+    assert process.stdout is not None
+    return _Child(process, workdir, BufferedByteReceiveStream(process.stdout), limits)
+
+
+async def dispose_child(child: _Child) -> None:
+    """Kill the child's group (a no-op once it is gone), reap it, remove its directory."""
+    with anyio.CancelScope(shield=True):
+        _kill_group(child.process.pid)
+        await child.process.aclose()
+        await anyio.to_thread.run_sync(child.workdir.cleanup)
+
+
 class LocalProcessSandbox:
     """Each replay in a fresh, limited child process on this machine.
 
@@ -167,6 +312,7 @@ class LocalProcessSandbox:
     to `replays_per_child` requests, one JSON line each, then is replaced (1: a fresh process
     per replay); any failure (timeout, crash, oversized output) discards it. With `warm > 0`
     or reuse, use it as an async context manager (or call `aclose`) so idle children stop.
+    `isolation`: see `Namespaces`.
     """
 
     def __init__(
@@ -176,7 +322,7 @@ class LocalProcessSandbox:
         warm: int = 0,
         preload: Sequence[str] = ("retail",),
         max_concurrency: int | None = None,
-        isolate_network: bool = True,
+        isolation: Isolation = "require",
         replays_per_child: int = 1,
     ) -> None:
         self.limits = limits or SandboxLimits()
@@ -186,8 +332,7 @@ class LocalProcessSandbox:
         self.replays_per_child = max(1, replays_per_child)
         self._limiter = anyio.CapacityLimiter(max_concurrency or os.cpu_count() or 1)
         self._pool: list[_Child] = []
-        self._network: bool | None = None if isolate_network else False
-        self._unshare = shutil.which("unshare") or "unshare"
+        self.namespaces = Namespaces(isolation)
 
     async def replay(self, request: ReplayRequest) -> ReplayOutcome:
         async with self._limiter:
@@ -201,7 +346,7 @@ class LocalProcessSandbox:
                 if reusable:
                     self._pool.append(child)
                 else:
-                    await self._dispose(child)
+                    await dispose_child(child)
             await self._refill(network)  # after the replay, so it does not compete for CPU
         outcome = outcome.model_copy(
             update={"duration_s": time.perf_counter() - start, "network_isolated": network}
@@ -216,21 +361,13 @@ class LocalProcessSandbox:
         return outcome
 
     async def network_isolated(self) -> bool:
-        """Whether `unshare --net` works here; checked once."""
-        if self._network is None:
-            works = False
-            with contextlib.suppress(OSError):
-                check = [self._unshare, "--net", "--", "true"]
-                works = (await anyio.run_process(check, check=False)).returncode == 0
-            if not works:
-                log.warning("sandbox children will have network access: unshare --net failed")
-            self._network = works
-        return self._network
+        """Whether children run in their own user and network namespaces (see `Namespaces`)."""
+        return await self.namespaces.isolated()
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, []
         for child in pool:
-            await self._dispose(child)
+            await dispose_child(child)
 
     async def __aenter__(self) -> Self:
         return self
@@ -280,7 +417,7 @@ class LocalProcessSandbox:
             child = self._pool.pop()
             if child.process.returncode is None:
                 return child
-            await self._dispose(child)  # died while idle
+            await dispose_child(child)  # died while idle
         return await self._spawn(limits, network, self.preload, self.replays_per_child)
 
     async def _refill(self, network: bool) -> None:
@@ -291,57 +428,19 @@ class LocalProcessSandbox:
     async def _spawn(
         self, limits: SandboxLimits, network: bool, preload: Sequence[str], replays: int
     ) -> _Child:
-        workdir = tempfile.TemporaryDirectory(prefix="sentinel-sandbox-")
-        argv = [
-            *([self._unshare, "--net", "--"] if network else []),
-            sys.executable, "-s", "-P", "-m", "sentinel.envs.sandbox",
-            "--cpu-s", str(limits.cpu_s), "--memory-mb", str(limits.memory_mb),
-            "--parent-pid", str(os.getpid()), "--preload", ",".join(preload),
-            "--replays", str(replays),
+        args = [
+            "--cpu-s", str(limits.cpu_s), *limit_args(limits, network),
+            "--preload", ",".join(preload), "--replays", str(replays),
         ]  # fmt: skip
-        try:
-            # shielded: a caller cancelled mid-spawn must still get the child, to kill it
-            with (
-                open(Path(workdir.name) / STDERR_FILE, "wb") as stderr,  # noqa: ASYNC230 (local, tiny)
-                anyio.CancelScope(shield=True),
-            ):
-                process = await anyio.open_process(
-                    argv, cwd=workdir.name, env=self._env(workdir.name), stderr=stderr,
-                    start_new_session=True,
-                )  # fmt: skip
-        except BaseException:
-            workdir.cleanup()
-            raise
-        assert process.stdout is not None
-        return _Child(process, workdir, BufferedByteReceiveStream(process.stdout), limits)
-
-    def _env(self, home: str) -> dict[str, str]:
-        """Only what the child needs: no proxies, no credentials, nothing inherited."""
-        env = {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": home,
-            "TMPDIR": home,
-            "LANG": "C.UTF-8",
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at import
-            "OPENBLAS_NUM_THREADS": "1",  # numpy's thread pool, per child, is wasted here
-            "SENTINEL_SANDBOX": self.id,
-        }
-        if pythonpath := os.environ.get("PYTHONPATH"):  # a source checkout, not installed
-            env["PYTHONPATH"] = pythonpath
-        return env
-
-    async def _dispose(self, child: _Child) -> None:
-        """Kill the child's group (a no-op once it is gone), reap it, remove its directory."""
-        with anyio.CancelScope(shield=True):
-            _kill_group(child.process.pid)
-            await child.process.aclose()
-            await anyio.to_thread.run_sync(child.workdir.cleanup)
+        namespaces = self.namespaces
+        prefix, owner = (namespaces.prefix, namespaces.owner) if network else ([], None)
+        return await spawn_child("sentinel.envs.sandbox", args, limits, prefix, self.id, owner)
 
 
 # --- the child ----------------------------------------------------------------------------
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -355,16 +454,28 @@ def _set_limit(kind: int, soft: int, hard: int) -> None:
     resource.setrlimit(kind, (soft, hard))
 
 
-def _apply_limits(cpu_s: int, memory_mb: int, replays: int) -> None:
-    """CPU: `cpu_s` for start-up and one replay; a reused child gets a budget for all of its
-    replays as the hard limit, and `_renew_cpu` moves the soft one before each."""
-    hard = cpu_s + 1 if replays == 1 else cpu_s * (replays + 1) + 1
-    _set_limit(resource.RLIMIT_CPU, cpu_s, hard)  # SIGXCPU, then SIGKILL at the hard limit
-    _set_limit(resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20)
+def apply_limits(args: argparse.Namespace, cpu_s: int, cpu_hard: int) -> None:
+    """The child's limits, from `limit_args` (see `add_limit_arguments`): RLIMIT_CPU soft at
+    `cpu_s` (SIGXCPU), hard at `cpu_hard` (SIGKILL)."""
+    _set_limit(resource.RLIMIT_CPU, cpu_s, cpu_hard)
+    _set_limit(resource.RLIMIT_AS, args.memory_mb << 20, args.memory_mb << 20)
     _set_limit(resource.RLIMIT_CORE, 0, 0)
+    _set_limit(resource.RLIMIT_NOFILE, args.max_open_files, args.max_open_files)
+    fsize = args.max_file_mb << 20  # Python ignores SIGXFSZ: a write past it raises EFBIG
+    _set_limit(resource.RLIMIT_FSIZE, fsize, fsize)
+    if args.max_processes is not None:
+        _set_limit(resource.RLIMIT_NPROC, args.max_processes, args.max_processes)
 
 
-def _renew_cpu(cpu_s: int) -> None:
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-mb", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--max-open-files", type=int, required=True)
+    parser.add_argument("--max-file-mb", type=int, required=True)
+    parser.add_argument("--max-processes", type=int, default=None, help="only when isolated")
+
+
+def renew_cpu(cpu_s: int) -> None:
     """`cpu_s` more seconds of CPU from now, for the next replay (within the hard budget)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = int(usage.ru_utime + usage.ru_stime) + 1
@@ -373,7 +484,7 @@ def _renew_cpu(cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
-def _claim_stdout() -> int:
+def claim_stdout() -> int:
     """Keep stdout for the outcome alone: whatever else prints there goes to stderr."""
     sys.stdout.flush()
     out = os.dup(1)  # not inherited by grandchildren
@@ -392,6 +503,16 @@ def _misbehave(action: DebugAction) -> None:
         subprocess.Popen(["sleep", "600"])  # a grandchild, to prove the group is killed
         while True:  # spin: uses CPU, so the CPU limit applies too
             pass
+    elif action == "fork_bomb":  # BlockingIOError at RLIMIT_NPROC
+        for _ in range(200):
+            subprocess.Popen(["sleep", "600"])
+    elif action == "open_files":  # OSError EMFILE at RLIMIT_NOFILE
+        held = [open(os.devnull, "rb") for _ in range(2000)]  # noqa: SIM115
+        del held
+    elif action == "big_file":  # OSError EFBIG at RLIMIT_FSIZE
+        Path("big").write_bytes(bytes(64 << 20))
+    elif action == "read_parent_env":  # PermissionError in its own user namespace
+        Path(f"/proc/{os.getppid()}/environ").read_bytes()
 
 
 def _domain(name: str, loaded: dict[str, Tau2Domain]) -> Tau2Domain:
@@ -405,11 +526,13 @@ def _domain(name: str, loaded: dict[str, Tau2Domain]) -> Tau2Domain:
 
 def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayOutcome:
     """The replay itself, in this process: every gold action in order on a fresh environment,
-    then only the reads on another."""
+    then only the reads on another; the env assertions checked before, after and on the reads."""
     domain, task = _domain(request.domain, loaded), request.task
     before = domain.initial_hashes if task.spec.initial_state is None else None
     episode = domain.episode(task)
     before = before or episode.db_hashes()
+    errors: list[str] = []
+    assertions_before = _assertions(domain, task, episode, errors)  # they only read
     calls = [
         ToolCall(id=f"gold-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)
         for i, a in enumerate(task.actions)
@@ -420,8 +543,13 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayO
         content = result.content[: request.limits.max_result_chars]
         results.append(ActionResult(name=call.name, error=result.error, content=content))
     after = episode.db_hashes()
+    assertions_after = _assertions(domain, task, episode, errors)
     reads = [c for c in calls if c.name not in domain.write_tools]
-    read_only = after if len(reads) == len(calls) else domain.replay(task, reads).db_hashes()
+    read_only, assertions_read_only = after, assertions_after
+    if len(reads) < len(calls):
+        read_episode = domain.replay(task, reads)
+        read_only = read_episode.db_hashes()
+        assertions_read_only = _assertions(domain, task, read_episode, errors)
     return ReplayOutcome(
         ok=True,
         results=results,
@@ -431,14 +559,27 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayO
         user_db_hash_after=after[1],
         read_only_db_hash=read_only[0],
         read_only_user_db_hash=read_only[1],
+        assertions_before=assertions_before,
+        assertions_after=assertions_after,
+        assertions_read_only=assertions_read_only,
+        assertion_error=errors[0][:500] if errors else None,
     )
+
+
+def _assertions(domain: Tau2Domain, task: Task, episode: Episode, errors: list[str]) -> bool | None:
+    """Whether the task's env assertions hold in `episode` (None: it has none); one that
+    raises counts as not holding, and its error is kept."""
+    try:
+        return domain.assertions_met(task, episode)
+    except Exception as error:  # bad arguments, a non-bool result: the task's fault
+        errors.append(f"{type(error).__name__}: {error}")
+        return False
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sentinel.envs.sandbox")
     parser.add_argument("--cpu-s", type=int, required=True)
-    parser.add_argument("--memory-mb", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
+    add_limit_arguments(parser)
     parser.add_argument("--preload", default="", help="domains to load before reading stdin")
     parser.add_argument("--replays", type=int, default=1, help="requests to serve, one per line")
     return parser.parse_args(argv)
@@ -447,9 +588,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """The child: limits first, then (warm) imports, then requests from stdin, one per line."""
     args = _arguments(argv)
-    _die_with_parent(args.parent_pid)
-    _apply_limits(args.cpu_s, args.memory_mb, args.replays)
-    out = _claim_stdout()
+    die_with_parent(args.parent_pid)
+    # a reused child gets a budget for all its replays as the hard limit; `renew_cpu` moves
+    # the soft one before each
+    replays = args.replays
+    apply_limits(args, args.cpu_s, args.cpu_s * (replays + 1 if replays > 1 else 1) + 1)
+    out = claim_stdout()
     configure_logging("WARNING", "json")
     loaded: dict[str, Tau2Domain] = {}
     for name in filter(None, args.preload.split(",")):
@@ -457,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with os.fdopen(out, "wb") as stream:
         for served, line in enumerate(sys.stdin.buffer):
             if args.replays > 1:  # each replay gets cpu_s, whatever start-up took
-                _renew_cpu(args.cpu_s)
+                renew_cpu(args.cpu_s)
             request = ReplayRequest.model_validate_json(line)
             if request.debug_action:
                 _misbehave(request.debug_action)

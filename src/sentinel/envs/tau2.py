@@ -5,14 +5,22 @@ with its policy, starts a fresh `Episode` per rollout, replays a prefix of tool 
 rebuild any intermediate state, and scores a finished conversation by tau2's own rules:
 no reward unless the agent or the user ended it; otherwise the product of the parts in the
 task's reward_basis (DB hash against the gold replay, env assertions, gold actions, required
-communication). The gold hashes are computed once per task.
+communication). The gold hashes are computed once per task (the most recent
+`gold_cache_size` tasks are kept).
+
+Tasks name environment functions outside the tool lists too: initial-state actions and env
+assertions go through tau2's `getattr` dispatch, which would call anything the toolkit object
+has (`__init__`, `update_db`, ...). `functions` and `assertion_functions` are the allow-lists,
+read from the domain's own toolkit classes, and `call_problems` checks a task against them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -40,6 +48,7 @@ _quiet_tau2()  # before tau2's modules log at import
 from tau2.data_model import message as tau2_message
 from tau2.data_model import tasks as tau2_tasks
 from tau2.environment.environment import Environment
+from tau2.environment.toolkit import ToolKitBase
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.evaluator.evaluator_communicate import CommunicateEvaluator
 
@@ -56,7 +65,9 @@ from sentinel.schemas import (
 )
 
 DOMAINS = ("retail", "airline", "telecom")
+GOLD_CACHE_SIZE = 1024  # tasks whose gold hashes a domain keeps
 Split = Literal["train", "test"]
+EnvType = Literal["assistant", "user"]
 STOPPED = {TerminationReason.AGENT_STOP, TerminationReason.USER_STOP}
 
 
@@ -176,7 +187,7 @@ class Episode:
 class Tau2Domain:
     """One tau2-bench domain: tasks, tools, policy, episodes and tau2's reward."""
 
-    def __init__(self, name: str = "retail") -> None:
+    def __init__(self, name: str = "retail", gold_cache_size: int = GOLD_CACHE_SIZE) -> None:
         if name not in DOMAINS:
             raise ValueError(f"unknown tau2 domain {name!r}; choose from {', '.join(DOMAINS)}")
         self.name = name
@@ -184,7 +195,8 @@ class Tau2Domain:
         self._make_env: Callable[..., Environment] = module.get_environment
         self._get_tasks: Callable[..., list[tau2_tasks.Task]] = module.get_tasks
         self._get_split: Callable[[], dict[str, list[str]]] = module.get_tasks_split
-        self._gold: dict[str, tuple[str | None, str | None]] = {}
+        self._gold: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()  # LRU
+        self.gold_cache_size = gold_cache_size
 
     @cached_property
     def _template(self) -> Environment:
@@ -225,6 +237,83 @@ class Tau2Domain:
         """Each agent tool's kind as tau2 declares it: read, write, think or generic."""
         tools = self._template.tools
         return {name: str(tools.tool_type(name).value) for name in self.tool_names}
+
+    @cached_property
+    def user_tool_schemas(self) -> dict[str, dict[str, Any]]:
+        """The user's tools (telecom's phone), name -> parameters schema; {} if it has none."""
+        tools = self._template.user_tools
+        if tools is None:
+            return {}
+        schemas = [tool.openai_schema["function"] for tool in tools.get_tools().values()]
+        return {s["name"]: s.get("parameters", {}) for s in schemas}
+
+    def functions(self, env_type: EnvType) -> frozenset[str]:
+        """What a task's initial-state actions may call on one side: the public methods the
+        domain's toolkit class defines (its tools, setters and assertions), not those of
+        tau2's base class or anything private."""
+        return self._allowed[env_type][0]
+
+    def assertion_functions(self, env_type: EnvType) -> frozenset[str]:
+        """What an env assertion may call: those of `functions` declared to return a bool."""
+        return self._allowed[env_type][1]
+
+    @cached_property
+    def _allowed(self) -> dict[EnvType, tuple[frozenset[str], frozenset[str]]]:
+        allowed: dict[EnvType, tuple[frozenset[str], frozenset[str]]] = {}
+        sides: list[tuple[EnvType, Any]] = [
+            ("assistant", self._template.tools), ("user", self._template.user_tools),
+        ]  # fmt: skip
+        for env_type, toolkit in sides:
+            names: set[str] = set()
+            for cls in type(toolkit).__mro__ if toolkit is not None else ():
+                if cls is ToolKitBase or not issubclass(cls, ToolKitBase):
+                    continue
+                names.update(
+                    name for name, value in vars(cls).items()
+                    if not name.startswith("_") and inspect.isfunction(value)
+                )  # fmt: skip
+            checks = {
+                name for name in names
+                if inspect.signature(getattr(toolkit, name)).return_annotation in (bool, "bool")
+            }  # fmt: skip
+            allowed[env_type] = (frozenset(names), frozenset(checks))
+        return allowed
+
+    def call_problems(self, task: Task) -> list[str]:
+        """Each function a task names that it may not call: initial-state actions, env
+        assertions and the user's gold actions, against the allow-lists above."""
+        problems: list[str] = []
+        state = task.spec.initial_state or {}
+        for i, action in enumerate(state.get("initialization_actions") or []):
+            problems += self._disallowed(f"initial_state action {i}", action, self.functions)
+        criteria = task.spec.evaluation_criteria
+        for i, check in enumerate((criteria.env_assertions or []) if criteria else []):
+            problems += self._disallowed(
+                f"env_assertion {i}", check.model_dump(), self.assertion_functions
+            )
+        for i, gold in enumerate(task.actions):
+            if gold.requestor == "user" and gold.name not in self.user_tool_schemas:
+                allowed = ", ".join(sorted(self.user_tool_schemas)) or "none in this domain"
+                problems.append(f"action {i} ({gold.name}): not a user tool; use one of {allowed}")
+        return problems
+
+    @staticmethod
+    def _disallowed(
+        where: str, call: Any, allowed: Callable[[EnvType], frozenset[str]]
+    ) -> list[str]:
+        if not isinstance(call, dict):
+            return [f"{where}: not an object"]
+        env_type, name = call.get("env_type"), call.get("func_name")
+        if env_type not in ("assistant", "user"):
+            return [f"{where}: env_type must be 'assistant' or 'user', not {env_type!r}"]
+        names = allowed(env_type)
+        if not isinstance(name, str) or name not in names:
+            choices = ", ".join(sorted(names)) or "none"
+            return [f"{where}: {str(name)[:80]!r} is not a {env_type} function; use one of "
+                    f"{choices}"]  # fmt: skip
+        if not isinstance(call.get("arguments", {}), dict):
+            return [f"{where}: arguments must be an object"]
+        return []
 
     @cached_property
     def write_tools(self) -> frozenset[str]:
@@ -289,7 +378,9 @@ class Tau2Domain:
     def gold_hashes(self, task: Task) -> tuple[str | None, str | None]:
         """Agent and user DB hashes after tau2's gold replay (errors ignored), cached."""
         key = hashlib.sha256(task.spec.model_dump_json().encode()).hexdigest()
-        if key not in self._gold:
+        if key in self._gold:
+            self._gold.move_to_end(key)
+        else:
             episode = self.episode(task)
             for action in task.actions:
                 try:
@@ -299,6 +390,8 @@ class Tau2Domain:
                 except Exception as error:  # tau2 ignores failing gold actions too
                     log.debug("gold action failed", action=action.name, error=str(error))
             self._gold[key] = episode.db_hashes()
+            while len(self._gold) > self.gold_cache_size:
+                self._gold.popitem(last=False)
         return self._gold[key]
 
     def reward(
@@ -312,8 +405,7 @@ class Tau2Domain:
         the share of gold actions done (`partial`) beside it."""
         partial = partial_credit(task, messages)
         if termination not in STOPPED:
-            note = {"note": f"terminated: {termination.value}"}
-            return RewardBreakdown(reward=0.0, partial=partial, info=note)
+            return unscored(task, messages, termination)
         criteria = task.spec.evaluation_criteria
         if criteria is None:
             return RewardBreakdown(reward=1.0, partial=1.0, info={"note": "no evaluation criteria"})
@@ -347,12 +439,26 @@ class Tau2Domain:
         )  # fmt: skip
 
     def _assertions(self, task: Task, episode: Episode) -> float:
+        return 0.0 if self.assertions_met(task, episode) is False else 1.0
+
+    def assertions_met(self, task: Task, episode: Episode) -> bool | None:
+        """Whether the task's env assertions hold in `episode`; None if it has none. Raises
+        what tau2 raises for one it cannot evaluate (run it where limits apply)."""
         spec = to_tau2_task(task)
         assertions = spec.evaluation_criteria.env_assertions if spec.evaluation_criteria else None
-        met = [
-            episode.env.run_env_assertion(a, raise_assertion_error=False) for a in assertions or []
-        ]
-        return 1.0 if all(met) else 0.0
+        if not assertions:
+            return None
+        env = episode.env
+        return all(env.run_env_assertion(a, raise_assertion_error=False) for a in assertions)
+
+
+def unscored(
+    task: Task, messages: Sequence[ChatMessage], termination: TerminationReason
+) -> RewardBreakdown:
+    """The reward of a conversation nobody ended (tau2 gives 0), partial credit beside it:
+    no environment needed."""
+    note = {"note": f"terminated: {termination.value}"}
+    return RewardBreakdown(reward=0.0, partial=partial_credit(task, messages), info=note)
 
 
 def partial_credit(task: Task, messages: Sequence[ChatMessage]) -> float:

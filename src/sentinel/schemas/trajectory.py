@@ -47,7 +47,7 @@ class TurnTokens(Strict):
 
 
 class TerminationReason(StrEnum):
-    """tau2-bench's reasons (same values), plus two of SENTINEL's own."""
+    """tau2-bench's reasons (same values), plus three of SENTINEL's own."""
 
     AGENT_STOP = "agent_stop"
     USER_STOP = "user_stop"
@@ -57,6 +57,7 @@ class TerminationReason(StrEnum):
     USER_ERROR = "user_error"
     CONTEXT_LENGTH = "context_length"  # the conversation outgrew the model's context
     INFRA_ERROR = "infra_error"  # the server or environment failed, not the agent
+    TOOL_TIMEOUT = "tool_timeout"  # a tool call the agent made ran past its limits
 
 
 class RewardBreakdown(Strict):

@@ -27,9 +27,11 @@ import httpx
 import yaml
 
 from sentinel.envs.tau2 import Tau2Domain
+from sentinel.orchestrator.streams import Stream
 from sentinel.process import start_child, stop_child
-from sentinel.report import build_report, problems
-from sentinel.schemas import RolloutGroup
+from sentinel.report import Artifacts, build_report, problems
+from sentinel.schemas import RolloutGroup, TrainStepReport
+from sentinel.training.batch import UNINFORMATIVE
 
 RUN_TIMEOUT_S = 1500
 
@@ -53,8 +55,7 @@ def config(tmp_path: Path, policy_url: str) -> Path:
         "controller": {"use_llm": False},
         "proposer": {"use_llm": False, "tasks_per_pattern": 1},
         "validation": {"warm": 1},
-        "workers": {"concurrency": 1, "soft_time_limit_s": 240, "time_limit_s": 250,
-                    "visibility_timeout_s": 300},
+        "workers": {"concurrency": 1, "soft_time_limit_s": 240, "time_limit_s": 250},
     }  # fmt: skip
     path = tmp_path / "sentinel.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -123,7 +124,14 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
     assert not (run_dir / "redis" / "server.json").exists()
     informative = [g for g in groups(run_dir) if g.informative(0.5)]
     print(f"groups with reward variance: {len(informative)} of {report.groups}")
-    assert (report.train_steps > 0) == bool(informative)  # dynamic filtering, nothing else
+    fates = trainer_fates(run_dir)
+    for group in groups(run_dir):  # dynamic filtering decided each group, and nothing else
+        fate = fates[group.id]
+        if group.dropped:
+            assert fate == f"rollout: {group.dropped}"
+        elif not fate.startswith("stale"):
+            assert fate == ("trained" if group.informative(0.5) else UNINFORMATIVE), group.id
+    assert (report.train_steps > 0) == any(f == "trained" for f in fates.values())
     leafe = report.leafe
     assert leafe is not None, "nothing explored"
     assert leafe.failures > 0
@@ -139,5 +147,14 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
 
 
 def groups(run_dir: Path) -> list[RolloutGroup]:
-    text = (run_dir / "artifacts" / "rollout_groups.jsonl").read_text()
-    return [RolloutGroup.model_validate_json(line) for line in text.splitlines()]
+    """The training groups (held-out evaluation groups are not among them)."""
+    return [g for g in Artifacts(run_dir).read(Stream.ROLLOUT_GROUPS, RolloutGroup)
+            if g.purpose == "train"]  # fmt: skip
+
+
+def trainer_fates(run_dir: Path) -> dict[str, str]:
+    """Each group's fate in the trainer's reports: "trained", or why it was left out."""
+    fates: dict[str, str] = {}
+    for report in Artifacts(run_dir).read(Stream.TRAIN_REPORTS, TrainStepReport):
+        fates |= dict.fromkeys(report.trained_groups, "trained") | report.dropped_groups
+    return fates

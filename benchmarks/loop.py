@@ -52,7 +52,7 @@ def run(config: Path, mode: str, groups: int, workdir: Path) -> Path:
 def informative_fraction(run_dir: Path, partial_credit: float) -> float:
     path = run_dir / "artifacts" / "rollout_groups.jsonl"
     groups = [RolloutGroup.model_validate_json(x) for x in path.read_text().splitlines()]
-    kept = [g for g in groups if not g.dropped]
+    kept = [g for g in groups if not g.dropped and g.purpose == "train"]  # not held-out trials
     return sum(g.informative(partial_credit) for g in kept) / max(len(kept), 1)
 
 

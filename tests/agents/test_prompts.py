@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from sentinel.agents.prompts import Origin, PromptBook
+from sentinel.agents.prompts import ORIGIN_TTL_S, Origin, PromptBook
 from sentinel.config import ProposerSettings
 from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import RejectionCode, RejectionReason, ValidationResult
@@ -73,3 +73,26 @@ async def test_streak_counts_consecutive_rejections_of_a_pattern(book: PromptBoo
 async def test_verdicts_of_unknown_proposals_are_ignored(book: PromptBook) -> None:
     assert await book.record(verdict(99, RejectionCode.SCHEMA)) is None
     assert (await book.tally("version:1")).verdicts == 0
+
+
+async def test_a_redelivered_verdict_counts_once(book: PromptBook) -> None:
+    await book.remember("p-0", Origin(prompt_version=1, pattern_id="pat"))
+    rejection = verdict(0, RejectionCode.UNKNOWN_ENTITY, "order #W999 does not exist")
+    async with anyio.create_task_group() as tg:  # redeliveries racing the first delivery
+        for _ in range(4):
+            tg.start_soon(book.record, rejection)
+    await book.record(rejection)
+    tally = await book.tally("version:1")
+    assert (tally.rejected, tally.codes) == (1, {"unknown_entity": 1})
+    assert (await book.tally("pattern:pat")).verdicts == 1
+    assert await book.streak("pat") == 1
+    assert len(await book.redis.lrange(book._key("rejections", 1), 0, -1)) == 1
+
+
+async def test_an_origin_lasts_until_its_verdict_and_expires_without_one(book: PromptBook) -> None:
+    for i in range(2):
+        await book.remember(f"p-{i}", Origin(prompt_version=1, pattern_id=None))
+    assert 0 < await book.redis.ttl(book._key("origin", "p-1")) <= ORIGIN_TTL_S
+    await book.record(verdict(0, None))
+    assert not await book.redis.exists(book._key("origin", "p-0"))  # counted: consumed
+    assert await book.redis.exists(book._key("origin", "p-1"))  # still awaiting its verdict

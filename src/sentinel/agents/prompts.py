@@ -5,6 +5,8 @@ counted per version and per pattern; once a version has `revise_after` verdicts 
 fewer than `min_acceptance` of them, a new version is written whose lessons come from its
 most frequent rejection reasons, with a real example of each. Versions, counts and recent
 rejections live in Redis, so every Proposer replica shares them and a restart keeps them.
+A proposal's origin is consumed by the transaction that counts its verdict, so a redelivered
+verdict counts once and origins do not pile up; one whose verdict never comes expires.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from sentinel.config import ProposerSettings
 from sentinel.logs import get_logger
@@ -24,6 +28,7 @@ from sentinel.schemas.message import utc_now
 log = get_logger(__name__)
 
 RECENT_REJECTIONS = 50
+ORIGIN_TTL_S = 7 * 24 * 3600  # a verdict comes within minutes; this only bounds the orphans
 
 ADVICE: dict[RejectionCode, str] = {
     RejectionCode.SCHEMA: "Write complete, valid JSON with every field, and keep texts short.",
@@ -105,7 +110,8 @@ class PromptBook:
         return sorted((PromptVersion.model_validate_json(r) for r in raw), key=lambda v: v.version)
 
     async def remember(self, proposal_id: str, origin: Origin) -> None:
-        await self.redis.hset(self._key("origins"), proposal_id, origin.model_dump_json())
+        key = self._key("origin", proposal_id)
+        await self.redis.set(key, origin.model_dump_json(), ex=ORIGIN_TTL_S)
 
     async def tally(self, scope: str) -> Tally:
         """Counts for `version:<n>` or `pattern:<id>`."""
@@ -121,34 +127,51 @@ class PromptBook:
 
     async def record(self, result: ValidationResult) -> PromptVersion | None:
         """Count a verdict; returns the new prompt version if it triggered a revision."""
-        raw = await self.redis.hget(self._key("origins"), result.proposal_id)
-        if raw is None:
-            return None  # not ours (a mutation or another run): nothing to learn per version
-        origin = Origin.model_validate_json(raw)
-        await self.count(origin, result)
+        origin = await self.count(result)
+        if origin is None:
+            return None  # not ours, another run's, or already counted: nothing to learn
         return await self._maybe_revise(origin.prompt_version)
 
-    async def count(self, origin: Origin, result: ValidationResult) -> None:
+    async def count(self, result: ValidationResult) -> Origin | None:
+        """Count a verdict once per proposal: the proposal's origin is read and deleted in the
+        counting transaction, so a redelivered verdict (or a second verdict for the same
+        proposal) finds none. Returns the origin it counted for, None if it counted nothing."""
+        key = self._key("origin", result.proposal_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return None
+                    origin = Origin.model_validate_json(raw)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(key)
+                    self._tally(pipe, origin, result)
+                    await pipe.execute()
+                    return origin
+                except WatchError:
+                    continue  # another replica touched it: read again
+
+    def _tally(self, pipe: Pipeline, origin: Origin, result: ValidationResult) -> None:
         verdict = "accepted" if result.accepted else "rejected"
         scopes = [f"version:{origin.prompt_version}"]
         if origin.pattern_id:
             scopes.append(f"pattern:{origin.pattern_id}")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for scope in scopes:
-                pipe.hincrby(self._key("tally", scope), verdict, 1)
-                for reason in result.reasons:
-                    pipe.hincrby(self._key("tally", scope), f"code:{reason.code.value}", 1)
-            if origin.pattern_id:
-                streak = self._key("streak", origin.pattern_id)
-                if result.accepted:
-                    pipe.delete(streak)
-                else:
-                    pipe.incr(streak)
+        for scope in scopes:
+            pipe.hincrby(self._key("tally", scope), verdict, 1)
             for reason in result.reasons:
-                recent = self._key("rejections", origin.prompt_version)
-                pipe.lpush(recent, f"{reason.code.value}\t{reason.detail[:300]}")
-                pipe.ltrim(recent, 0, RECENT_REJECTIONS - 1)
-            await pipe.execute()
+                pipe.hincrby(self._key("tally", scope), f"code:{reason.code.value}", 1)
+        if origin.pattern_id:
+            streak = self._key("streak", origin.pattern_id)
+            if result.accepted:
+                pipe.delete(streak)
+            else:
+                pipe.incr(streak)
+        for reason in result.reasons:
+            recent = self._key("rejections", origin.prompt_version)
+            pipe.lpush(recent, f"{reason.code.value}\t{reason.detail[:300]}")
+            pipe.ltrim(recent, 0, RECENT_REJECTIONS - 1)
 
     async def _maybe_revise(self, version: int) -> PromptVersion | None:
         tally = await self.tally(f"version:{version}")

@@ -106,3 +106,11 @@ async def test_structured_output_from_the_real_server_parses(llm: Client) -> Non
         llm(), [{"role": "user", "content": "Pick a colour."}], Colour, max_tokens=20
     )
     assert value.colour in ("red", "green")
+
+
+async def test_an_answer_too_large_to_parse_is_not_shown_back_to_the_model() -> None:
+    client = Scripted(("[" * 10_000 + "]" * 10_000, "stop"), ('{"colour": "red"}', "stop"))
+    with pytest.raises(MalformedOutput, match="nested deeper than") as caught:
+        await complete_structured(client, [{"role": "user", "content": "?"}], Colour, max_tokens=3)
+    assert len(client.seen) == 1  # no repair round that would send it back
+    assert not caught.value.retry

@@ -3,6 +3,7 @@ validator judges them, and the verdicts feed the prompt statistics."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
+    Envelope,
     ErrorPattern,
     FailureCategory,
     Origin,
@@ -78,11 +80,17 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
     accepted = sum(r.accepted for r in results)
     print(f"SmolLM2 proposals accepted: {accepted}/{len(results)}")
     for result in results:
-        assert result.accepted or result.reasons
+        assert all(r.detail.strip() for r in result.reasons), result.reasons  # each says why
         codes = {r.code for r in result.reasons}  # grounding's enums rule these out
         assert not codes & {RejectionCode.UNKNOWN_TOOL, RejectionCode.UNKNOWN_ENTITY}, codes
-    tally = await agent.book.tally("version:1")
-    assert tally.verdicts == len(written)
+    ours = [r for r, p in zip(results, proposals, strict=True) if p.proposer_model == "smol"]
+    tally = await agent.book.tally("version:1")  # the LLM's proposals, each counted once
+    assert (tally.accepted, tally.rejected) == (
+        sum(r.accepted for r in ours),
+        sum(not r.accepted for r in ours),
+    )
+    codes = [r.code.value for result in ours for r in result.reasons]
+    assert tally.codes == {code: codes.count(code) for code in codes}
 
 
 async def test_repeated_rejections_switch_the_pattern_to_mutation(
@@ -112,6 +120,32 @@ async def test_without_an_llm_it_mutates_seeds(retail: Tau2Domain, bus: Bus) -> 
     assert len({p.task.id for p in proposals}) == len(proposals)
 
 
+async def test_a_structurally_wrong_draft_is_a_schema_verdict_not_a_crash(
+    retail: Tau2Domain, bus: Bus
+) -> None:
+    """Issue 19, 4: a draft whose action name is not a string, or whose arguments are not an
+    object, used to raise from handle_pattern (redelivered until dead-lettered, unlearnt)."""
+    client = Shaped(
+        {"name": 5, "arguments": {"order_id": "#W1"}},
+        {"name": "cancel_pending_order", "arguments": ["#W1", "no longer needed"]},
+    )
+    agent = proposer(retail, bus, client)
+    await agent.handle_pattern(Envelope.wrap(PATTERN))
+    published = await bus.redis.xlen(bus.keys.stream(Stream.PROPOSALS))
+    assert published == SETTINGS.tasks_per_pattern  # mutations stood in for the drafts
+    entries = await bus.redis.xrange(bus.keys.stream(Stream.VALIDATIONS))
+    verdicts = [Envelope.from_wire(fields, ValidationResult).payload for _, fields in entries]
+    assert len(verdicts) == SETTINGS.tasks_per_pattern
+    for verdict in verdicts:
+        assert not verdict.accepted
+        [reason] = verdict.reasons
+        assert reason.code == RejectionCode.SCHEMA
+        assert reason.detail.startswith("TaskDraft: writes.0."), reason.detail
+    await consume_verdicts(agent, bus)
+    tally = await agent.book.tally(f"pattern:{PATTERN.id}")
+    assert tally.codes == {"schema": SETTINGS.tasks_per_pattern}  # the prompt book learnt
+
+
 async def consume_verdicts(agent: Proposer, bus: Bus) -> None:
     consumer = bus.consumer(
         Stream.VALIDATIONS, "proposer-feedback", ValidationResult, agent.handle_verdict
@@ -129,3 +163,23 @@ class Garbage:
     async def complete(self, *_: Any, **__: Any) -> Completion:
         Garbage.calls += 1
         return Completion(content='{"persona": "cut off', finish_reason="length")
+
+
+class Shaped:
+    """A stand-in endpoint whose drafts are well-formed JSON of the wrong shape: each answer
+    (the first try, then the repair) has one of `writes` as its only write."""
+
+    model = "shaped"
+
+    def __init__(self, *writes: dict[str, Any]) -> None:
+        self.writes = writes
+        self.calls = 0
+
+    async def complete(self, *_: Any, **__: Any) -> Completion:
+        write = self.writes[self.calls % len(self.writes)]
+        self.calls += 1
+        draft = {
+            "lookups": [], "writes": [write], "reason_for_call": "Cancel it.",
+            "known_info": "", "unknown_info": "", "task_instructions": "", "persona": "Calm.",
+        }  # fmt: skip
+        return Completion(content=json.dumps(draft), finish_reason="stop")

@@ -15,6 +15,8 @@ from sentinel.schemas import ChatMessage, ToolCall
 
 pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings(max_tokens=96, temperature=1.2)
+DEEP = '{"content": ' + "[" * 10_000 + "]" * 10_000 + "}"
+SURROGATE = '{"content": "\\ud800"}'
 OPENING = [
     ChatMessage(role="assistant", content="Hi! How can I help you today?"),
     ChatMessage(role="user", content="Please cancel order #W2378156, I ordered by mistake."),
@@ -109,6 +111,15 @@ def test_tools_are_strict_and_strings_capped(retail: Tau2Domain) -> None:
             Completion(tool_calls=[RawToolCall(id="1", name=RESPOND, arguments="[1]")]),
             "must be a JSON object",
         ),
+        (  # issue 19: json.loads raised RecursionError here, which ended the whole group
+            Completion(tool_calls=[RawToolCall(id="1", name=RESPOND, arguments=DEEP)]),
+            "nested deeper than",
+        ),
+        (  # valid JSON, but a lone surrogate could not be stored with the trajectory
+            Completion(tool_calls=[RawToolCall(id="1", name=RESPOND, arguments=SURROGATE)]),
+            "arguments are not JSON",
+        ),
+        (Completion(content="x" * 1_000_000, finish_reason="stop"), "over the limit"),
     ],
 )
 async def test_malformed_output_becomes_a_reason_not_a_crash(
@@ -120,6 +131,7 @@ async def test_malformed_output_becomes_a_reason_not_a_crash(
     assert reason in turn.malformed
     assert turn.message.error
     assert turn.tokens is None  # the stand-in returns no token ids
+    assert len(turn.message.model_dump_json()) < 200_000  # storable, and cut to a bound
 
 
 async def test_plain_text_from_a_server_without_tool_choice_is_a_message(

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from anyio.abc import SocketAttribute, SocketStream
 
-from sentinel.agents.llm import OpenAIChatClient
-from sentinel.config import LLMEndpoint, Settings, UserSimSettings
+from sentinel.agents.llm import Completion, LLMError, OpenAIChatClient
+from sentinel.agents.user import UserSimulator
+from sentinel.config import LLMEndpoint, RolloutSettings, Settings, UserSimSettings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.process import free_port
 from sentinel.schemas import ChatMessage
@@ -19,6 +23,7 @@ from sentinel.usersim.fidelity import (
     Check,
     FidelityReport,
     FidelityTooLow,
+    Prober,
     ask_judge,
     gate,
     render_table,
@@ -118,11 +123,52 @@ async def test_a_failing_judge_leaves_the_rules_verdict() -> None:
 
 
 async def test_gate_is_off_without_a_threshold(settings: Settings) -> None:
-    unreachable = LLMEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
+    connections = 0
+
+    async def count(stream: SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.aclose()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    endpoint = LLMEndpoint(base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout_s=5)
     off = settings.model_copy(
-        update={"llm": settings.llm.model_copy(update={"user_sim": unreachable})}
+        update={"llm": settings.llm.model_copy(update={"user_sim": endpoint})}
     )
-    await gate(off)  # no threshold: nothing is probed, so the dead endpoint is never called
+    assert off.usersim.min_fidelity is None
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, count)
+        await gate(off)
+        assert connections == 0  # no threshold: the simulator was never probed
+        client = OpenAIChatClient(endpoint)  # the control: a request is seen
+        with pytest.raises(LLMError):
+            await client.complete([{"role": "user", "content": "hi"}], max_tokens=4)
+        await client.aclose()
+        assert connections == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_a_reply_too_long_to_be_a_turn_fails_its_checks(retail: Tau2Domain) -> None:
+    task = retail.tasks("train")[0]
+    huge = Completion(content="I want a refund. " * 60_000, finish_reason="stop")
+    user = UserSimulator(Scripted(huge), RolloutSettings())
+    prober = Prober(user, retail, judge=None, concurrency=1)
+    result = await prober.probe(script(task, retail.write_tools), "greeting", "You are a user.")
+    assert "characters (limit" in result.failures["well_formed"]
+    assert len(result.model_dump_json()) < 200_000  # the report keeps a bounded reply
+
+
+class Scripted:
+    """A stand-in simulator endpoint that always answers `completion` (error handling only)."""
+
+    model = "scripted"
+
+    def __init__(self, completion: Completion) -> None:
+        self.completion = completion
+
+    async def complete(self, *_: Any, **__: Any) -> Completion:
+        return self.completion
 
 
 async def test_real_simulator_is_probed_and_the_gate_refuses_below_threshold(

@@ -8,16 +8,22 @@ trainer learns from exactly what was sampled.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any, Protocol, TypeVar
 
 import openai
 from pydantic import BaseModel, Field, ValidationError
+from pydantic_core import from_json
 
 from sentinel.config import LLMEndpoint
 
 Messages = list[dict[str, Any]]
+
+# Bounds on any model output, checked before parsing: a real answer is max_tokens long (a
+# few thousand characters) and a few levels deep; a hostile one must not cost a parser
+# minutes, recursion or memory. Generous enough for a strong model's longest answer.
+MAX_OUTPUT_CHARS = 100_000
+MAX_JSON_DEPTH = 32
+PROBLEM_CHARS = 300  # a reason quotes at most this much of what the model wrote
 
 
 class LLMError(RuntimeError):
@@ -29,11 +35,16 @@ class ContextLengthExceeded(LLMError):
 
 
 class MalformedOutput(LLMError):
-    """The model's answer does not parse as the requested structure, even after a repair."""
+    """The model's answer does not parse as the requested structure, even after a repair.
 
-    def __init__(self, message: str, raw: str) -> None:
-        super().__init__(message)
-        self.raw = raw
+    `problem` is the reason without the structure's name; `retry` is False when asking the
+    model again cannot help (the answer is too large to show it back)."""
+
+    def __init__(self, what: str, problem: str, raw: str, *, retry: bool = True) -> None:
+        super().__init__(f"{what}: {problem}")
+        self.problem = problem
+        self.raw = storable(raw)
+        self.retry = retry
 
 
 T = TypeVar("T", bound=BaseModel)
@@ -144,12 +155,89 @@ def _completion(response: Any, record_tokens: bool) -> Completion:
     return completion
 
 
+def check_text(text: str, what: str = "output") -> str:
+    """`text` if it is small enough to handle and valid Unicode; ValueError says why not.
+
+    Every parser of model output calls this (or `check_json`) first."""
+    if len(text) > MAX_OUTPUT_CHARS:
+        raise ValueError(f"{what}: {len(text)} characters, over the limit of {MAX_OUTPUT_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: it would fail later, when stored
+        raise ValueError(f"{what}: not valid Unicode at character {error.start}") from None
+    return text
+
+
+def check_json(text: str, what: str = "output") -> str:
+    """`check_text`, and JSON nesting no deeper than MAX_JSON_DEPTH (counted without parsing,
+    so a hostile answer costs one linear scan, never the parser's recursion)."""
+    check_text(text, what)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+    return text
+
+
+def _depth(text: str) -> int:
+    """The deepest bracket nesting outside JSON strings (stops counting past the limit)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def storable(text: str) -> str:
+    """At most MAX_OUTPUT_CHARS of model output, lone surrogates replaced: safe to keep."""
+    return text[:MAX_OUTPUT_CHARS].encode("utf-8", "replace").decode("utf-8")
+
+
+def clip(text: str, limit: int = PROBLEM_CHARS) -> str:
+    """At most `limit` characters of model output, for a reason or a log line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_arguments(raw: str) -> dict[str, Any]:
-    """A tool call's JSON arguments as a dict; ValueError says what is wrong."""
-    value = json.loads(raw)
+    """A tool call's JSON arguments as a dict; ValueError says what is wrong.
+
+    Strict JSON: no NaN or Infinity, no lone surrogates (both would break storing the call)."""
+    check_json(raw, "arguments")
+    try:
+        value = from_json(raw, allow_inf_nan=False)
+    except ValueError as error:
+        raise ValueError(f"arguments are not JSON: {error}") from None
     if not isinstance(value, dict):
         raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def parse_structured(raw: str, model: type[T], *, truncated: bool = False) -> T:
+    """A model answer parsed as `model`; MalformedOutput says why it is not one.
+
+    `truncated`: the answer stopped at the token limit (the reason says so)."""
+    try:
+        check_json(raw, "the answer")
+    except ValueError as error:
+        raise MalformedOutput(model.__name__, str(error), raw, retry=False) from None
+    try:
+        return model.model_validate_json(_json_text(raw))
+    except ValidationError as error:
+        problem = first_problem(error, truncated=truncated)
+        raise MalformedOutput(model.__name__, problem, raw) from None
 
 
 async def complete_structured(
@@ -176,32 +264,36 @@ async def complete_structured(
         )
         raw = completion.content or ""
         try:
-            return model.model_validate_json(_json_text(raw))
-        except ValidationError as error:
-            problem = _first_problem(error, truncated=completion.finish_reason == "length")
-            if attempt == 1:
-                raise MalformedOutput(f"{model.__name__}: {problem}", raw) from None
+            return parse_structured(raw, model, truncated=completion.finish_reason == "length")
+        except MalformedOutput as error:
+            if attempt == 1 or not error.retry:
+                raise
             conversation += [
                 {"role": "assistant", "content": raw},
-                {"role": "user", "content": f"That JSON is invalid: {problem}. Answer again, "
-                 "shorter, with only the corrected JSON."},
+                {"role": "user", "content": f"That JSON is invalid: {error.problem}. Answer "
+                 "again, shorter, with only the corrected JSON."},
             ]  # fmt: skip
     raise AssertionError("unreachable")
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
-
-
 def _json_text(raw: str) -> str:
-    """The JSON inside an answer: without code fences or prose around the outer object."""
-    text = _FENCE.sub("", raw.strip())
+    """The JSON inside an answer: without code fences or prose around the outer object.
+
+    Plain string operations: a regex with `\\s*` before an anchor is quadratic in runs of
+    whitespace, minutes on a hostile answer."""
+    text = raw.strip()
+    if text.startswith("```"):
+        text = text[3:].removeprefix("json").lstrip()
+    if text.endswith("```"):
+        text = text[:-3].rstrip()
     start, end = text.find("{"), text.rfind("}")
     return text[start : end + 1] if 0 <= start < end else text
 
 
-def _first_problem(error: ValidationError, *, truncated: bool) -> str:
+def first_problem(error: ValidationError, *, truncated: bool) -> str:
+    """The first validation error, short: where and what (never the whole input)."""
     if truncated:
         return "the answer was cut off at the token limit"
     item = error.errors(include_url=False)[0]
     where = ".".join(str(part) for part in item["loc"]) or "the answer"
-    return f"{where}: {item['msg']}"
+    return clip(f"{where}: {item['msg']}")  # a location can be a hostile key

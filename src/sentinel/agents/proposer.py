@@ -7,7 +7,8 @@ runnable actions; the scenario always carries the user's real identifiers. The p
 carries the current version's lessons from validation (`agents.prompts`). When proposals
 for a pattern keep failing, or the endpoint is down, it mutates a seed train task toward the
 pattern instead. Proposals go to the proposals stream; verdicts come back on the
-validations stream and update the prompt statistics.
+validations stream and update the prompt statistics. A draft that does not parse, or does not
+make a task, is a `schema` verdict of its own, so the prompt learns from it too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sentinel.agents.grounding import (
     Grounding,
@@ -27,7 +28,14 @@ from sentinel.agents.grounding import (
     ground,
     mutate,
 )
-from sentinel.agents.llm import ChatClient, LLMError, MalformedOutput, complete_structured
+from sentinel.agents.llm import (
+    ChatClient,
+    LLMError,
+    MalformedOutput,
+    clip,
+    complete_structured,
+    first_problem,
+)
 from sentinel.agents.prompts import Origin as ProposalOrigin
 from sentinel.agents.prompts import PromptBook, PromptVersion
 from sentinel.config import ProposerSettings
@@ -66,6 +74,15 @@ calls a perfect agent makes to solve it. The task must exercise the weakness des
 only the entities given, and be solvable under the store's policy. Answer with JSON only."""
 
 
+class DraftAction(BaseModel):
+    """One gold tool call as the LLM writes it: typed here, so a wrong shape is a reason."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
 class TaskDraft(BaseModel):
     """What the LLM writes for one task."""
 
@@ -76,8 +93,8 @@ class TaskDraft(BaseModel):
     known_info: str = Field(max_length=600)
     unknown_info: str = Field(max_length=400)
     task_instructions: str = Field(max_length=1200)
-    lookups: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_LOOKUPS)
-    writes: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_WRITES)
+    lookups: list[DraftAction] = Field(default_factory=list, max_length=MAX_LOOKUPS)
+    writes: list[DraftAction] = Field(min_length=1, max_length=MAX_WRITES)
 
 
 def draft_schema(lookups: dict[str, Any], writes: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +182,7 @@ class Proposer:
         proposals: list[TaskProposal] = []
 
         async def one() -> None:  # concurrent: the server batches them
-            proposal = None if mutate_now else await self._write(pattern)
+            proposal = None if mutate_now else await self.write(pattern)
             proposal = proposal or await self._mutation(pattern)
             if proposal is not None:
                 proposals.append(proposal)
@@ -175,8 +192,9 @@ class Proposer:
                 tg.start_soon(one)
         return proposals
 
-    async def _write(self, pattern: ErrorPattern | None) -> TaskProposal | None:
-        """One LLM-written proposal; None if the domain or the endpoint cannot give one."""
+    async def write(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+        """One LLM-written proposal; None if the domain or the endpoint cannot give one, or
+        the draft is unusable (then a `schema` verdict says why)."""
         assert self.client is not None
         prompt = await self.book.current()
         pattern_tools = pattern.tools if pattern else []
@@ -203,13 +221,13 @@ class Proposer:
                 self.client, messages, TaskDraft, schema=schema,
                 max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
             )  # fmt: skip
+            task = self._task(task_id, draft, grounding, pattern, prompt)
         except MalformedOutput as error:
             await self._unparseable(task_id, pattern, prompt, error)
             return None
         except LLMError as error:
             log.warning("proposer endpoint failed; mutating instead", error=str(error))
             return None
-        task = self._task(task_id, draft, grounding, pattern, prompt)
         return await self._proposal(task, pattern, prompt.version, self.client.model)
 
     async def _unparseable(
@@ -224,7 +242,7 @@ class Proposer:
         )  # fmt: skip
         await self.book.remember(proposal_id, origin)
         await self.bus.publish(Stream.VALIDATIONS, verdict)
-        log.info("proposal unparseable", task=task_id, error=str(error)[:200])
+        log.info("proposal unparseable", task=task_id, error=clip(str(error), 200))
 
     def _task(
         self,
@@ -234,8 +252,23 @@ class Proposer:
         pattern: ErrorPattern | None,
         prompt: PromptVersion,
     ) -> Task:
+        """The task a parsed draft stands for; MalformedOutput if it makes none."""
+        try:
+            return self._build(task_id, draft, grounding, pattern, prompt)
+        except ValidationError as error:
+            problem = first_problem(error, truncated=False)
+            raise MalformedOutput("Task", problem, draft.model_dump_json()) from None
+
+    def _build(
+        self,
+        task_id: str,
+        draft: TaskDraft,
+        grounding: Grounding,
+        pattern: ErrorPattern | None,
+        prompt: PromptVersion,
+    ) -> Task:
         actions = [
-            Action(action_id=str(i), name=a.get("name", ""), arguments=a.get("arguments", {}))
+            Action(action_id=str(i), name=a.name, arguments=a.arguments)
             for i, a in enumerate([*draft.lookups, *draft.writes])
         ]
         instructions = UserInstructions(

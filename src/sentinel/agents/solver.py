@@ -4,7 +4,8 @@ Every turn is a tool call, enforced by the server's guided decoding (`tool_choic
 with strict schemas); talking to the user is the `respond` pseudo-tool. A 135M model almost
 never calls tools on its own, and this keeps every finished turn parseable while the sampled
 tokens stay exactly what the trainer sees. Whatever still goes wrong (truncation, an unknown
-tool, arguments that are not JSON) becomes an error observation for the agent, never a crash.
+tool, arguments that are not JSON, an answer too long or too deep to parse) becomes an error
+observation for the agent, never a crash.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sentinel.agents.llm import ChatClient, Completion, Messages, parse_arguments
+from sentinel.agents.llm import (
+    ChatClient,
+    Completion,
+    Messages,
+    check_text,
+    clip,
+    parse_arguments,
+    storable,
+)
 from sentinel.config import RolloutSettings
 from sentinel.schemas import ChatMessage, ToolCall, TurnTokens
 
@@ -108,24 +117,28 @@ class Solver:
             record_tokens=True,
         )
         tokens = _tokens(completion, len(history), self.settings.temperature)
-        message, problem = self._interpret(completion)
+        message, problem = self.interpret(completion)
         return AgentTurn(message=message, tokens=tokens, malformed=problem)
 
-    def _interpret(self, completion: Completion) -> tuple[ChatMessage, str | None]:
+    def interpret(self, completion: Completion) -> tuple[ChatMessage, str | None]:
+        """The turn a completion stands for, and why it is malformed (None: it is usable)."""
         raw = completion.content or ""
         if not completion.tool_calls:
             if completion.finish_reason == "length":
                 return _malformed(raw, "output cut off at max_tokens before a tool call closed")
             if "<tool_call>" in raw or not raw.strip():
                 return _malformed(raw, "no parseable tool call")
-            return ChatMessage(role="assistant", content=raw), None  # a server without tool_choice
+            try:  # a server without tool_choice: the text is the message
+                return ChatMessage(role="assistant", content=check_text(raw, "the message")), None
+            except ValueError as error:
+                return _malformed(raw, str(error))
         call = completion.tool_calls[0]
         if call.name not in self.tool_names:
-            return _malformed(raw or call.arguments, f"unknown tool {call.name!r}")
+            return _malformed(raw or call.arguments, f"unknown tool {clip(call.name, 80)!r}")
         try:
             arguments = parse_arguments(call.arguments)
         except ValueError as error:
-            return _malformed(call.arguments, f"{call.name} arguments are not JSON: {error}")
+            return _malformed(call.arguments, f"{call.name}: {error}")
         if call.name == RESPOND:
             content = arguments.get("content")
             if not isinstance(content, str):
@@ -160,7 +173,8 @@ class Solver:
 
 
 def _malformed(raw: str, reason: str) -> tuple[ChatMessage, str]:
-    return ChatMessage(role="assistant", content=raw, error=True), reason
+    """The output kept as the turn's text (shown back to the agent), cut to a storable size."""
+    return ChatMessage(role="assistant", content=storable(raw), error=True), clip(reason)
 
 
 def _tokens(completion: Completion, message_index: int, temperature: float) -> TurnTokens | None:

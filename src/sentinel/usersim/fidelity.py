@@ -21,7 +21,13 @@ import anyio
 from pydantic import BaseModel, Field
 from rich.table import Table
 
-from sentinel.agents.llm import ChatClient, LLMError, OpenAIChatClient, complete_structured
+from sentinel.agents.llm import (
+    ChatClient,
+    LLMError,
+    MalformedOutput,
+    OpenAIChatClient,
+    complete_structured,
+)
 from sentinel.agents.user import STOP_TOKENS, UserSimulator
 from sentinel.config import Settings
 from sentinel.logs import get_logger
@@ -252,7 +258,10 @@ class Prober:
 
     async def probe(self, dialogue: Dialogue, stage: Stage, prompt: str) -> TurnResult:
         history = dialogue.prefix(stage)
-        reply = (await self.user.reply(prompt, history)).content or ""
+        try:
+            reply = (await self.user.reply(prompt, history)).content or ""
+        except MalformedOutput as error:  # too long to be a turn: the rules fail it
+            reply = error.raw
         results = rule_checks(reply, stage, dialogue.scenario)
         judged = None
         if self.judge is not None and results["no_role_flip"] is None and "?" in reply:

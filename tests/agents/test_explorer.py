@@ -106,7 +106,8 @@ async def test_backtracking_rebuilds_the_environment_at_every_step(
         assert len(set(hashes)) >= 2
         for step in decision_points(trajectory):
             state = await made.resume(task, trajectory, step)
-            assert state.episode.db_hashes() == hashes[step - 1], (task.id, step)
+            assert await state.episode.db_hashes() == hashes[step - 1], (task.id, step)
+            await state.episode.close()
             assert state.messages == trajectory.messages[:step]
     task, group = failed  # real: the Solver's own calls, one step at a time
     for trajectory in group.trajectories:
@@ -114,7 +115,8 @@ async def test_backtracking_rebuilds_the_environment_at_every_step(
         for step, message in enumerate(trajectory.messages):
             if step in decision_points(trajectory):
                 state = await made.resume(task, trajectory, step)
-                assert state.episode.db_hashes() == fresh.db_hashes(), (trajectory.id, step)
+                assert await state.episode.db_hashes() == fresh.db_hashes(), (trajectory.id, step)
+                await state.episode.close()
                 assert state.tool_errors == sum(
                     m.role == "tool" and m.error for m in state.messages
                 )

@@ -417,9 +417,10 @@ def test_a_non_root_parent_gets_isolated_children(task: Task) -> None:
         "anyio.run(main)\n"
     )
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    runs = [*nobody, sys.executable, "-c", "import sentinel"]
+    namespace = ["unshare", "--user", "--map-root-user", "--net", "--"]
+    runs = [*nobody, *namespace, sys.executable, "-c", "import sentinel"]
     if subprocess.run(runs, check=False, cwd=tempfile.gettempdir()).returncode != 0:
-        pytest.skip("nobody cannot run this Python (an interpreter under /root)")
+        pytest.skip("nobody cannot run this Python in a namespace (an interpreter under /root)")
     done = subprocess.run(
         [*nobody, sys.executable, "-c", script], input=task.model_dump_json(),
         capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir(),

@@ -72,7 +72,7 @@ class ToolStopped(EnvFailure):
 
 
 class EnvRequest(Strict):
-    op: Literal["open", "step", "reward", "close"]
+    op: Literal["open", "step", "reward", "hashes", "close"]
     episode: str
     cpu_s: int = Field(default=10, gt=0)  # CPU seconds this request may use
     domain: str = "retail"  # open
@@ -93,6 +93,7 @@ class EnvResponse(Strict):
     reward: RewardBreakdown | None = None
     error: str | None = None
     unsupported: bool = False  # tau2's reward cannot score this task (UnsupportedTask)
+    hashes: tuple[str | None, str | None] | None = None  # agent and user DB hashes
 
 
 # --- the parent ---------------------------------------------------------------------------
@@ -204,6 +205,12 @@ class RemoteEpisode:
             raise UnsupportedTask(response.error or self.task.id)
         assert response.reward is not None
         return response.reward
+
+    async def db_hashes(self) -> tuple[str | None, str | None]:
+        """The agent and user DB hashes of the episode now (`Episode.db_hashes`)."""
+        response = await self._request(EnvRequest(op="hashes", episode=self.id), 1)
+        assert response.hashes is not None
+        return response.hashes
 
     async def close(self) -> None:
         if self.closed:
@@ -327,6 +334,8 @@ def serve(request: EnvRequest, domain: Tau2Domain, episodes: dict[str, Episode])
     episode = episodes.get(request.episode)
     if episode is None:
         return EnvResponse(ok=False, error=f"no open episode {request.episode}")
+    if request.op == "hashes":
+        return EnvResponse(ok=True, hashes=episode.db_hashes())
     if request.op == "step":
         result = episode.step(request.calls[0])
         step = StepResult(content=result.content, error=result.error)

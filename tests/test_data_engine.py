@@ -15,17 +15,20 @@ from sentinel.config import ProposerSettings, Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
+from sentinel.orchestrator.pool import TaskPool
 from sentinel.orchestrator.streams import Stream
 from sentinel.process import start_child, stop_child
 from sentinel.schemas import (
     ChatMessage,
     Envelope,
     RewardBreakdown,
+    TaskProposal,
     TerminationReason,
     ToolCall,
     Trajectory,
     ValidationResult,
 )
+from tests.factories import cancellation
 
 pytestmark = pytest.mark.anyio
 COMMANDS = (["controller"], ["proposer"], ["orchestrator"], ["worker", "validate"])
@@ -57,6 +60,12 @@ async def count(bus: Bus, stream: Stream) -> int:
     return int(await bus.redis.xlen(bus.keys.stream(stream)))
 
 
+async def verdicts(bus: Bus) -> dict[str, ValidationResult]:
+    entries = await bus.redis.xrange(bus.keys.stream(Stream.VALIDATIONS))
+    found = [Envelope.from_wire(f, ValidationResult).payload for _, f in entries]
+    return {v.proposal_id: v for v in found}
+
+
 async def test_failures_become_patterns_proposals_verdicts_and_tasks(
     settings: Settings, bus: Bus, policy_url: str, tmp_path: Path
 ) -> None:
@@ -85,12 +94,17 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
         start_child([sys.executable, "-m", "sentinel", *c], tmp_path / f"{c[0]}.log", env)
         for c in COMMANDS
     ]
+    # beside the LLM's proposals (which a 135M model may all get wrong), a correct one: the
+    # dispatcher, the worker, the pool and the tasks stream must accept it
+    gold = cancellation(domain, "engine-gold", nth=12)
+    known = TaskProposal(id="p-gold", task=gold, prompt_version="v-test", proposer_model="test")
     try:
         await bus.publish_many(
             Stream.TRAJECTORIES, [failure(t, domain, i) for i, t in enumerate(writers)]
         )
+        await bus.publish(Stream.PROPOSALS, known)
         with anyio.fail_after(300):
-            while await count(bus, Stream.VALIDATIONS) < 2:
+            while len(found := await verdicts(bus)) < 3 or known.id not in found:
                 assert all(p.poll() is None for p in processes), "a process died"
                 await anyio.sleep(1)
     finally:
@@ -107,7 +121,10 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
     book = PromptBook(bus.redis, settings.bus.prefix, ProposerSettings())
     tallies = [await book.tally(f"pattern:{p.id}") for p in patterns]
     assert sum(t.verdicts for t in tallies) >= 2  # the verdicts came back to the Proposer
-    entries = await bus.redis.xrange(bus.keys.stream(Stream.VALIDATIONS))
-    verdicts = [Envelope.from_wire(f, ValidationResult).payload for _, f in entries]
-    assert await count(bus, Stream.TASKS) == sum(v.accepted for v in verdicts)
+    found = await verdicts(bus)
+    assert (found[known.id].accepted, found[known.id].reasons) == (True, [])
+    stored = await TaskPool(bus.redis, settings.bus.prefix).get(gold.id)
+    assert stored is not None
+    assert stored.spec == gold.spec
+    assert await count(bus, Stream.TASKS) == sum(v.accepted for v in found.values()) >= 1
     assert '"event": "validated"' in logs["worker"]

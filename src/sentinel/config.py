@@ -368,7 +368,9 @@ class LoopSettings(Section):
     eval_every: int = Field(5, ge=0)  # held-out evaluation every N policy versions; 0: ends only
     eval_tasks: int | None = Field(None, ge=1)  # the first N test tasks; None: all
     eval_trials: int = Field(4, ge=1)  # k of pass^k
-    inflight_timeout_s: float = Field(3600.0, gt=0)  # a group not back by then is written off
+    # a group no worker has started by then is written off (a started one whose worker died
+    # is found by its lease: workers.lease_s)
+    inflight_timeout_s: float = Field(3600.0, gt=0)
     max_dropped_in_row: int = Field(8, ge=1)  # consecutive dropped groups that stop the loop
 
 

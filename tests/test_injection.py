@@ -84,6 +84,7 @@ HOSTILE = [
     "\x07\x1b[2J\x00\x08",  # a persona of control characters
     "\u202e\u2066\u200b\u200c\u2060\ufeff",  # and of format characters
     "Polite.\U000e0069\U000e0067\U000e006e",  # tag characters (invisible ASCII)
+    "Fine \U0001f600\ufe0f\ufe0e\ufe0f\ufe0e\u200d\u200d",  # data in selectors after an emoji
 ]
 BENIGN = [
     "Please ignore my previous address, the new one is 1234 Elm St, Springfield.",
@@ -100,6 +101,7 @@ BENIGN = [
     "You are now calling about a second order.",
     "You have a new rule at home: no deliveries on weekends.",
     "I love it \u2764\ufe0f, and so does my family \U0001f468\u200d\U0001f469\u200d\U0001f467.",
+    "Heart on fire: \u2764\ufe0f\u200d\U0001f525",
     "Café crème, naïve résumé, Zürich, São Paulo, Ørsted.",
     "Tab\tseparated\nand\r\nmulti-line text is fine.",
 ]

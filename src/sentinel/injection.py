@@ -60,7 +60,7 @@ _SPACES = str.maketrans(
     {"\t": " ", "\r": "\n", "\v": "\n", "\f": "\n", "\x85": "\n", "\u2028": "\n", "\u2029": "\n"}
 )
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
-_EMOJI_JOINERS = {"\u200d", "\ufe0e", "\ufe0f"}  # legitimate after a symbol (emoji sequences)
+_EMOJI_JOINERS = {"\u200d", "\ufe0e", "\ufe0f"}  # legitimate right after an emoji
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ RULES: list[tuple[str, str, re.Pattern[str]]] = [
          rf"(?:from|by|issued by) (?:the )?{_AUTHORITY}\b"),
         ("instructions claimed from an authority", "words",
          rf"\b(?:message|note|instructions?|update|override|notice|command|directive|"
-         rf"announcement|memo|order) (?:from|by) (?:the )?{_AUTHORITY}\b"),
+         rf"announcement|memo) (?:from|by) (?:the )?{_AUTHORITY}\b"),
         ("instructions claimed from an authority", "words",
          r"\b(?:the )?(?:developers?|operators?|openai|anthropic|system administrators?|"
          r"your creators?) (?:says?|said|wants?|requires?|instructs?|instructed|orders?|"
@@ -186,10 +186,11 @@ def _invisible(text: str) -> tuple[int, int] | None:
         selector = "\ufe00" <= char <= "\ufe0f" or "\U000e0100" <= char <= "\U000e01ef"
         if category.startswith("M") and not selector:
             continue  # combining marks: accents (stripped when matching)
-        if char in _EMOJI_JOINERS and i and unicodedata.category(text[i - 1]) in ("So", "Sk"):
-            continue
-        if char in _EMOJI_JOINERS and i and text[i - 1] in _EMOJI_JOINERS:
-            continue
+        before = text[i - 1] if i else ""
+        if char in _EMOJI_JOINERS and before and unicodedata.category(before) in ("So", "Sk"):
+            continue  # an emoji's presentation selector or joiner
+        if char == "\u200d" and before == "\ufe0f":
+            continue  # a joiner after a selected emoji: one per emoji, no chains
         count += 1
         first = i if first < 0 else first
     return (count, first) if count else None

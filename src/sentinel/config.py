@@ -163,6 +163,9 @@ class BusSettings(Section):
     claim_idle_ms: int = Field(60_000, ge=100)  # idle time after which a message is reclaimed
     max_deliveries: int = Field(5, ge=1)  # deliveries before a message is dead-lettered
     dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # a key is remembered 1-2 times this
+    # Dead letters kept per stream; older ones are dropped (counted, logged): Redis runs
+    # `noeviction`, so an uncapped dead-letter stream would end in out-of-memory errors.
+    dlq_maxlen: int = Field(10_000, ge=1)
 
     @property
     def lease_renew_s(self) -> float:
@@ -268,9 +271,6 @@ class ControllerSettings(Section):
     merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
     max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
     publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis
-    # Dead letters kept per stream; older ones are dropped (counted, logged): Redis runs
-    # `noeviction`, so an uncapped dead-letter stream would end in out-of-memory errors.
-    dlq_maxlen: int = Field(10_000, ge=1)
 
 
 class ProposerSettings(Section):
@@ -422,6 +422,11 @@ class Settings(BaseSettings):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None and REDACTED in self.redis_url:
+            raise ValueError(
+                "redis_url carries a masked password (copied from `sentinel config` or a "
+                "run's config.yaml?): set the real URL with SENTINEL_REDIS_URL"
+            )
         if self.redis_socket_timeout_s * 1000 <= self.bus.block_ms:
             raise ValueError(
                 f"redis_socket_timeout_s ({self.redis_socket_timeout_s}) must exceed "
@@ -444,11 +449,6 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = _config_file.get()
-        if self.redis_url is not None and REDACTED in self.redis_url:
-            raise ValueError(
-                "redis_url carries a masked password (copied from `sentinel config` or a "
-                "run's config.yaml?): set the real URL with SENTINEL_REDIS_URL"
-            )
         if path is None:
             return (init_settings, env_settings)
         if path.suffix == ".toml":

@@ -173,6 +173,12 @@ def test_any_text_is_a_draft_or_a_reason(model: type[BaseModel], text: str) -> N
         assert not error.retry
 
 
+def test_nesting_is_measured_on_the_json_that_is_parsed() -> None:
+    hidden = '"{"a":' + "[" * 5_000 + "]" * 5_000 + "}"  # the quote in front hides the brackets
+    with pytest.raises(MalformedOutput, match="nested deeper than"):
+        parse_structured(hidden, Speaker)
+
+
 @pytest.mark.parametrize("model", list(VALID))
 @FAST
 @given(data=st.data())

@@ -229,12 +229,12 @@ def parse_structured(raw: str, model: type[T], *, truncated: bool = False) -> T:
     """A model answer parsed as `model`; MalformedOutput says why it is not one.
 
     `truncated`: the answer stopped at the token limit (the reason says so)."""
-    try:
-        check_json(raw, "the answer")
+    try:  # the depth of the part that is parsed: prose around it may hide brackets
+        text = check_json(_json_text(check_text(raw, "the answer")), "the answer")
     except ValueError as error:
         raise MalformedOutput(model.__name__, str(error), raw, retry=False) from None
     try:
-        return model.model_validate_json(_json_text(raw))
+        return model.model_validate_json(text)
     except ValidationError as error:
         problem = first_problem(error, truncated=truncated)
         raise MalformedOutput(model.__name__, problem, raw) from None

@@ -519,6 +519,8 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     and learn from validation verdicts (self-evolving prompts)."""
     from sentinel.agents.prompts import PromptBook
     from sentinel.agents.proposer import Proposer
+    from sentinel.envs.episodes import EnvPool
+    from sentinel.envs.sandbox import SandboxLimits
     from sentinel.envs.tau2 import Tau2Domain
 
     settings = _settings(ctx)
@@ -526,12 +528,15 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     if enabled:
         _require_keys(settings.llm.proposer)
     domain = Tau2Domain(settings.domain)
+    rollout = settings.rollout  # mutation replays run under the rollouts' limits
+    limits = SandboxLimits(memory_mb=rollout.env_memory_mb)
 
     async def work() -> None:
         async with _bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
-            async with _client(settings.llm.proposer, enabled) as client:
-                await Proposer(domain, book, bus, settings.proposer, client).run()
+            envs = EnvPool(domain.name, tool_timeout_s=rollout.tool_timeout_s, limits=limits)
+            async with _client(settings.llm.proposer, enabled) as client, envs:
+                await Proposer(domain, book, bus, settings.proposer, client, envs).run()
 
     _run(work)
 

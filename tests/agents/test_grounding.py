@@ -1,12 +1,16 @@
 """Grounding on the real retail database: entities that fit each tool, actions schemas that
-admit only grounded ids, and seed train tasks mutated onto other users."""
+admit only grounded ids, and seed train tasks mutated onto other users (their replays in an
+`EnvPool`'s limited children, where a hostile call is stopped)."""
 
 from __future__ import annotations
 
 import importlib
 import random
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 from sentinel.agents.grounding import (
@@ -16,8 +20,10 @@ from sentinel.agents.grounding import (
     ground,
     mutate,
 )
+from sentinel.envs.episodes import EnvPool
 from sentinel.envs.tau2 import Tau2Domain
-from sentinel.schemas import Origin, Task, ToolCall
+from sentinel.schemas import Action, Origin, Task, ToolCall
+from tests.envs.test_sandbox import sandbox_pids
 
 STATUSES = {
     "cancel_pending_order": {"pending"},
@@ -30,6 +36,7 @@ STATUSES = {
 WRITES = sorted([*STATUSES, "modify_user_address"])
 SAMPLE = 15
 FLOOR = 0.8  # mutations that must succeed in the sample (all retail train: 67/68)
+TIMEOUT_S = 2.0  # the pools' wall clock per tool call
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,22 @@ def seeds(retail: Tau2Domain) -> list[Task]:
 
 @pytest.fixture(scope="module")
 def mutations(retail: Tau2Domain, seeds: list[Task]) -> list[tuple[Task, Task | None]]:
-    return [(seed, mutate(seed, retail, random.Random(i))) for i, seed in enumerate(seeds)]
+    async def run() -> list[tuple[Task, Task | None]]:
+        async with EnvPool("retail", tool_timeout_s=TIMEOUT_S) as envs:
+            return [
+                (seed, await mutate(seed, retail, random.Random(i), envs=envs))
+                for i, seed in enumerate(seeds)
+            ]
+
+    return anyio.run(run)
+
+
+@pytest.fixture
+async def envs() -> AsyncIterator[EnvPool]:
+    """A pool for the replays that must leave no process behind."""
+    async with EnvPool("retail", tool_timeout_s=TIMEOUT_S) as pool:
+        yield pool
+    assert sandbox_pids(pool.id) == []
 
 
 def _writes(task: Task, domain: Tau2Domain) -> list[Any]:
@@ -281,20 +303,24 @@ def _users(domain: Tau2Domain, task: Task) -> set[str]:
     return by_order or {a.arguments["user_id"] for a in writes}
 
 
-def test_mutation_is_deterministic_for_a_seeded_rng(retail: Tau2Domain, seeds: list[Task]) -> None:
+@pytest.mark.anyio
+async def test_mutation_is_deterministic_for_a_seeded_rng(
+    retail: Tau2Domain, seeds: list[Task], envs: EnvPool
+) -> None:
     seed = seeds[0]
-    first, second = (mutate(seed, retail, random.Random(42)) for _ in range(2))
+    first, second = [await mutate(seed, retail, random.Random(42), envs=envs) for _ in range(2)]
     assert first is not None
     assert second is not None
     assert first.id == second.id
     assert first.spec == second.spec
 
 
-def test_mutation_focuses_on_the_pattern_tools_and_recomputes_the_refund(
-    retail: Tau2Domain,
+@pytest.mark.anyio
+async def test_mutation_focuses_on_the_pattern_tools_and_recomputes_the_refund(
+    retail: Tau2Domain, envs: EnvPool
 ) -> None:
     seed = next(t for t in retail.tasks("train") if t.id == "retail-16")  # cancels + a return
-    task = mutate(seed, retail, random.Random(7), ["cancel_pending_order"])
+    task = await mutate(seed, retail, random.Random(7), ["cancel_pending_order"], envs=envs)
     assert task is not None
     writes = _writes(task, retail)
     assert {a.name for a in writes} == {"cancel_pending_order"}
@@ -306,8 +332,51 @@ def test_mutation_focuses_on_the_pattern_tools_and_recomputes_the_refund(
     assert "8276.23" not in task.spec.model_dump_json()  # the seed's amount
 
 
-def test_mutate_gives_none_when_nothing_fits(retail: Tau2Domain) -> None:
+@pytest.mark.anyio
+async def test_mutate_gives_none_when_nothing_fits(retail: Tau2Domain, envs: EnvPool) -> None:
     reads_only = next(t for t in retail.tasks("train") if not _writes(t, retail))
-    assert mutate(reads_only, retail, random.Random(0)) is None
+    assert await mutate(reads_only, retail, random.Random(0), envs=envs) is None
     airline = Tau2Domain("airline")
-    assert mutate(airline.tasks()[0], airline, random.Random(0)) is None
+    assert await mutate(airline.tasks()[0], airline, random.Random(0), envs=envs) is None
+    with pytest.raises(ValueError, match="pool cannot replay"):
+        await mutate(reads_only, Tau2Domain("retail"), random.Random(0), envs=EnvPool("telecom"))
+
+
+@pytest.mark.anyio
+async def test_a_seed_whose_gold_overruns_the_limits_is_stopped_and_the_next_mutates(
+    retail: Tau2Domain, envs: EnvPool
+) -> None:
+    """Issue 19, 1: mutation replayed a seed's gold in this process, where retail's
+    `calculate("9**9**9")` holds the GIL for minutes; now it is stopped at the pool's wall
+    clock, the seed gives no mutation (and is not replayed again), and the loop ran all along."""
+    seed = next(t for t in retail.tasks("train") if t.id == "retail-16")
+    bomb = Action(action_id="bomb", name="calculate", arguments={"expression": "9**9**9"})
+    criteria = seed.spec.evaluation_criteria
+    assert criteria is not None
+    armed = criteria.model_copy(update={"actions": [bomb, *seed.actions]})
+    hostile = seed.model_copy(
+        update={"spec": seed.spec.model_copy(update={"evaluation_criteria": armed})}
+    )
+    assert hostile.actions[0] == bomb
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.05)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        began = time.monotonic()
+        with anyio.fail_after(TIMEOUT_S + 30):  # the child's start-up, then the wall clock
+            assert await mutate(hostile, retail, random.Random(7), envs=envs) is None
+        elapsed = time.monotonic() - began
+        tg.cancel_scope.cancel()
+    assert ticks >= 0.5 * elapsed / 0.05, (ticks, elapsed)  # the event loop kept running
+    began = time.monotonic()
+    assert await mutate(hostile, retail, random.Random(7), envs=envs) is None
+    assert time.monotonic() - began < 0.5  # remembered: no second stop
+    task = await mutate(seed, retail, random.Random(7), envs=envs)  # on a fresh child
+    assert task is not None
+    assert _writes(task, retail)

@@ -9,6 +9,11 @@ user: every gold action is rewritten to the new user's orders, items, available 
 payment methods, the request is restated from the new gold writes, and the result is kept
 only if its gold writes all succeed on a fresh episode and change the database.
 
+Those replays run in an `EnvPool`'s limited children (`envs.episodes`), like rollouts: a tool
+call is stopped at the pool's wall clock, so a seed whose gold holds a call like
+`calculate("9**9**9")` costs one mutation (None, with a logged reason), never a frozen
+Proposer; and the Proposer's event loop serves its streams while a replay runs.
+
 Users of test-split tasks are never used. Only retail is supported; another domain plugs in
 as a `_Grounder` in `_GROUNDERS`.
 """
@@ -21,10 +26,12 @@ import random
 import re
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.logs import get_logger
 from sentinel.schemas import (
@@ -213,20 +220,32 @@ def actions_schema(
     return {**schema, "minItems": min_actions}
 
 
-def mutate(
-    seed: Task, domain: Tau2Domain, rng: random.Random, tools: Sequence[str] | None = None
+async def mutate(
+    seed: Task,
+    domain: Tau2Domain,
+    rng: random.Random,
+    tools: Sequence[str] | None = None,
+    *,
+    envs: EnvPool,
 ) -> Task | None:
     """`seed` (a train task with writes) moved onto another user; None when nothing fits.
 
     With `tools`, gold writes of other tools are dropped if some write uses one of them,
-    so the task focuses on the pattern's tools. Unsupported domains give None too.
+    so the task focuses on the pattern's tools. Unsupported domains give None too, and so
+    does a replay that `envs` (a pool of `domain`) stopped or failed: the reason is logged.
     """
     try:
         grounder = _grounder(domain)
     except GroundingUnsupported as error:
         log.info("no mutation", reason=str(error))
         return None
-    return grounder.mutate(seed, rng, tools)
+    if envs.domain != domain.name:
+        raise ValueError(f"a {envs.domain!r} pool cannot replay {domain.name!r} tasks")
+    try:
+        return await grounder.mutate(seed, rng, tools, envs)
+    except EnvFailure as error:  # ToolStopped too: the seed's gold ran past the limits
+        log.warning("no mutation: its replay failed", seed=seed.id, reason=str(error)[:300])
+        return None
 
 
 class _Grounder(Protocol):
@@ -236,8 +255,8 @@ class _Grounder(Protocol):
         self, grounding: Grounding, tools: Sequence[str], max_actions: int, lookups: bool
     ) -> JSON: ...
 
-    def mutate(
-        self, seed: Task, rng: random.Random, tools: Sequence[str] | None
+    async def mutate(
+        self, seed: Task, rng: random.Random, tools: Sequence[str] | None, envs: EnvPool
     ) -> Task | None: ...
 
 
@@ -590,8 +609,10 @@ class _Retail(_RetailData):
         parameters = schema["function"].get("parameters", {}).get("properties", {})
         return {name: _generic(p) for name, p in parameters.items()}
 
-    def mutate(self, seed: Task, rng: random.Random, tools: Sequence[str] | None) -> Task | None:
-        return _Mutation(self, seed).run(rng, tools)
+    async def mutate(
+        self, seed: Task, rng: random.Random, tools: Sequence[str] | None, envs: EnvPool
+    ) -> Task | None:
+        return await _Mutation(self, seed, envs).run(rng, tools)
 
 
 # --- retail: mutation ------------------------------------------------------------------------
@@ -623,19 +644,20 @@ class _Plan:
 class _Mutation:
     """One seed task moved onto another user."""
 
-    def __init__(self, data: _RetailData, seed: Task) -> None:
+    def __init__(self, data: _RetailData, seed: Task, envs: EnvPool) -> None:
         self.data = data
         self.seed = seed
+        self.envs = envs  # where its actions run: never in this process
         self.write_tools = data.domain.write_tools
         self.old = ""  # the seed's user, found in run()
 
-    def run(self, rng: random.Random, tools: Sequence[str] | None) -> Task | None:
+    async def run(self, rng: random.Random, tools: Sequence[str] | None) -> Task | None:
         spec = self.seed.spec
         if spec.initial_state is not None or not isinstance(
             spec.user_scenario.instructions, UserInstructions
         ):
             return None
-        actions = self._succeeding()
+        actions = await self._succeeding()
         writes = [a for a in actions if a.name in self.write_tools]
         focus = [a for a in writes if tools and a.name in tools]
         if focus and len(focus) < len(writes):
@@ -646,27 +668,31 @@ class _Mutation:
             return None
         self.old = actors.pop()
         for plan in self._plans(self._needs(writes), writes, rng):
-            task = self._task(plan, actions, writes)
+            task = await self._task(plan, actions, writes)
             if task is not None:
                 return task
         return None
 
-    def _succeeding(self) -> list[Action]:
+    async def _succeeding(self) -> list[Action]:
         """The seed's gold actions that succeed in replay (tau2 ignores the others too)."""
         key = hashlib.sha256(self.seed.spec.model_dump_json().encode()).hexdigest()
         if key not in self.data.succeeding:
-            self.data.succeeding[key] = self._replay_seed()
+            try:
+                self.data.succeeding[key] = await self._replay_seed()
+            except ToolStopped:  # its gold overruns the limits: never worth another replay
+                self.data.succeeding[key] = []
+                raise
         return self.data.succeeding[key]
 
-    def _replay_seed(self) -> list[Action]:
-        episode = self.data.domain.episode(self.seed)
+    async def _replay_seed(self) -> list[Action]:
         kept = []
-        for a in self.seed.actions:
-            call = ToolCall(
-                id=a.action_id, name=a.name, arguments=a.arguments, requestor=a.requestor
-            )
-            if a.requestor == "assistant" and not episode.step(call).error:
-                kept.append(a)
+        async with _episode(self.envs, self.seed) as episode:
+            for a in self.seed.actions:
+                call = ToolCall(
+                    id=a.action_id, name=a.name, arguments=a.arguments, requestor=a.requestor
+                )
+                if a.requestor == "assistant" and not (await episode.step(call)).error:
+                    kept.append(a)
         return kept
 
     def _needs(self, writes: list[Action]) -> dict[str, _Need]:
@@ -822,33 +848,34 @@ class _Mutation:
 
     # -- the new gold actions
 
-    def _task(self, plan: _Plan, actions: list[Action], writes: list[Action]) -> Task | None:
+    async def _task(self, plan: _Plan, actions: list[Action], writes: list[Action]) -> Task | None:
         """The seed rewritten onto `plan`, if its gold writes succeed and change the database."""
         rewrite = _Rewrite(self.data, self.old, plan, [id(w) for w in writes])
         rewritten = [rewrite(a) for a in actions]
-        replayed = self._replay([a for a in rewritten if a is not None])
+        replayed = await self._replay([a for a in rewritten if a is not None])
         if replayed is None:
             return None
         gold, refund = replayed
         return _Story(self.data, self.seed, self.old, plan).task(gold, refund)
 
-    def _replay(self, actions: list[Action]) -> tuple[list[Action], float] | None:
+    async def _replay(self, actions: list[Action]) -> tuple[list[Action], float] | None:
         """The actions that run (None if a write fails or nothing changes), and the refund."""
-        episode = self.data.domain.episode(self.seed)  # no initial state: checked in run()
-        initial = episode.db_hashes()
         kept: list[Action] = []
         refund = 0.0
         seen: dict[str, JSON] = {}  # order id -> its state after the last write
-        for a in actions:
-            result = episode.step(ToolCall(id=a.action_id, name=a.name, arguments=a.arguments))
-            if result.error and a.name in self.write_tools:
+        async with _episode(self.envs, self.seed) as episode:  # no initial state: see run()
+            initial = await episode.db_hashes()
+            for a in actions:
+                call = ToolCall(id=a.action_id, name=a.name, arguments=a.arguments)
+                result = await episode.step(call)
+                if result.error and a.name in self.write_tools:
+                    return None
+                if not result.error:
+                    kept.append(a)
+                if not result.error and a.name in self.write_tools and "order_id" in a.arguments:
+                    refund += self._refund(a, json.loads(result.content), seen)
+            if await episode.db_hashes() == initial:
                 return None
-            if not result.error:
-                kept.append(a)
-            if not result.error and a.name in self.write_tools and "order_id" in a.arguments:
-                refund += self._refund(a, json.loads(result.content), seen)
-        if episode.db_hashes() == initial:
-            return None
         return kept, refund
 
     def _refund(self, action: Action, order: JSON, seen: dict[str, JSON]) -> float:
@@ -862,6 +889,16 @@ class _Mutation:
             prices = {i["item_id"]: float(i["price"]) for i in order["items"]}
             return sum(prices[i] for i in action.arguments["item_ids"])
         return 0.0
+
+
+@asynccontextmanager
+async def _episode(envs: EnvPool, task: Task) -> AsyncIterator[RemoteEpisode]:
+    """A fresh episode of `task` in one of `envs`' children, closed after use."""
+    episode = await envs.open(task)
+    try:
+        yield episode
+    finally:
+        await episode.close()
 
 
 def _distance(variant: JSON, desired: dict[str, str]) -> tuple[int, str]:

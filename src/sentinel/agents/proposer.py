@@ -39,6 +39,7 @@ from sentinel.agents.llm import (
 from sentinel.agents.prompts import Origin as ProposalOrigin
 from sentinel.agents.prompts import PromptBook, PromptVersion
 from sentinel.config import ProposerSettings
+from sentinel.envs.episodes import EnvPool
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus
@@ -165,6 +166,7 @@ class Proposer:
         bus: Bus,
         settings: ProposerSettings,
         client: ChatClient | None = None,
+        envs: EnvPool | None = None,
     ) -> None:
         self.domain = domain
         self.book = book
@@ -173,6 +175,13 @@ class Proposer:
         self.client = client  # None: mutation only
         self.rng = random.Random(settings.seed)
         self.seeds = [t for t in domain.tasks("train") if _writes(t, domain)]
+        self._own_envs = envs is None  # mutations replay there, never in this process
+        self.envs = envs or EnvPool(domain.name)
+
+    async def aclose(self) -> None:
+        """Stop the children of its own environment pool (call before the loop ends)."""
+        if self._own_envs:
+            await self.envs.aclose()
 
     async def propose(self, pattern: ErrorPattern | None) -> list[TaskProposal]:
         """`tasks_per_pattern` proposals for a pattern (None: untargeted, synthetic)."""
@@ -294,18 +303,19 @@ class Proposer:
         return Task(id=task_id, domain=self.domain.name, spec=spec, provenance=provenance)
 
     async def _mutation(self, pattern: ErrorPattern | None) -> TaskProposal | None:
-        proposal = self._mutate(pattern)
+        proposal = await self._mutate(pattern)
         if proposal is not None:  # its verdict counts for the pattern (version 0: no prompt)
             origin = ProposalOrigin(prompt_version=0, pattern_id=proposal.pattern_id)
             await self.book.remember(proposal.id, origin)
         return proposal
 
-    def _mutate(self, pattern: ErrorPattern | None) -> TaskProposal | None:
+    async def _mutate(self, pattern: ErrorPattern | None) -> TaskProposal | None:
         """A seed train task transformed toward the pattern; None if nothing fits."""
         tools = set(pattern.tools) if pattern else set()
         seeds = [s for s in self.seeds if tools & _gold_tools(s)] or self.seeds
-        for seed in self.rng.sample(seeds, k=min(len(seeds), 8)):
-            task = mutate(seed, self.domain, self.rng, sorted(tools) or None)
+        rng = random.Random(self.rng.getrandbits(64))  # drawn before awaiting: deterministic
+        for seed in rng.sample(seeds, k=min(len(seeds), 8)):
+            task = await mutate(seed, self.domain, rng, sorted(tools) or None, envs=self.envs)
             if task is not None:
                 update = {"pattern_id": pattern.id if pattern else None}
                 task = task.model_copy(
@@ -351,10 +361,14 @@ class Proposer:
             Stream.VALIDATIONS, FEEDBACK_GROUP, ValidationResult, self.handle_verdict
         )
         patterns = self.bus.consumer(Stream.PATTERNS, GROUP, ErrorPattern, self.handle_pattern)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(verdicts.run, stop)
-            await patterns.run(stop)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(verdicts.run, stop)
+                await patterns.run(stop)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
 
 
 def _gold_tools(task: Task) -> set[str]:

@@ -107,18 +107,18 @@ def test_sentinel_config_masks_the_redis_password(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_run_record_is_private_holds_no_password_and_loads(tmp_path: Path) -> None:
-    from sentinel.cli import _write_config
+    from sentinel.cli.base import write_config
 
     old = tmp_path / "config.yaml"
     old.write_text("{}")
     old.chmod(0o644)  # a record from an older run: rewritten at 0600 too
     settings = Settings(run_dir=tmp_path, redis_url=SECRET_URL)
-    path = _write_config(settings)
+    path = write_config(settings)
     assert path.stat().st_mode & 0o777 == 0o600
     assert PASSWORD not in path.read_text()
     assert load_settings(path).redis_url is None  # the processes get SENTINEL_REDIS_URL
     plain = Settings(run_dir=tmp_path, redis_url="redis://redis:6379/0")
-    assert load_settings(_write_config(plain)).redis_url == "redis://redis:6379/0"
+    assert load_settings(write_config(plain)).redis_url == "redis://redis:6379/0"
 
 
 def test_a_masked_url_read_back_is_refused_with_a_reason(tmp_path: Path) -> None:

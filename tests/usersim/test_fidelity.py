@@ -212,7 +212,7 @@ async def test_real_simulator_is_probed_and_the_gate_refuses_below_threshold(
 def test_the_usersim_commands_explain_themselves() -> None:
     from typer.testing import CliRunner
 
-    from sentinel.usersim.cli import usersim_app
+    from sentinel.cli.usersim import usersim_app
 
     result = CliRunner().invoke(usersim_app, ["--help"])
     assert result.exit_code == 0

@@ -1,8 +1,7 @@
 """`sentinel usersim`: check the user simulator's fidelity, and fine-tune a user model.
 
 Registered by `sentinel.cli` (`app.add_typer(usersim_app, name="usersim")`), whose callback
-loads the settings into the context; its helpers are imported inside the commands because
-`sentinel.cli` imports this module.
+loads the settings into the context.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import anyio
 import typer
 
 from sentinel.agents.llm import LLMError, OpenAIChatClient
+from sentinel.cli.base import fail, out, settings_of
 from sentinel.config import Settings
 from sentinel.schemas import Task
 
@@ -41,10 +41,9 @@ def check(
     """Probe the user simulator with scripted agent turns on retail train tasks: reveals known
     info, withholds unknown info, stops neither early nor never, stays the customer, does not
     recite its instructions, writes well-formed turns. Results go to <run_dir>/usersim/."""
-    from sentinel.cli import _fail, _settings, out
     from sentinel.usersim.fidelity import check_fidelity, check_tasks, render_table
 
-    settings = _with_tasks(_settings(ctx), tasks)
+    settings = _with_tasks(settings_of(ctx), tasks)
 
     async def run() -> None:
         client = OpenAIChatClient(settings.llm.user_sim, model=model)
@@ -56,12 +55,12 @@ def check(
         out.print(f"results: {settings.run_dir / 'usersim'}")
         threshold = settings.usersim.min_fidelity
         if threshold is not None and report.score < threshold:
-            _fail(f"fidelity {report.score:.2f} is below usersim.min_fidelity {threshold:.2f}", 1)
+            fail(f"fidelity {report.score:.2f} is below usersim.min_fidelity {threshold:.2f}", 1)
 
     try:
         anyio.run(run)
     except LLMError as error:
-        _fail(f"the user simulator's endpoint failed: {error}", code=3)
+        fail(f"the user simulator's endpoint failed: {error}", code=3)
 
 
 @usersim_app.command()
@@ -78,14 +77,13 @@ def finetune(
 ) -> None:
     """Fine-tune the user model (LoRA, the trainer's SFT mode) on gold-action dialogues of the
     train tasks not held out, serve it as user-v<N>, and compare fidelity before and after."""
-    from sentinel.cli import _fail, _settings, out
     from sentinel.envs.tau2 import Tau2Domain
     from sentinel.serving.model import ModelUnavailable, prepare_model
     from sentinel.training.publisher import PublishError
     from sentinel.usersim.fidelity import check_tasks, render_table
     from sentinel.usersim.finetune import finetune as run_finetune
 
-    settings = _with_tasks(_settings(ctx), tasks)
+    settings = _with_tasks(settings_of(ctx), tasks)
     domain = Tau2Domain(settings.domain)
     holdout = check_tasks(settings)
     held = {t.id for t in holdout}
@@ -97,9 +95,9 @@ def finetune(
             lambda: run_finetune(settings, domain, train, holdout, model_dir=model_dir)
         )
     except (ModelUnavailable, PublishError, LLMError) as error:
-        _fail(str(error), code=3)
+        fail(str(error), code=3)
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
     out.print(render_table(result.before, result.after))
     out.print(
         f"adapter {result.name} at {result.adapter_path}, trained on {result.examples} dialogues"

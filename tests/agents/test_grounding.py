@@ -24,6 +24,7 @@ from sentinel.envs.episodes import EnvPool
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import Action, Origin, Task, ToolCall
 from tests.envs.test_sandbox import sandbox_pids
+from tests.ticking import ticking
 
 STATUSES = {
     "cancel_pending_order": {"pending"},
@@ -358,22 +359,14 @@ async def test_a_seed_whose_gold_overruns_the_limits_is_stopped_and_the_next_mut
         update={"spec": seed.spec.model_copy(update={"evaluation_criteria": armed})}
     )
     assert hostile.actions[0] == bomb
-    ticks = 0
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await anyio.sleep(0.05)
-            ticks += 1
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        began = time.monotonic()
+    async def stopped() -> Task | None:
         with anyio.fail_after(TIMEOUT_S + 30):  # the child's start-up, then the wall clock
-            assert await mutate(hostile, retail, random.Random(7), envs=envs) is None
-        elapsed = time.monotonic() - began
-        tg.cancel_scope.cancel()
-    assert ticks >= 0.5 * elapsed / 0.05, (ticks, elapsed)  # the event loop kept running
+            return await mutate(hostile, retail, random.Random(7), envs=envs)
+
+    mutated, ticks = await ticking(stopped)
+    assert mutated is None
+    assert ticks.kept_up(), ticks  # the event loop kept running
     began = time.monotonic()
     assert await mutate(hostile, retail, random.Random(7), envs=envs) is None
     assert time.monotonic() - began < 0.5  # remembered: no second stop

@@ -13,6 +13,7 @@ from sentinel.envs.episodes import EnvFailure, EnvPool, ToolStopped
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import ChatMessage, Task, TerminationReason, ToolCall
 from tests.envs.test_sandbox import sandbox_pids, zombie_children
+from tests.ticking import ticking
 
 pytestmark = pytest.mark.anyio
 BOMB = ToolCall(id="bomb", name="calculate", arguments={"expression": "9**9**9"})
@@ -64,23 +65,14 @@ async def test_a_hostile_call_is_stopped_and_the_event_loop_keeps_going(
 ) -> None:
     """`9**9**9` holds the GIL for minutes in C; here it costs its own child, not the loop."""
     episode = await pool.open(task)
-    ticks = 0
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await anyio.sleep(0.05)
-            ticks += 1
-
-    started = time.monotonic()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(tick)
+    async def bomb() -> None:
         with pytest.raises(ToolStopped, match="within 2 s"):
             await episode.step(BOMB)
-        tg.cancel_scope.cancel()
-    elapsed = time.monotonic() - started
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
-    assert ticks >= elapsed / 0.05 * 0.5  # the loop ran on while the child spun
+
+    _, ticks = await ticking(bomb)
+    assert TIMEOUT_S <= ticks.elapsed_s < TIMEOUT_S + 3
+    assert ticks.kept_up()  # the loop ran on while the child spun
     assert sandbox_pids(pool.id) == []  # that child is gone
     await episode.close()
 

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything imports litellm
 
 from sentinel.agents.llm import OpenAIChatClient
-from sentinel.config import BusSettings, LLMEndpoint, Settings
+from sentinel.config import LOCAL_KEY_ENV, BusSettings, LLMEndpoint, Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
@@ -42,7 +42,12 @@ def policy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with VLLMServer(
         settings.serve.model_copy(update={"port": 0}), model_dir, settings.run_dir
     ) as s:
-        yield s.url
+        # Its per-run key, for every client and child process the tests start (as `up` does).
+        os.environ[LOCAL_KEY_ENV] = s.api_key
+        try:
+            yield s.url
+        finally:
+            os.environ.pop(LOCAL_KEY_ENV, None)
 
 
 @pytest.fixture

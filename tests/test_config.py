@@ -39,6 +39,7 @@ def test_yaml_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SENTINEL_BUS__MAX_DELIVERIES", "9")
     monkeypatch.setenv("SENTINEL_REDIS_URL", "redis://redis:6379/0")
     monkeypatch.setenv("KEY", "sk-test")
+    monkeypatch.delenv(LOCAL_KEY_ENV, raising=False)  # the tests' own server sets it
     settings = load_settings(path)
     assert settings.run_dir == Path("/data/run-7")
     assert settings.bus.max_deliveries == 9  # the environment wins over the file

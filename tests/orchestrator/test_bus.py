@@ -12,6 +12,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog
+import structlog.testing
 
 from sentinel.config import BusSettings, Settings
 from sentinel.orchestrator.bus import Bus, Reject, connect
@@ -528,22 +530,22 @@ def test_every_consumer_group_of_the_code_is_declared() -> None:
 
 
 async def test_dead_letters_beyond_dlq_maxlen_are_dropped_counted_and_the_newest_kept(
-    bus: Bus, capsys: pytest.CaptureFixture[str]
+    bus: Bus,
 ) -> None:
     capped = Bus(bus.redis, bus.settings.model_copy(update={"dlq_maxlen": 3, "batch_size": 2}))
     poison = [await bus.redis.xadd(bus.keys.stream("tasks"), {"junk": str(i)}) for i in range(5)]
     await capped.ensure_group("tasks", "g")
-    consumer = capped.consumer("tasks", "g", Task, Recorder(), "c1")
-    while await consumer.poll():
-        pass
+    with structlog.testing.capture_logs() as logs:  # whatever logging another test configured
+        consumer = capped.consumer("tasks", "g", Task, Recorder(), "c1")
+        while await consumer.poll():
+            pass
     letters = await capped.dead_letters("tasks")
     assert [letter.original_id for letter in letters] == poison[2:]
     assert [letter.fields for letter in letters] == [{"junk": str(i)} for i in (2, 3, 4)]
     assert (await bus.redis.hgetall(bus.keys.stats("tasks")))["dlq_dropped"] == "2"
     assert (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"] == 0
-    out = capsys.readouterr().out
-    assert "dead letters dropped: dlq_maxlen reached" in out
-    assert all(str(entry_id) in out for entry_id in poison[:2])  # the dropped ones, by id
+    dropped = [e for e in logs if e["event"] == "dead letters dropped: dlq_maxlen reached"]
+    assert [i for e in dropped for i in e["original_ids"]] == poison[:2]  # the dropped, by id
 
 
 async def test_a_newer_schema_is_dead_lettered_even_when_its_payload_validates(

@@ -73,8 +73,9 @@ def test_a_local_server_key_reaches_the_endpoints_on_it_only(
             controller=LLMEndpoint(base_url="https://api.example.com/v1", api_key_env="OTHER"),
         ),
     )
-    for name in (LOCAL_KEY_ENV, "OTHER"):
-        monkeypatch.delenv(name, raising=False)
+    # A copy without either key: export_key writes to it, and the real one is left alone.
+    environ = {k: v for k, v in os.environ.items() if k not in (LOCAL_KEY_ENV, "OTHER")}
+    monkeypatch.setattr(os, "environ", environ)
     url = settings.llm.policy.base_url
     write_record(tmp_path / "vllm" / "server.json", url=url, pid=1)
     write_private(tmp_path / "vllm" / KEY_FILE, "run-key-0123456789")

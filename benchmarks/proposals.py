@@ -73,6 +73,8 @@ async def measure(redis_url: str, llm_url: str, tasks: int, rounds: int) -> dict
                         verdicts[kind].append(result)
                     progress.advance(job)
     await client.aclose()
+    await proposer.aclose()  # each closes the env pool it made for mutation replays
+    await mutator.aclose()
     versions = len(await book.versions())
     await bus.aclose()
     llm = verdicts["llm"]

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sentinel.agents.grounding import mutate
 from sentinel.config import Settings, ValidationSettings
+from sentinel.envs.episodes import EnvPool
 from sentinel.envs.sandbox import ReplayOutcome, ReplayRequest, run_replay
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import connect
@@ -46,7 +47,7 @@ class FreshEnvironmentPerCheck:
         return outcome.model_copy(update={"duration_s": time.perf_counter() - start})
 
 
-def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
+async def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
     """About 70% new tasks, the rest copies and broken ones, shuffled."""
     rng = random.Random(seed)
     proposed = Provenance(origin=Origin.PROPOSED)
@@ -54,10 +55,11 @@ def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
         t for t in domain.tasks("train") if any(a.name in domain.write_tools for a in t.actions)
     ]
     tasks: list[Task] = []
-    while len(tasks) < count * 7 // 10:
-        mutated = mutate(rng.choice(seeds), domain, rng)
-        if mutated is not None and mutated.id not in {t.id for t in tasks}:
-            tasks.append(mutated)
+    async with EnvPool(domain.name) as envs:  # mutation replays seeds in limited children
+        while len(tasks) < count * 7 // 10:
+            mutated = await mutate(rng.choice(seeds), domain, rng, envs=envs)
+            if mutated is not None and mutated.id not in {t.id for t in tasks}:
+                tasks.append(mutated)
     for i, original in enumerate(rng.sample(domain.tasks(), count - len(tasks))):
         task = original.model_copy(update={"id": f"copy-{i}", "provenance": proposed})
         if i % 3 == 0:  # broken: an unknown tool
@@ -95,7 +97,7 @@ async def judge(
 
 async def measure(url: str, count: int, seed: int) -> dict[str, float]:
     domain = Tau2Domain("retail")
-    batch = proposals(domain, count, seed)
+    batch = await proposals(domain, count, seed)
     settings = ValidationSettings()
     redis = connect(url, Settings(redis_url=url))
     concurrency = 2 * (settings.max_concurrency or len(os.sched_getaffinity(0)))
@@ -105,8 +107,9 @@ async def measure(url: str, count: int, seed: int) -> dict[str, float]:
             job = progress.add_task(label, total=len(batch))
             return lambda: progress.advance(job)
 
-        baseline = Validator(
-            domain, FreshEnvironmentPerCheck(), settings, RedisTaskIndex(redis, "base", domain)
+        in_process = settings.model_copy(update={"allow_no_network_isolation": True})
+        baseline = Validator(  # in this process: no namespaces, so isolation is waived
+            domain, FreshEnvironmentPerCheck(), in_process, RedisTaskIndex(redis, "base", domain)
         )
         baseline_s, expected = await judge(baseline, batch, 1, bar("in-process"))
         async with local_sandbox(settings, domain.name) as sandbox:

@@ -51,6 +51,12 @@ def policy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def policy_headers(policy_url: str) -> dict[str, str]:
+    """The policy server's key as an HTTP header, for plain calls (adapters, /models)."""
+    return LLMEndpoint(base_url=policy_url).auth_headers()
+
+
+@pytest.fixture
 async def llm(policy_url: str) -> AsyncIterator[Callable[..., OpenAIChatClient]]:
     """Clients of the real policy server, closed before the test's event loop ends."""
     made: list[OpenAIChatClient] = []

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from sentinel.agents.prompts import PromptBook
-from sentinel.config import ProposerSettings, Settings
+from sentinel.config import LOCAL_KEY_ENV, ProposerSettings, Settings
 from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
@@ -69,7 +69,8 @@ async def verdicts(bus: Bus) -> dict[str, ValidationResult]:
 async def test_failures_become_patterns_proposals_verdicts_and_tasks(
     settings: Settings, bus: Bus, policy_url: str, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_")}
+    keep = LOCAL_KEY_ENV  # the tests' server's key: the children call it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_") or k == keep}
     env |= {
         "SENTINEL_REDIS_URL": settings.redis_url or "",
         "SENTINEL_RUN_DIR": str(tmp_path / "run"),

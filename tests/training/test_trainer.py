@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sentinel.agents.llm import OpenAIChatClient
-from sentinel.config import LLMEndpoint, Settings, TrainerSettings
+from sentinel.config import LOCAL_KEY_ENV, LLMEndpoint, Settings, TrainerSettings
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
@@ -35,13 +35,14 @@ from tests.training.learning import groups
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
+KEY = LOCAL_KEY_ENV  # the tests' server's key: children need it
 
 
 async def test_mean_reward_rises_and_each_policy_is_served(
-    policy_url: str, model_dir: Path, tmp_path: Path
+    policy_url: str, policy_headers: dict[str, str], model_dir: Path, tmp_path: Path
 ) -> None:
     policy = Policy(TrainerSettings(learning_rate=1e-3, lora_rank=8), model_dir)
-    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol")
+    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol", headers=policy_headers)
     served, curve = "smol", []
     for step in range(8):
         # 32 requests at once on a shared CPU: a generous timeout, not a flaky one.
@@ -56,12 +57,12 @@ async def test_mean_reward_rises_and_each_policy_is_served(
         if len(curve) >= 3 and min(curve[-2:]) >= 0.9:
             break
     print("reward curve:", [round(r, 3) for r in curve])
-    await _assert_served_and_different(policy_url, served)
+    await _assert_served_and_different(policy_url, served, policy_headers)
     assert sum(curve[-2:]) / 2 >= curve[0] + 0.25, curve
 
 
-async def _assert_served_and_different(url: str, adapter: str) -> None:
-    async with httpx.AsyncClient(timeout=60) as http:
+async def _assert_served_and_different(url: str, adapter: str, headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient(timeout=60, headers=headers) as http:
         models = (await http.get(url + "/models")).json()["data"]
     assert adapter in {m["id"] for m in models}
     prompt = [{"role": "user", "content": "Paint the wall, please."}]
@@ -106,7 +107,7 @@ def _trainer(env: dict[str, str]) -> subprocess.Popen[bytes]:
 async def test_killed_trainer_resumes_without_losing_or_repeating_a_group(
     settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_")} | {
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTINEL_") or k == KEY} | {
         "SENTINEL_REDIS_URL": settings.redis_url or "",
         "SENTINEL_BUS__PREFIX": settings.bus.prefix,
         "SENTINEL_BUS__CLAIM_IDLE_MS": "2000",
@@ -156,7 +157,12 @@ async def _all_acknowledged(bus: Bus, count: int) -> bool:
 
 @pytest.mark.parametrize("training", ["interleaved", "leafe"])
 async def test_leafe_modes_train_the_groups_corrections_and_account_for_every_group(
-    training: str, settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path
+    training: str,
+    settings: Settings,
+    policy_url: str,
+    policy_headers: dict[str, str],
+    model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     settings = settings.model_copy(
         update={
@@ -177,7 +183,7 @@ async def test_leafe_modes_train_the_groups_corrections_and_account_for_every_gr
                                         recovered=1, corrections=[correction])  # fmt: skip
     bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
     policy = Policy(settings.trainer, model_dir)
-    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol")
+    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol", headers=policy_headers)
     worker = TrainerWorker(settings, bus, policy, publisher)
     await bus.publish_many(Stream.ROLLOUT_GROUPS, sent)
     stop = anyio.Event()

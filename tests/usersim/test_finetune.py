@@ -24,7 +24,12 @@ def test_adapter_names_count_up(tmp_path: Path) -> None:
 
 
 async def test_a_finetune_round_improves_fidelity_and_serves_the_adapter(
-    settings: Settings, policy_url: str, model_dir: Path, tmp_path: Path, retail: Tau2Domain
+    settings: Settings,
+    policy_url: str,
+    policy_headers: dict[str, str],
+    model_dir: Path,
+    tmp_path: Path,
+    retail: Tau2Domain,
 ) -> None:
     tasks = {t.id: t for t in retail.tasks("train")}
     # Same shape of scenario (name and zip known, email unknown), different user and request.
@@ -50,7 +55,7 @@ async def test_a_finetune_round_improves_fidelity_and_serves_the_adapter(
     assert result.after.tasks == ["retail-113"]
     assert result.improved, (result.before.checks, result.after.checks)
     assert (tmp_path / "adapters" / name / "adapter_config.json").is_file()
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=policy_headers) as client:
         models = (await client.get(f"{policy_url}/models")).json()
         unload = {"lora_name": name}  # leave the shared server's adapter slots as they were
         await client.post(f"{policy_url}/unload_lora_adapter", json=unload)

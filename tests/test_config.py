@@ -214,3 +214,11 @@ def test_up_children_get_the_redis_url_in_their_environment_not_argv(tmp_path: P
     assert component.process.wait(60) == 0
     shown = json.loads((tmp_path / "logs" / "show.log").read_text())["redis_url"]
     assert shown == redact(SECRET_URL)  # the child connected with it, and masks it
+
+
+def test_the_shipped_cpu_profile_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` loads configs/local.yaml: a key the settings do not know stops it there."""
+    monkeypatch.delenv("SENTINEL_REDIS_URL", raising=False)
+    settings = load_settings(Path(__file__).resolve().parents[1] / "configs" / "local.yaml")
+    assert settings.loop.max_groups == 4
+    assert settings.llm.proposer.timeout_s == 60  # it falls back to mutation in the run

@@ -30,13 +30,13 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 from pydantic import Field, ValidationError
 
 from sentinel.envs.sandbox import (
+    ClosedOnExit,
     Namespaces,
     SandboxLimits,
     _Child,
@@ -252,7 +252,7 @@ class RemoteEpisode:
         self.generation = self.host.generation
 
 
-class EnvPool:
+class EnvPool(ClosedOnExit):
     """Episodes of one domain in up to `processes` limited children; use as an async context
     manager (or call `aclose`) to stop them."""
 
@@ -292,17 +292,6 @@ class EnvPool:
         for host in self.hosts:
             async with host.lock:
                 await host.discard()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _cpu(timeout_s: float) -> int:

@@ -304,7 +304,25 @@ async def dispose_child(child: _Child) -> None:
         await anyio.to_thread.run_sync(child.workdir.cleanup)
 
 
-class LocalProcessSandbox:
+class ClosedOnExit:
+    """An async context manager that calls `aclose` on exit: the pools of child processes."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class LocalProcessSandbox(ClosedOnExit):
     """Each replay in a fresh, limited child process on this machine.
 
     `limits` are the defaults of the pool; a request with other limits gets a cold child.
@@ -368,17 +386,6 @@ class LocalProcessSandbox:
         pool, self._pool = self._pool, []
         for child in pool:
             await dispose_child(child)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _run(self, child: _Child, request: ReplayRequest) -> tuple[ReplayOutcome, bool]:
         """Send one request line, read one outcome line; and whether the child may go on."""

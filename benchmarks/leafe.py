@@ -35,7 +35,8 @@ from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.reflector import Reflector
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings, Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.evaluation import evaluate
 from sentinel.schemas import RolloutGroup, SFTExample, Task, TrainStepReport, Trajectory
 from sentinel.serving.model import prepare_model
@@ -48,7 +49,7 @@ ROLLOUT = RolloutSettings(
 )
 
 
-def runner(settings: Settings, domain: Tau2Domain, url: str, model: str = "smol") -> RolloutRunner:
+def runner(settings: Settings, domain: Environment, url: str, model: str = "smol") -> RolloutRunner:
     endpoint = LLMEndpoint(base_url=url, model="smol")
     settings = settings.model_copy(
         update={"rollout": ROLLOUT, "llm": settings.llm.model_copy(
@@ -81,7 +82,7 @@ async def failures(made: RolloutRunner, tasks: list[Task], path: Path) -> list[T
 
 
 async def leafe_arm(
-    made: RolloutRunner, domain: Tau2Domain, by_id: dict[str, Task], failed: list[Trajectory],
+    made: RolloutRunner, domain: Environment, by_id: dict[str, Task], failed: list[Trajectory],
     settings: LeafeSettings, url: str,
 ) -> tuple[dict[str, int], list[SFTExample]]:  # fmt: skip
     client = OpenAIChatClient(LLMEndpoint(base_url=url, model="smol"))
@@ -114,7 +115,7 @@ async def grpo_groups(
 
 
 async def pass_at_k(
-    settings: Settings, domain: Tau2Domain, url: str, model: str, tasks: list[Task], trials: int,
+    settings: Settings, domain: Environment, url: str, model: str, tasks: list[Task], trials: int,
     out: Path,
 ) -> dict[int, float]:  # fmt: skip
     made = runner(settings, domain, url, model)
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-leafe"))
     args = parser.parse_args()
     settings = Settings()
-    domain = Tau2Domain("retail")
+    domain = load(named("retail"))
     tasks = domain.tasks("train")[: args.tasks]
     by_id = {t.id: t for t in tasks}
     leafe = LeafeSettings(

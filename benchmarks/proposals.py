@@ -26,7 +26,8 @@ from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.prompts import PromptBook
 from sentinel.agents.proposer import MUTATOR, Proposer
 from sentinel.config import LLMEndpoint, ProposerSettings, Settings, ValidationSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.schemas import ErrorPattern, FailureCategory, ValidationResult
@@ -34,7 +35,7 @@ from sentinel.serving.server import ensure_policy_server
 from sentinel.validator import RedisTaskIndex, Validator, local_sandbox
 
 
-def patterns(domain: Tau2Domain) -> list[ErrorPattern]:
+def patterns(domain: Environment) -> list[ErrorPattern]:
     return [
         ErrorPattern(
             id=f"pattern-{tool}",
@@ -48,7 +49,7 @@ def patterns(domain: Tau2Domain) -> list[ErrorPattern]:
 
 
 async def measure(redis_url: str, llm_url: str, tasks: int, rounds: int) -> dict[str, object]:
-    domain = Tau2Domain("retail")
+    domain = load(named("retail"))
     settings = Settings(redis_url=redis_url)
     bus = Bus(connect(redis_url, settings), settings.bus)
     proposer_settings = ProposerSettings(tasks_per_pattern=tasks, mutation_after=0, revise_after=8)

@@ -27,7 +27,8 @@ from sentinel.agents.rollout import RolloutRunner
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import LLMEndpoint, RolloutSettings, Settings
-from sentinel.envs.tau2 import Tau2Domain, to_tau2_task
+from sentinel.envs.registry import load, named
+from sentinel.envs.tau2.env import to_tau2_task
 from sentinel.serving.server import ensure_policy_server
 
 
@@ -66,7 +67,7 @@ class TimedClient(OpenAIChatClient):
 async def sentinel_path(
     url: str, settings: RolloutSettings, tasks: list[Any], trials: int
 ) -> dict[str, float]:
-    domain = Tau2Domain("retail")
+    domain = load(named("retail"))
     meter = InFlight()
     endpoint = LLMEndpoint(base_url=url, model="smol")
     solver_client, user_client = TimedClient(endpoint, meter), TimedClient(endpoint, meter)
@@ -130,7 +131,7 @@ def main() -> None:
         max_agent_turns=args.max_agent_turns, max_tokens=96, user_max_tokens=48,
         concurrency=args.concurrency,
     )  # fmt: skip
-    tasks = Tau2Domain("retail").tasks("train")[: args.tasks]
+    tasks = load(named("retail")).tasks("train")[: args.tasks]
     with ensure_policy_server(settings) as url:
         ours = anyio.run(sentinel_path, url, rollout, tasks, args.trials)
         theirs = tau2_path(url, rollout, tasks, args.trials)

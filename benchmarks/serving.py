@@ -29,7 +29,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.solver import Solver
 from sentinel.config import LLMEndpoint, RolloutSettings, ServeSettings, Settings, TrainerSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.registry import load, named
 from sentinel.schemas import ChatMessage
 from sentinel.serving.model import prepare_model
 from sentinel.serving.server import VLLMServer
@@ -46,7 +46,7 @@ class Turns:
     """Retail Solver turns (system prompt, 15 tools, a user's opening) against one server."""
 
     def __init__(self, url: str, max_tokens: int) -> None:
-        self.domain = Tau2Domain("retail")
+        self.domain = load(named("retail"))
         self.url = url
         self.openings = [self.domain.user_prompt(t)[:200] for t in self.domain.tasks("train")[:16]]
         self.settings = RolloutSettings(max_tokens=max_tokens, temperature=1.0)

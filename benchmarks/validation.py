@@ -27,11 +27,12 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sentinel.agents.grounding import mutate
 from sentinel.config import Settings, ValidationSettings
+from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
+from sentinel.envs.grounding import mutate
+from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import ReplayOutcome, ReplayRequest, run_replay
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.schemas import Action, Origin, Provenance, Task, TaskProposal
@@ -43,11 +44,11 @@ class FreshEnvironmentPerCheck:
 
     async def replay(self, request: ReplayRequest) -> ReplayOutcome:
         start = time.perf_counter()
-        outcome = run_replay(request, {request.domain: Tau2Domain(request.domain)})
+        outcome = run_replay(request, {request.domain: load(named(request.domain))})
         return outcome.model_copy(update={"duration_s": time.perf_counter() - start})
 
 
-async def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskProposal]:
+async def proposals(domain: Environment, count: int, seed: int) -> list[TaskProposal]:
     """About 70% new tasks, the rest copies and broken ones, shuffled."""
     rng = random.Random(seed)
     proposed = Provenance(origin=Origin.PROPOSED)
@@ -55,7 +56,7 @@ async def proposals(domain: Tau2Domain, count: int, seed: int) -> list[TaskPropo
         t for t in domain.tasks("train") if any(a.name in domain.write_tools for a in t.actions)
     ]
     tasks: list[Task] = []
-    async with EnvPool(domain.name) as envs:  # mutation replays seeds in limited children
+    async with EnvPool(domain.settings) as envs:  # mutation replays seeds in limited children
         while len(tasks) < count * 7 // 10:
             mutated = await mutate(rng.choice(seeds), domain, rng, envs=envs)
             if mutated is not None and mutated.id not in {t.id for t in tasks}:
@@ -96,7 +97,7 @@ async def judge(
 
 
 async def measure(url: str, count: int, seed: int) -> dict[str, float]:
-    domain = Tau2Domain("retail")
+    domain = load(named("retail"))
     batch = await proposals(domain, count, seed)
     settings = ValidationSettings()
     redis = connect(url, Settings(redis_url=url))

@@ -14,7 +14,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything
 
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.config import LOCAL_KEY_ENV, BusSettings, LLMEndpoint, Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.serving.model import prepare_model
@@ -72,9 +73,9 @@ async def llm(policy_url: str) -> AsyncIterator[Callable[..., OpenAIChatClient]]
 
 
 @pytest.fixture(scope="session")
-def retail() -> Tau2Domain:
+def retail() -> Environment:
     """tau2 retail, loaded once: every episode copies its database, so tests share it."""
-    return Tau2Domain("retail")
+    return load(named("retail"))
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ from sentinel.schemas import (
 )
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.base import Environment
 
 
 def task(i: int = 0) -> Task:
@@ -213,7 +213,7 @@ def group(task_id: str, rewards: list[float], i: int = 0, version: int = 0) -> R
     )
 
 
-def cancellation(retail: Tau2Domain, name: str, nth: int = 0) -> Task:
+def cancellation(retail: Environment, name: str, nth: int = 0) -> Task:
     """A new, correct task: cancel the `nth` pending order that no tau2 task mentions."""
     used = " ".join(t.spec.model_dump_json() for t in retail.tasks())
     orders = retail.database["orders"]

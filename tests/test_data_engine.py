@@ -12,7 +12,8 @@ import pytest
 
 from sentinel.agents.prompts import PromptBook
 from sentinel.config import LOCAL_KEY_ENV, ProposerSettings, Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
 from sentinel.orchestrator.pool import TaskPool
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.anyio
 COMMANDS = (["controller"], ["proposer"], ["orchestrator"], ["worker", "validate"])
 
 
-def failure(task_id: str, domain: Tau2Domain, i: int) -> Trajectory:
+def failure(task_id: str, domain: Environment, i: int) -> Trajectory:
     """The task's reads done, its writes never: a real, typical failure."""
     task = next(t for t in domain.tasks("train") if t.id == task_id)
     criteria = task.spec.evaluation_criteria
@@ -84,7 +85,7 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
         "SENTINEL_VALIDATION__WARM": "1",
         "SENTINEL_WORKERS__CONCURRENCY": "1",
     }
-    domain = Tau2Domain("retail")
+    domain = load(named("retail"))
     writers = [
         t.id for t in domain.tasks("train")
         if t.spec.evaluation_criteria

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.registry import load, named
 from sentinel.orchestrator.streams import Stream
 from sentinel.process import start_child, stop_child
 from sentinel.report import Artifacts, build_report, problems
@@ -109,7 +109,7 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
         print((tmp_path / "up.log").read_text()[-5000:])
     assert up.returncode == 0
 
-    seeds = {t.id for t in Tau2Domain("retail").tasks("train")}
+    seeds = {t.id for t in load(named("retail")).tasks("train")}
     assert problems(run_dir, seeds) == []
     report = build_report(run_dir)
     assert report.groups == 4  # the budget, once each, through three crashes

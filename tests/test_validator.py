@@ -15,8 +15,8 @@ from sentinel.agents.rollout import RolloutRunner
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import RolloutSettings, ValidationSettings
+from sentinel.envs.base import Environment
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import (
     Action,
@@ -42,7 +42,7 @@ SETTINGS = ValidationSettings(cpu_s=4, wall_s=10, max_task_chars=6000)
 
 
 @pytest.fixture
-async def validator(retail: Tau2Domain, bus: Bus) -> AsyncIterator[Validator]:
+async def validator(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
     limits = SandboxLimits(cpu_s=SETTINGS.cpu_s, wall_s=SETTINGS.wall_s)
     async with LocalProcessSandbox(limits, warm=1) as sandbox:
         yield Validator(retail, sandbox, SETTINGS, RedisTaskIndex(bus.redis, "p", retail))
@@ -65,7 +65,7 @@ async def verdict(validator: Validator, task: Task) -> tuple[bool, list[Rejectio
 
 
 async def test_a_correct_new_task_is_accepted_once(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     task = cancellation(retail, "new-cancel")
     result = await validator.validate(proposal(task))
@@ -78,7 +78,7 @@ async def test_a_correct_new_task_is_accepted_once(
 
 
 async def test_unknown_tools_bad_arguments_and_entities(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     task = cancellation(retail, "bad", nth=1)
     [find, get, cancel] = task.actions
@@ -97,7 +97,7 @@ async def test_unknown_tools_bad_arguments_and_entities(
 
 
 async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     task = cancellation(retail, "delivered", nth=2)
     delivered = next(i for i, o in retail.database["orders"].items() if o["status"] == "delivered")
@@ -110,7 +110,7 @@ async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
 
 
 async def test_reads_only_tasks_are_not_discriminative(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     task = cancellation(retail, "reads", nth=3)
     reads = with_actions(task, task.actions[:2])
@@ -123,7 +123,7 @@ async def test_reads_only_tasks_are_not_discriminative(
 
 
 async def test_test_split_copies_leak_and_train_copies_duplicate(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     proposed = Provenance(origin=Origin.PROPOSED)
     test_task = next(t for t in retail.tasks("test") if t.actions)
@@ -138,7 +138,7 @@ async def test_test_split_copies_leak_and_train_copies_duplicate(
     assert "retail-0" in result.reasons[0].detail
 
 
-async def test_leakage_survives_reordering_and_case(retail: Tau2Domain) -> None:
+async def test_leakage_survives_reordering_and_case(retail: Environment) -> None:
     test_task = next(
         t for t in retail.tasks("test")
         if len([a for a in t.actions if a.name in retail.write_tools]) >= 2
@@ -153,7 +153,7 @@ async def test_leakage_survives_reordering_and_case(retail: Tau2Domain) -> None:
     )
 
 
-async def test_injection_and_huge_proposals(retail: Tau2Domain, validator: Validator) -> None:
+async def test_injection_and_huge_proposals(retail: Environment, validator: Validator) -> None:
     task = cancellation(retail, "inject", nth=4)
     instructions = task.spec.user_scenario.instructions
     assert isinstance(instructions, UserInstructions)
@@ -172,7 +172,7 @@ async def test_injection_and_huge_proposals(retail: Tau2Domain, validator: Valid
 
 
 async def test_a_hostile_replay_is_killed_and_the_validator_carries_on(
-    retail: Tau2Domain, validator: Validator
+    retail: Environment, validator: Validator
 ) -> None:
     task = cancellation(retail, "hostile", nth=5)
     bomb = Action(action_id="x", name="calculate", arguments={"expression": "9**9**9**9"})
@@ -193,7 +193,7 @@ def test_unparseable_proposals_become_schema_verdicts() -> None:
 
 
 async def test_the_difficulty_probe_runs_the_solver_and_scores_learnability(
-    retail: Tau2Domain, bus: Bus, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, bus: Bus, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     rollouts = RolloutSettings(max_agent_turns=2, max_tokens=64, user_max_tokens=32)
     solver = Solver(llm(), retail.policy, retail.tool_schemas, rollouts)
@@ -240,7 +240,7 @@ async def _commands_during(bus: Bus, action: Callable[[], Awaitable[object]]) ->
 
 
 async def test_near_duplicates_are_found_without_reading_the_pool(
-    retail: Tau2Domain, bus: Bus
+    retail: Environment, bus: Bus
 ) -> None:
     index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
     rng = random.Random(7)
@@ -268,7 +268,7 @@ async def test_near_duplicates_are_found_without_reading_the_pool(
 WHOLE_HASH = {"HGETALL", "HSCAN", "HKEYS", "HVALS", "KEYS", "SCAN"}
 
 
-async def test_concurrent_near_duplicates_one_claims(retail: Tau2Domain, bus: Bus) -> None:
+async def test_concurrent_near_duplicates_one_claims(retail: Environment, bus: Bus) -> None:
     index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
     words = [f"v{i}" for i in range(100)]
     variants = [_scenario([*words[:99], f"end{i}"]) for i in range(8)]
@@ -284,7 +284,7 @@ async def test_concurrent_near_duplicates_one_claims(retail: Tau2Domain, bus: Bu
 
 
 async def test_tasks_indexed_before_the_buckets_are_back_filled(
-    retail: Tau2Domain, bus: Bus
+    retail: Environment, bus: Bus
 ) -> None:
     """A pool claimed by the previous index (signatures and scenarios only) keeps its tasks."""
     prefix = bus.settings.prefix

@@ -30,6 +30,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from sentinel.envs.registry import EnvSettings
+
 _config_file: ContextVar[Path | None] = ContextVar("sentinel_config_file", default=None)
 
 
@@ -414,7 +416,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     loop: LoopSettings = LoopSettings()
     usersim: UserSimSettings = UserSimSettings()
-    domain: Literal["retail", "airline", "telecom"] = "retail"  # tau2 domain of the loop
+    env: EnvSettings = EnvSettings()  # the environment of the loop (`envs.load`)
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:

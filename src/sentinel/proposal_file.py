@@ -71,12 +71,12 @@ def read_proposal(path: Path, max_chars: int) -> TaskProposal | ValidationResult
 async def validate_file(
     settings: Settings, redis: aioredis.Redis, proposal: TaskProposal
 ) -> ValidationResult:
-    """The verdict of the validator the workers run, on the proposal's own tau2 domain when
+    """The verdict of the validator the workers run, on the proposal's own domain when
     it names one; nothing is claimed in the pool."""
-    from sentinel.envs.tau2 import DOMAINS
+    from sentinel.envs.registry import PACKS
     from sentinel.validator import open_validator
 
-    domain = proposal.task.domain if proposal.task.domain in DOMAINS else None
+    domain = proposal.task.domain if proposal.task.domain in PACKS else None
     async with AsyncExitStack() as stack:
         validator = await open_validator(settings, redis, stack, domain)
         return await validator.validate(proposal, claim=False)

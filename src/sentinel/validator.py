@@ -36,6 +36,8 @@ from pydantic_core import PydanticSerializationError
 from sentinel import injection, lsh
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings, ValidationSettings
+from sentinel.envs.base import Environment, id_arguments
+from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import (
     LocalProcessSandbox,
     ReplayOutcome,
@@ -44,7 +46,6 @@ from sentinel.envs.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
 )
-from sentinel.envs.tau2 import Tau2Domain, id_arguments, to_tau2_task
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     Action,
@@ -166,7 +167,7 @@ class RedisTaskIndex:
     A lookup reads one signature and the stored shingles of the tasks in the proposal's LSH
     buckets (`sentinel.lsh`), never the whole pool; check and claim are one Lua script."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, domain: Tau2Domain) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, domain: Environment) -> None:
         self.redis = redis
         self.domain = domain
         base = f"{prefix}:pool:{domain.name}"
@@ -244,7 +245,7 @@ async def open_validator(
     pool index in Redis and, when configured, the difficulty probe on the policy endpoint.
     What it opens is closed by `stack`."""
     v = settings.validation
-    tau2 = await anyio.to_thread.run_sync(Tau2Domain, domain or settings.domain)
+    tau2 = await anyio.to_thread.run_sync(load, named(domain) if domain else settings.env)
     sandbox = local_sandbox(v, tau2.name)
     stack.push_async_callback(sandbox.aclose)
     index = RedisTaskIndex(redis, settings.bus.prefix, tau2)
@@ -259,7 +260,7 @@ async def open_validator(
 class Validator:
     def __init__(
         self,
-        domain: Tau2Domain,
+        domain: Environment,
         sandbox: Sandbox,
         settings: ValidationSettings,
         index: TaskIndex,
@@ -366,10 +367,8 @@ class Validator:
         """tau2 must read the task, and every function its initial state, env assertions and
         user actions name must be on the domain's allow-lists: tau2 dispatches them with
         `getattr`, in the reward path too."""
-        try:
-            to_tau2_task(task)
-        except (ValidationError, ValueError, TypeError) as error:
-            return [_reason(RejectionCode.SCHEMA, f"not a valid tau2 task: {error}")]
+        if problems := self.domain.spec_problems(task):
+            return [_reason(RejectionCode.SCHEMA, f"not a valid task: {p}") for p in problems]
         return [_reason(RejectionCode.UNKNOWN_TOOL, p) for p in self.domain.call_problems(task)]
 
     def _arguments(self, where: str, arguments: dict[str, Any], schema: dict[str, Any]) -> Reasons:

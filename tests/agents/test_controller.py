@@ -15,7 +15,7 @@ from sentinel.agents.signals import primary_category
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import ControllerSettings, RolloutSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
 from sentinel.orchestrator.pool import TaskPool
@@ -27,7 +27,7 @@ ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48,
 
 
 @pytest.fixture(scope="module")
-async def failures(retail: Tau2Domain, policy_url: str) -> list[Trajectory]:
+async def failures(retail: Environment, policy_url: str) -> list[Trajectory]:
     """Real failed trajectories: SmolLM2 as Solver and user on four retail train tasks."""
     from sentinel.config import LLMEndpoint
 
@@ -56,7 +56,7 @@ def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
 
 
 def controller(
-    retail: Tau2Domain, bus: Bus, client: Any, settings: ControllerSettings | None = None
+    retail: Environment, bus: Bus, client: Any, settings: ControllerSettings | None = None
 ) -> Controller:
     prefix = bus.settings.prefix
     return Controller(
@@ -70,7 +70,7 @@ def controller(
 
 
 async def test_real_failures_become_diagnoses_and_a_persisted_library(
-    retail: Tau2Domain,
+    retail: Environment,
     failures: list[Trajectory],
     bus: Bus,
     llm: Callable[..., OpenAIChatClient],
@@ -99,7 +99,7 @@ async def test_real_failures_become_diagnoses_and_a_persisted_library(
 
 
 async def test_successes_and_infra_errors_are_not_diagnosed(
-    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+    retail: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
     agent = controller(retail, bus, None)
     success = failures[0].model_copy(
@@ -121,7 +121,7 @@ class Garbage:
 
 
 async def test_malformed_llm_output_falls_back_to_the_signals(
-    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+    retail: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
     trajectory = failures[0]
     task = await TaskPool(bus.redis, "x", retail.tasks("train")).get(trajectory.task_id)
@@ -133,7 +133,7 @@ async def test_malformed_llm_output_falls_back_to_the_signals(
 
 
 async def test_unknown_tasks_are_dead_lettered_with_the_reason(
-    retail: Tau2Domain, failures: list[Trajectory], bus: Bus
+    retail: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
     orphan = failures[0].model_copy(update={"id": "orphan", "task_id": "retail-nope"})
     await bus.publish(Stream.TRAJECTORIES, orphan)
@@ -144,7 +144,7 @@ async def test_unknown_tasks_are_dead_lettered_with_the_reason(
 
 
 def test_the_schema_offers_only_what_the_signals_found(
-    retail: Tau2Domain, failures: list[Trajectory]
+    retail: Environment, failures: list[Trajectory]
 ) -> None:
     from sentinel.agents.signals import failure_signals
 

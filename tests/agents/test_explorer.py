@@ -16,7 +16,7 @@ from sentinel.agents.signals import failure_signals, first_wrong_step
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.schemas import (
     ChatMessage,
     Reflection,
@@ -41,7 +41,7 @@ def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
 
 
 @pytest.fixture(scope="module")
-async def failed(retail: Tau2Domain, policy_url: str) -> tuple[Task, RolloutGroup]:
+async def failed(retail: Environment, policy_url: str) -> tuple[Task, RolloutGroup]:
     """A real group of three SmolLM2 rollouts on one retail train task, all failed."""
     task = retail.tasks("train")[5]
     made = runner(retail, lambda: OpenAIChatClient(LLMEndpoint(base_url=policy_url)))
@@ -63,14 +63,14 @@ class Recording(RolloutRunner):
         return result
 
 
-def runner(retail: Tau2Domain, llm: Callable[[], OpenAIChatClient]) -> Recording:
+def runner(retail: Environment, llm: Callable[[], OpenAIChatClient]) -> Recording:
     solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
     made = Recording(retail, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS)
     made.branches = []
     return made
 
 
-def gold_run(retail: Tau2Domain, task: Task) -> tuple[Trajectory, list[tuple[str | None, ...]]]:
+def gold_run(retail: Environment, task: Task) -> tuple[Trajectory, list[tuple[str | None, ...]]]:
     """A conversation whose agent makes the task's gold calls, with the DB hashes seen
     after each message as it ran: writes change them, so a wrong rebuild shows."""
     episode = retail.episode(task)
@@ -97,7 +97,7 @@ def gold_run(retail: Tau2Domain, task: Task) -> tuple[Trajectory, list[tuple[str
 
 
 async def test_backtracking_rebuilds_the_environment_at_every_step(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+    retail: Environment, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
 ) -> None:
     made = runner(retail, llm)
     tasks = [t for t in retail.tasks("train") if len(t.agent_actions) >= 3][:2]
@@ -127,7 +127,7 @@ async def test_backtracking_rebuilds_the_environment_at_every_step(
 
 
 async def test_branches_stay_within_their_budgets(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+    retail: Environment, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
 ) -> None:
     made = runner(retail, llm)
     task, group = failed
@@ -160,7 +160,7 @@ async def test_branches_stay_within_their_budgets(
 
 
 async def test_a_correction_is_the_branch_without_the_experience(
-    retail: Tau2Domain,
+    retail: Environment,
     llm: Callable[..., OpenAIChatClient],
     model_dir: Path,
     failed: tuple[Task, RolloutGroup],
@@ -189,7 +189,7 @@ async def test_a_correction_is_the_branch_without_the_experience(
 
 
 async def test_exploration_out_of_time_keeps_the_group_and_says_so(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     made = runner(retail, llm)
     group = RolloutGroup(

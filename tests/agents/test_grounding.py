@@ -13,15 +13,12 @@ from typing import Any
 import anyio
 import pytest
 
-from sentinel.agents.grounding import (
-    Grounding,
-    GroundingUnsupported,
-    actions_schema,
-    ground,
-    mutate,
-)
+from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.grounding import actions_schema, ground, mutate
+from sentinel.envs.pack import GroundingUnsupported
+from sentinel.envs.registry import load, named
+from sentinel.envs.tau2.retail.grounding import Grounding
 from sentinel.schemas import Action, Origin, Task, ToolCall
 from tests.envs.test_sandbox import sandbox_pids
 from tests.ticking import ticking
@@ -41,14 +38,14 @@ TIMEOUT_S = 2.0  # the pools' wall clock per tool call
 
 
 @pytest.fixture(scope="module")
-def seeds(retail: Tau2Domain) -> list[Task]:
+def seeds(retail: Environment) -> list[Task]:
     """A sample of retail train tasks with gold writes."""
     with_writes = [t for t in retail.tasks("train") if _writes(t, retail)]
     return random.Random(0).sample(with_writes, SAMPLE)
 
 
 @pytest.fixture(scope="module")
-def mutations(retail: Tau2Domain, seeds: list[Task]) -> list[tuple[Task, Task | None]]:
+def mutations(retail: Environment, seeds: list[Task]) -> list[tuple[Task, Task | None]]:
     async def run() -> list[tuple[Task, Task | None]]:
         async with EnvPool("retail", tool_timeout_s=TIMEOUT_S) as envs:
             return [
@@ -67,11 +64,11 @@ async def envs() -> AsyncIterator[EnvPool]:
     assert sandbox_pids(pool.id) == []
 
 
-def _writes(task: Task, domain: Tau2Domain) -> list[Any]:
+def _writes(task: Task, domain: Environment) -> list[Any]:
     return [a for a in task.actions if a.name in domain.write_tools]
 
 
-def _run(domain: Tau2Domain, task: Task, calls: list[tuple[str, dict[str, Any]]]) -> Any:
+def _run(domain: Environment, task: Task, calls: list[tuple[str, dict[str, Any]]]) -> Any:
     """The episode after `calls` on a fresh environment, and their results."""
     episode = domain.episode(task)
     results = [
@@ -111,7 +108,7 @@ def _subset(schema: dict[str, Any], value: Any) -> bool:
 
 
 @pytest.mark.parametrize("tool", WRITES)
-def test_ground_gives_entities_each_write_tool_can_act_on(retail: Tau2Domain, tool: str) -> None:
+def test_ground_gives_entities_each_write_tool_can_act_on(retail: Environment, tool: str) -> None:
     grounding = ground(retail, [tool], random.Random(3))
     db = retail.database
     user = db["users"][grounding.user.user_id]
@@ -142,7 +139,7 @@ def _first_choice(schema: dict[str, Any], tool: str) -> tuple[str, dict[str, Any
     return tool, arguments
 
 
-def test_ground_is_deterministic_and_avoids_test_users(retail: Tau2Domain) -> None:
+def test_ground_is_deterministic_and_avoids_test_users(retail: Environment) -> None:
     tools = ["cancel_pending_order", "exchange_delivered_order_items"]
     first = ground(retail, tools, random.Random(11))
     assert first == ground(retail, tools, random.Random(11))
@@ -154,7 +151,7 @@ def test_ground_is_deterministic_and_avoids_test_users(retail: Tau2Domain) -> No
     assert not users & test_users
 
 
-def test_describe_is_short_and_names_every_grounded_id(retail: Tau2Domain) -> None:
+def test_describe_is_short_and_names_every_grounded_id(retail: Environment) -> None:
     grounding = ground(retail, sorted(retail.write_tools), random.Random(5))
     text = grounding.describe()
     assert len(text) < 3000, len(text)  # a few hundred tokens
@@ -164,7 +161,7 @@ def test_describe_is_short_and_names_every_grounded_id(retail: Tau2Domain) -> No
 
 
 def test_ground_raises_when_nothing_fits_or_the_domain_is_unsupported() -> None:
-    no_pending = Tau2Domain("retail")
+    no_pending = load(named("retail"))
     db = no_pending.database
     orders = {k: o for k, o in db["orders"].items() if "pending" not in o["status"]}
     users = {
@@ -176,7 +173,7 @@ def test_ground_raises_when_nothing_fits_or_the_domain_is_unsupported() -> None:
         ground(no_pending, ["cancel_pending_order"], random.Random(0))
     assert ground(no_pending, ["return_delivered_order_items"], random.Random(0))
     with pytest.raises(GroundingUnsupported, match="airline"):
-        ground(Tau2Domain("airline"), ["cancel_reservation"], random.Random(0))
+        ground(load(named("airline")), ["cancel_reservation"], random.Random(0))
 
 
 # --- actions_schema -----------------------------------------------------------------------
@@ -209,7 +206,7 @@ def _gold(grounding: Grounding) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def test_actions_schema_admits_grounded_ids_only(retail: Tau2Domain) -> None:
+def test_actions_schema_admits_grounded_ids_only(retail: Environment) -> None:
     tools = ["cancel_pending_order", "exchange_delivered_order_items"]
     grounding = ground(retail, tools, random.Random(2))
     schema = actions_schema(retail, grounding, tools)
@@ -233,7 +230,7 @@ def test_actions_schema_admits_grounded_ids_only(retail: Tau2Domain) -> None:
     assert not _conforms(schema, [])
 
 
-def test_schema_valid_actions_run(retail: Tau2Domain) -> None:
+def test_schema_valid_actions_run(retail: Environment) -> None:
     tools = ["cancel_pending_order", "exchange_delivered_order_items"]
     grounding = ground(retail, tools, random.Random(2))
     calls = [(a["name"], a["arguments"]) for a in _gold(grounding)]
@@ -251,7 +248,7 @@ def test_most_seed_tasks_mutate(mutations: list[tuple[Task, Task | None]]) -> No
 
 
 def test_mutated_gold_writes_succeed_and_change_the_database(
-    retail: Tau2Domain, mutations: list[tuple[Task, Task | None]]
+    retail: Environment, mutations: list[tuple[Task, Task | None]]
 ) -> None:
     for seed, task in mutations:
         if task is None:
@@ -271,7 +268,7 @@ def test_mutated_gold_writes_succeed_and_change_the_database(
 
 
 def test_mutated_tasks_use_new_entities_and_provenance(
-    retail: Tau2Domain, mutations: list[tuple[Task, Task | None]]
+    retail: Environment, mutations: list[tuple[Task, Task | None]]
 ) -> None:
     for seed, task in mutations:
         if task is None:
@@ -294,7 +291,7 @@ def test_mutated_tasks_use_new_entities_and_provenance(
         assert old_user not in task.spec.evaluation_criteria.model_dump_json()  # type: ignore[union-attr]
 
 
-def _users(domain: Tau2Domain, task: Task) -> set[str]:
+def _users(domain: Environment, task: Task) -> set[str]:
     """The users whose orders or profile the task's gold writes change."""
     orders = domain.database["orders"]
     writes = _writes(task, domain)
@@ -306,7 +303,7 @@ def _users(domain: Tau2Domain, task: Task) -> set[str]:
 
 @pytest.mark.anyio
 async def test_mutation_is_deterministic_for_a_seeded_rng(
-    retail: Tau2Domain, seeds: list[Task], envs: EnvPool
+    retail: Environment, seeds: list[Task], envs: EnvPool
 ) -> None:
     seed = seeds[0]
     first, second = [await mutate(seed, retail, random.Random(42), envs=envs) for _ in range(2)]
@@ -318,7 +315,7 @@ async def test_mutation_is_deterministic_for_a_seeded_rng(
 
 @pytest.mark.anyio
 async def test_mutation_focuses_on_the_pattern_tools_and_recomputes_the_refund(
-    retail: Tau2Domain, envs: EnvPool
+    retail: Environment, envs: EnvPool
 ) -> None:
     seed = next(t for t in retail.tasks("train") if t.id == "retail-16")  # cancels + a return
     task = await mutate(seed, retail, random.Random(7), ["cancel_pending_order"], envs=envs)
@@ -334,18 +331,18 @@ async def test_mutation_focuses_on_the_pattern_tools_and_recomputes_the_refund(
 
 
 @pytest.mark.anyio
-async def test_mutate_gives_none_when_nothing_fits(retail: Tau2Domain, envs: EnvPool) -> None:
+async def test_mutate_gives_none_when_nothing_fits(retail: Environment, envs: EnvPool) -> None:
     reads_only = next(t for t in retail.tasks("train") if not _writes(t, retail))
     assert await mutate(reads_only, retail, random.Random(0), envs=envs) is None
-    airline = Tau2Domain("airline")
+    airline = load(named("airline"))
     assert await mutate(airline.tasks()[0], airline, random.Random(0), envs=envs) is None
     with pytest.raises(ValueError, match="pool cannot replay"):
-        await mutate(reads_only, Tau2Domain("retail"), random.Random(0), envs=EnvPool("telecom"))
+        await mutate(reads_only, load(named("retail")), random.Random(0), envs=EnvPool("telecom"))
 
 
 @pytest.mark.anyio
 async def test_a_seed_whose_gold_overruns_the_limits_is_stopped_and_the_next_mutates(
-    retail: Tau2Domain, envs: EnvPool
+    retail: Environment, envs: EnvPool
 ) -> None:
     """Issue 19, 1: mutation replayed a seed's gold in this process, where retail's
     `calculate("9**9**9")` holds the GIL for minutes; now it is stopped at the pool's wall

@@ -35,7 +35,7 @@ from sentinel.agents.signals import failure_signals, first_wrong_step
 from sentinel.agents.solver import RESPOND, Solver
 from sentinel.agents.user import parse_reply
 from sentinel.config import ControllerSettings, LeafeSettings, ProposerSettings, RolloutSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
 from sentinel.orchestrator.pool import TaskPool
@@ -269,7 +269,7 @@ ROLLOUT = RolloutSettings()
 
 
 @pytest.fixture(scope="module")
-def solver(retail: Tau2Domain) -> Solver:
+def solver(retail: Environment) -> Solver:
     return Solver(Scripted(""), retail.policy, retail.tool_schemas, ROLLOUT)
 
 
@@ -366,7 +366,7 @@ def draft_or_text(model: type[BaseModel]) -> st.SearchStrategy[tuple[str, bool]]
 @FAST
 @given(case=draft_or_text(DiagnosisDraft))
 async def test_the_controller_falls_back_to_the_signals_on_any_bad_answer(
-    retail: Tau2Domain, bus: Bus, case: tuple[str, bool]
+    retail: Environment, bus: Bus, case: tuple[str, bool]
 ) -> None:
     text, valid = case
     task, trajectory = factories.task(), factories.trajectory(reward=0.0)
@@ -385,7 +385,7 @@ async def test_the_controller_falls_back_to_the_signals_on_any_bad_answer(
 @FAST
 @given(case=draft_or_text(ReflectionDraft))
 async def test_the_reflector_falls_back_to_the_feedback_on_any_bad_answer(
-    retail: Tau2Domain, case: tuple[str, bool]
+    retail: Environment, case: tuple[str, bool]
 ) -> None:
     text, valid = case
     task, trajectory = factories.task(), factories.trajectory(reward=0.0)
@@ -418,7 +418,7 @@ PATTERN = ErrorPattern(
 @given(case=draft_or_text(TaskDraft))
 @example(case=(json.dumps({**VALID[TaskDraft], "writes": [{"name": 5, "arguments": []}]}), False))
 async def test_the_proposer_turns_any_bad_draft_into_a_schema_verdict(
-    retail: Tau2Domain, bus: Bus, case: tuple[str, bool]
+    retail: Environment, bus: Bus, case: tuple[str, bool]
 ) -> None:
     text, valid = case
     book = PromptBook(bus.redis, bus.settings.prefix, ProposerSettings())

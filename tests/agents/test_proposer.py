@@ -13,8 +13,8 @@ from sentinel.agents.llm import Completion, OpenAIChatClient
 from sentinel.agents.prompts import PromptBook
 from sentinel.agents.proposer import MUTATOR, Proposer
 from sentinel.config import ProposerSettings, ValidationSettings
+from sentinel.envs.base import Environment
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
@@ -42,14 +42,14 @@ PATTERN = ErrorPattern(
 
 
 @pytest.fixture
-async def validator(retail: Tau2Domain, bus: Bus) -> AsyncIterator[Validator]:
+async def validator(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
     settings = ValidationSettings()
     async with LocalProcessSandbox(SandboxLimits(), warm=1) as sandbox:
         index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
         yield Validator(retail, sandbox, settings, index)
 
 
-def proposer(retail: Tau2Domain, bus: Bus, client: Any) -> Proposer:
+def proposer(retail: Environment, bus: Bus, client: Any) -> Proposer:
     book = PromptBook(bus.redis, bus.settings.prefix, SETTINGS)
     return Proposer(retail, book, bus, SETTINGS, client)
 
@@ -64,7 +64,7 @@ async def judge(
 
 
 async def test_llm_proposals_are_grounded_and_judged_with_reasons(
-    retail: Tau2Domain, bus: Bus, validator: Validator, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, bus: Bus, validator: Validator, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     agent = proposer(retail, bus, llm())
     proposals = await agent.propose(PATTERN)
@@ -94,7 +94,7 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
 
 
 async def test_repeated_rejections_switch_the_pattern_to_mutation(
-    retail: Tau2Domain, bus: Bus, validator: Validator
+    retail: Environment, bus: Bus, validator: Validator
 ) -> None:
     agent = proposer(retail, bus, Garbage())
     first = await agent.propose(PATTERN)  # the LLM fails: unparseable, then mutation
@@ -113,7 +113,7 @@ async def test_repeated_rejections_switch_the_pattern_to_mutation(
         assert p.task.provenance.pattern_id == PATTERN.id
 
 
-async def test_without_an_llm_it_mutates_seeds(retail: Tau2Domain, bus: Bus) -> None:
+async def test_without_an_llm_it_mutates_seeds(retail: Environment, bus: Bus) -> None:
     agent = proposer(retail, bus, None)
     proposals = await agent.propose(PATTERN)
     assert len(proposals) == SETTINGS.tasks_per_pattern
@@ -121,7 +121,7 @@ async def test_without_an_llm_it_mutates_seeds(retail: Tau2Domain, bus: Bus) -> 
 
 
 async def test_a_structurally_wrong_draft_is_a_schema_verdict_not_a_crash(
-    retail: Tau2Domain, bus: Bus
+    retail: Environment, bus: Bus
 ) -> None:
     """Issue 19, 4: a draft whose action name is not a string, or whose arguments are not an
     object, used to raise from handle_pattern (redelivered until dead-lettered, unlearnt)."""

@@ -11,7 +11,7 @@ import pytest
 from sentinel.agents.llm import Completion
 from sentinel.agents.reflector import Reflector, allowed_steps, feedback
 from sentinel.config import LeafeSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from tests import factories
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +44,7 @@ def test_feedback_reports_what_the_environment_said_and_never_the_gold() -> None
 
 
 async def test_a_model_that_answers_garbage_leaves_the_feedback_and_the_signals_step(
-    retail: Tau2Domain,
+    retail: Environment,
 ) -> None:
     task, trajectory = factories.task(), factories.trajectory(reward=0.0)
     reflection = await Reflector(retail, LeafeSettings(), Garbage()).reflect(task, trajectory)

@@ -13,7 +13,7 @@ from sentinel.agents.rollout import GREETING, RolloutRunner
 from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator, is_stop
 from sentinel.config import LLMEndpoint, RolloutSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.process import free_port
 from sentinel.schemas import ChatMessage, TerminationReason, ToolCall, Trajectory
 from tests.ticking import ticking
@@ -23,14 +23,14 @@ SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48,
 
 
 def runner(
-    retail: Tau2Domain, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
+    retail: Environment, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
 ) -> RolloutRunner:
     solver = Solver(solver_client, retail.policy, retail.tool_schemas, SETTINGS)
     return RolloutRunner(retail, solver, UserSimulator(user_client, SETTINGS), settings=SETTINGS)
 
 
 async def test_real_rollout_group_runs_to_completion_with_tokens(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     task = retail.tasks("train")[0]
     group = await runner(retail, llm(), llm()).run_group(task, 3)
@@ -53,7 +53,7 @@ async def test_real_rollout_group_runs_to_completion_with_tokens(
 
 
 async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     dead = OpenAIChatClient(
         LLMEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout_s=5)
@@ -66,7 +66,7 @@ async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
 
 
 async def test_context_overflow_ends_with_its_own_reason(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     solver = Solver(llm(), retail.policy + " policy" * 9000, retail.tool_schemas, SETTINGS)
     trajectory = await RolloutRunner(
@@ -117,13 +117,13 @@ class Scripted:
 HOSTILE = SETTINGS.model_copy(update={"tool_timeout_s": 1.0})
 
 
-def hostile_runner(retail: Tau2Domain, user: OpenAIChatClient) -> RolloutRunner:
+def hostile_runner(retail: Environment, user: OpenAIChatClient) -> RolloutRunner:
     solver = Solver(Scripted(), retail.policy, retail.tool_schemas, HOSTILE)
     return RolloutRunner(retail, solver, UserSimulator(user, HOSTILE), settings=HOSTILE)
 
 
 async def test_a_hostile_tool_call_ends_the_rollout_and_the_loop_keeps_ticking(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     runner = hostile_runner(retail, llm())
 
@@ -147,7 +147,7 @@ async def test_a_hostile_tool_call_ends_the_rollout_and_the_loop_keeps_ticking(
 
 
 async def test_leafe_branches_replay_and_step_under_the_same_limits(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient]
+    retail: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     """A branch from an agent turn meets the same limit; a prefix holding the hostile call
     (as if it had once passed) fails its replay in the child, not in this process."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sentinel.agents.signals import failure_signals, first_wrong_step, primary_category
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.schemas import (
     ChatMessage,
     FailureCategory,
@@ -18,7 +18,7 @@ from sentinel.schemas import (
 
 
 @pytest.fixture(scope="module")
-def cancel_task(retail: Tau2Domain) -> Task:
+def cancel_task(retail: Environment) -> Task:
     """A train task whose only write cancels a pending order."""
     for task in retail.tasks("train"):
         actions = task.actions
@@ -67,11 +67,11 @@ def categories(signals: list) -> list[FailureCategory]:  # type: ignore[type-arg
     return [s.category for s in signals]
 
 
-def test_the_gold_conversation_has_no_signal(retail: Tau2Domain, cancel_task: Task) -> None:
+def test_the_gold_conversation_has_no_signal(retail: Environment, cancel_task: Task) -> None:
     assert failure_signals(cancel_task, trajectory(conversation(cancel_task)), retail) == []
 
 
-def test_a_dropped_write_is_a_missing_action(retail: Tau2Domain, cancel_task: Task) -> None:
+def test_a_dropped_write_is_a_missing_action(retail: Environment, cancel_task: Task) -> None:
     messages = conversation(cancel_task, drop="cancel_pending_order")
     [signal] = failure_signals(cancel_task, trajectory(messages), retail)
     assert signal.category == FailureCategory.MISSING_ACTION
@@ -79,7 +79,9 @@ def test_a_dropped_write_is_a_missing_action(retail: Tau2Domain, cancel_task: Ta
     assert signal.tool == "cancel_pending_order"
 
 
-def test_another_reason_is_wrong_arguments_naming_it(retail: Tau2Domain, cancel_task: Task) -> None:
+def test_another_reason_is_wrong_arguments_naming_it(
+    retail: Environment, cancel_task: Task
+) -> None:
     messages = conversation(cancel_task, change={"reason": "too expensive"})
     [signal] = failure_signals(cancel_task, trajectory(messages), retail)
     assert signal.category == FailureCategory.WRONG_ARGUMENTS
@@ -89,7 +91,7 @@ def test_another_reason_is_wrong_arguments_naming_it(retail: Tau2Domain, cancel_
 
 
 def test_unknown_and_foreign_orders_are_wrong_entities(
-    retail: Tau2Domain, cancel_task: Task
+    retail: Environment, cancel_task: Task
 ) -> None:
     missing = conversation(cancel_task, change={"order_id": "#W0000000"})
     found = failure_signals(cancel_task, trajectory(missing), retail)
@@ -108,14 +110,14 @@ def test_unknown_and_foreign_orders_are_wrong_entities(
     assert any("belongs to" in s.detail and other in s.detail for s in found)
 
 
-def test_a_write_without_a_yes_misses_confirmation(retail: Tau2Domain, cancel_task: Task) -> None:
+def test_a_write_without_a_yes_misses_confirmation(retail: Environment, cancel_task: Task) -> None:
     messages = conversation(cancel_task, confirm=False)
     [signal] = failure_signals(cancel_task, trajectory(messages), retail)
     assert signal.category == FailureCategory.MISSING_CONFIRMATION
 
 
 def test_cancelling_a_delivered_order_violates_the_policy(
-    retail: Tau2Domain, cancel_task: Task
+    retail: Environment, cancel_task: Task
 ) -> None:
     gold_order = next(
         a.arguments["order_id"] for a in cancel_task.actions if a.name == "cancel_pending_order"
@@ -132,7 +134,7 @@ def test_cancelling_a_delivered_order_violates_the_policy(
     ]
 
 
-def test_outcome_signals_and_their_order(retail: Tau2Domain, cancel_task: Task) -> None:
+def test_outcome_signals_and_their_order(retail: Environment, cancel_task: Task) -> None:
     messages = conversation(cancel_task, confirm=False)
     messages.insert(1, ChatMessage(role="assistant", content="<garbage", error=True))
     found = failure_signals(

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from sentinel.agents.llm import Completion, OpenAIChatClient, RawToolCall, parse_arguments
 from sentinel.agents.solver import RESPOND, Solver, strict_tools
 from sentinel.config import RolloutSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.schemas import ChatMessage, ToolCall
 
 pytestmark = pytest.mark.anyio
@@ -36,7 +36,7 @@ class Scripted:
 
 
 async def test_real_turn_records_tokens_that_match_the_served_text(
-    retail: Tau2Domain, llm: Callable[..., OpenAIChatClient], model_dir: Path
+    retail: Environment, llm: Callable[..., OpenAIChatClient], model_dir: Path
 ) -> None:
     solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
     turn = await solver.act(OPENING)
@@ -63,7 +63,7 @@ async def test_real_turn_records_tokens_that_match_the_served_text(
         assert turn.message.content == sampled.strip() or sampled.startswith("<tool_call>")
 
 
-async def test_history_renders_assistant_text_as_respond_calls(retail: Tau2Domain) -> None:
+async def test_history_renders_assistant_text_as_respond_calls(retail: Environment) -> None:
     solver = Solver(Scripted(), retail.policy, retail.tool_schemas, SETTINGS)
     call = ToolCall(id="c1", name="get_order_details", arguments={"order_id": "#W1"})
     rendered = solver.render([
@@ -80,7 +80,7 @@ async def test_history_renders_assistant_text_as_respond_calls(retail: Tau2Domai
     assert rendered[4] == {"role": "tool", "tool_call_id": "c1", "content": '{"status": "pending"}'}
 
 
-def test_tools_are_strict_and_strings_capped(retail: Tau2Domain) -> None:
+def test_tools_are_strict_and_strings_capped(retail: Environment) -> None:
     tools = strict_tools(retail.tool_schemas, 40)
     assert len(tools) == 16
     assert all(t["function"]["strict"] for t in tools)
@@ -123,7 +123,7 @@ def test_tools_are_strict_and_strings_capped(retail: Tau2Domain) -> None:
     ],
 )
 async def test_malformed_output_becomes_a_reason_not_a_crash(
-    retail: Tau2Domain, completion: Completion, reason: str
+    retail: Environment, completion: Completion, reason: str
 ) -> None:
     solver = Solver(Scripted(completion), retail.policy, retail.tool_schemas, SETTINGS)
     turn = await solver.act(OPENING)
@@ -135,7 +135,7 @@ async def test_malformed_output_becomes_a_reason_not_a_crash(
 
 
 async def test_plain_text_from_a_server_without_tool_choice_is_a_message(
-    retail: Tau2Domain,
+    retail: Environment,
 ) -> None:
     text = Completion(content="Could you give me your email? ###STOP###", finish_reason="stop")
     turn = await Solver(Scripted(text), retail.policy, retail.tool_schemas, SETTINGS).act(OPENING)

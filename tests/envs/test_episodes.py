@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvFailure, EnvPool, ToolStopped
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import ChatMessage, Task, TerminationReason, ToolCall
 from tests.envs.test_sandbox import sandbox_pids, zombie_children
 from tests.ticking import ticking
@@ -21,7 +21,7 @@ TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def task(retail: Tau2Domain) -> Task:
+def task(retail: Environment) -> Task:
     """retail-0: four reads, then an exchange that changes the database."""
     return next(t for t in retail.tasks("train") if t.id == "retail-0")
 
@@ -42,7 +42,7 @@ def gold_calls(task: Task) -> list[ToolCall]:
 
 
 async def test_remote_steps_and_reward_equal_in_process_ones(
-    pool: EnvPool, retail: Tau2Domain, task: Task
+    pool: EnvPool, retail: Environment, task: Task
 ) -> None:
     episode, local = await pool.open(task), retail.episode(task)
     messages: list[ChatMessage] = [ChatMessage(role="assistant", content="Hi!")]
@@ -78,7 +78,7 @@ async def test_a_hostile_call_is_stopped_and_the_event_loop_keeps_going(
 
 
 async def test_neighbours_of_a_stopped_call_are_rebuilt_by_replay(
-    pool: EnvPool, retail: Tau2Domain, task: Task
+    pool: EnvPool, retail: Environment, task: Task
 ) -> None:
     """Episodes sharing the killed child carry on, in the state their own calls left."""
     calls = gold_calls(task)
@@ -99,7 +99,7 @@ async def test_neighbours_of_a_stopped_call_are_rebuilt_by_replay(
 
 
 async def test_a_cancelled_request_does_not_desync_the_child(
-    pool: EnvPool, retail: Tau2Domain, task: Task
+    pool: EnvPool, retail: Environment, task: Task
 ) -> None:
     first, second = await pool.open(task), await pool.open(task)
     with anyio.move_on_after(0.5):

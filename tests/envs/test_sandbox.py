@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 import pytest
 
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import (
     DebugAction,
     LocalProcessSandbox,
@@ -23,7 +25,6 @@ from sentinel.envs.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
 )
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.schemas import Action, RejectionCode, Task
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +33,7 @@ FAST = SandboxLimits(wall_s=3)  # for a child that never finishes
 
 
 @pytest.fixture(scope="module")
-def task(retail: Tau2Domain) -> Task:
+def task(retail: Environment) -> Task:
     """retail-0: four reads, then an exchange that changes the database."""
     return next(t for t in retail.tasks("train") if t.id == "retail-0")
 
@@ -72,8 +73,8 @@ def unshare_works() -> bool:
 
 
 @pytest.fixture(scope="module")
-def telecom() -> Tau2Domain:
-    return Tau2Domain("telecom")
+def telecom() -> Environment:
+    return load(named("telecom"))
 
 
 def is_replay_child(pid: int) -> bool:
@@ -111,7 +112,7 @@ def failure_code(outcome: ReplayOutcome) -> RejectionCode | None:
 
 
 async def test_gold_replay_reaches_tau2s_gold_state(
-    sandbox: LocalProcessSandbox, retail: Tau2Domain, task: Task
+    sandbox: LocalProcessSandbox, retail: Environment, task: Task
 ) -> None:
     outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task))
     assert outcome.ok, outcome.failure
@@ -127,7 +128,7 @@ async def test_gold_replay_reaches_tau2s_gold_state(
 
 
 async def test_read_only_task_leaves_the_database_alone(
-    sandbox: LocalProcessSandbox, retail: Tau2Domain
+    sandbox: LocalProcessSandbox, retail: Environment
 ) -> None:
     task = next(t for t in retail.tasks("train") if t.id == "retail-10")  # reads, then transfer
     outcome = await sandbox.replay(ReplayRequest(domain="retail", task=task))
@@ -297,7 +298,7 @@ async def test_the_child_is_confined(
 
 
 async def test_concurrent_replays_from_one_event_loop(
-    sandbox: LocalProcessSandbox, retail: Tau2Domain, task: Task
+    sandbox: LocalProcessSandbox, retail: Environment, task: Task
 ) -> None:
     outcomes: list[ReplayOutcome] = []
 
@@ -315,7 +316,7 @@ async def test_concurrent_replays_from_one_event_loop(
     assert [o.db_hash_after for o in outcomes if o.ok] == [gold] * 3
 
 
-async def test_warm_pool_replays_and_stops_idle_children(retail: Tau2Domain, task: Task) -> None:
+async def test_warm_pool_replays_and_stops_idle_children(retail: Environment, task: Task) -> None:
     async with LocalProcessSandbox(warm=1) as sandbox:
         outcomes = [await sandbox.replay(ReplayRequest(domain="retail", task=task))]
         outcomes.append(await sandbox.replay(ReplayRequest(domain="retail", task=task)))
@@ -330,7 +331,7 @@ async def test_warm_pool_replays_and_stops_idle_children(retail: Tau2Domain, tas
 
 
 async def test_reused_children_serve_many_replays_and_die_with_a_failure(
-    retail: Tau2Domain, task: Task
+    retail: Environment, task: Task
 ) -> None:
     limits = SandboxLimits(cpu_s=3, wall_s=20)
     request = ReplayRequest(domain="retail", task=task, limits=limits)
@@ -432,7 +433,7 @@ def test_a_non_root_parent_gets_isolated_children(task: Task) -> None:
     assert done.stdout.splitlines()[-1].split() == ["True", "True", "None"], done.stdout
 
 
-async def test_env_assertions_are_evaluated_inside_the_replay(telecom: Tau2Domain) -> None:
+async def test_env_assertions_are_evaluated_inside_the_replay(telecom: Environment) -> None:
     task = next(
         t for t in telecom.tasks("train")
         if t.spec.evaluation_criteria and t.spec.evaluation_criteria.env_assertions

@@ -11,7 +11,9 @@ from tau2.data_model.simulation import SimulationRun
 from tau2.data_model.simulation import TerminationReason as Tau2Termination
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
-from sentinel.envs.tau2 import Episode, Tau2Domain, to_tau2_messages, to_tau2_task
+from sentinel.envs.base import Environment, Episode
+from sentinel.envs.registry import load, named
+from sentinel.envs.tau2.env import to_tau2_messages, to_tau2_task
 from sentinel.schemas import ChatMessage, Task, TerminationReason, ToolCall
 
 
@@ -52,7 +54,7 @@ def tau2_reward(task: Task, messages: list[ChatMessage], termination: Terminatio
     return float(info.reward)
 
 
-def test_splits_and_tools(retail: Tau2Domain) -> None:
+def test_splits_and_tools(retail: Environment) -> None:
     train, test = retail.tasks("train"), retail.tasks("test")
     assert (len(train), len(test), len(retail.tasks())) == (74, 40, 114)
     assert not {t.id for t in train} & {t.id for t in test}
@@ -62,7 +64,7 @@ def test_splits_and_tools(retail: Tau2Domain) -> None:
     assert "Retail agent policy" in retail.policy
 
 
-def test_gold_replay_of_every_train_task_scores_one(retail: Tau2Domain) -> None:
+def test_gold_replay_of_every_train_task_scores_one(retail: Environment) -> None:
     failures = []
     for task in retail.tasks("train"):
         episode = retail.episode(task)
@@ -78,7 +80,7 @@ SAMPLE = ["retail-0", "retail-13", "retail-41", "retail-88", "retail-105", "reta
 
 
 @pytest.mark.parametrize("task_id", SAMPLE)
-def test_reward_equals_tau2_evaluate_simulation(retail: Tau2Domain, task_id: str) -> None:
+def test_reward_equals_tau2_evaluate_simulation(retail: Environment, task_id: str) -> None:
     task = next(t for t in retail.tasks("train") if t.id == task_id)
     calls = gold_calls(task)
     cases = {
@@ -95,7 +97,7 @@ def test_reward_equals_tau2_evaluate_simulation(retail: Tau2Domain, task_id: str
         assert ours == tau2_reward(task, messages, termination), (task.id, name)
 
 
-def test_prefix_replay_rebuilds_the_state(retail: Tau2Domain) -> None:
+def test_prefix_replay_rebuilds_the_state(retail: Environment) -> None:
     task = next(t for t in retail.tasks("train") if len(gold_calls(t)) >= 3)
     calls = gold_calls(task)
     live = retail.episode(task)
@@ -108,7 +110,7 @@ def test_prefix_replay_rebuilds_the_state(retail: Tau2Domain) -> None:
     assert retail.replay(task, []).db_hashes() == retail.episode(task).db_hashes()
 
 
-def test_bad_tool_calls_become_error_results(retail: Tau2Domain) -> None:
+def test_bad_tool_calls_become_error_results(retail: Environment) -> None:
     episode = retail.episode(retail.tasks("train")[0])
     unknown = episode.step(ToolCall(id="x", name="delete_everything", arguments={}))
     bad_args = episode.step(ToolCall(id="y", name="get_order_details", arguments={"nope": 1}))
@@ -120,12 +122,12 @@ def test_bad_tool_calls_become_error_results(retail: Tau2Domain) -> None:
 
 
 def test_unknown_domain_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown tau2 domain 'mall'"):
-        Tau2Domain("mall")
+    with pytest.raises(ValueError, match="unknown domain 'mall'"):
+        load(named("mall"))
 
 
 def test_gold_hashes_cache_keeps_only_the_most_recent_tasks(
-    retail: Tau2Domain, monkeypatch: pytest.MonkeyPatch
+    retail: Environment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(retail, "_gold", type(retail._gold)())
     monkeypatch.setattr(retail, "gold_cache_size", 2)

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from sentinel.config import ValidationSettings
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits, SandboxUnavailable
-from sentinel.envs.tau2 import Tau2Domain
 from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import Action, RejectionCode, Task, TaskProposal
 from sentinel.schemas.task import EnvAssertion
@@ -36,19 +37,19 @@ def changed(task: Task, initial_state: Any = None, **criteria: Any) -> Task:
 
 
 @pytest.fixture(scope="module")
-def telecom() -> Tau2Domain:
-    return Tau2Domain("telecom")
+def telecom() -> Environment:
+    return load(named("telecom"))
 
 
 def validator(
-    retail: Tau2Domain, bus: Bus, sandbox: LocalProcessSandbox, **settings: Any
+    retail: Environment, bus: Bus, sandbox: LocalProcessSandbox, **settings: Any
 ) -> Validator:
     index = RedisTaskIndex(bus.redis, "untrusted", retail)
     return Validator(retail, sandbox, SETTINGS.model_copy(update=settings), index)
 
 
 async def test_functions_outside_the_allow_lists_are_rejected_with_reasons(
-    retail: Tau2Domain, bus: Bus
+    retail: Environment, bus: Bus
 ) -> None:
     task = cancellation(retail, "allow-list", nth=4)
     names = ("__init__", "_private", "update_db", "no_such_function", "calculate")
@@ -78,7 +79,7 @@ async def test_functions_outside_the_allow_lists_are_rejected_with_reasons(
 
 
 def test_every_seed_task_passes_the_allow_lists_and_impostors_do_not(
-    telecom: Tau2Domain,
+    telecom: Environment,
 ) -> None:
     assert [p for t in telecom.tasks() for p in telecom.call_problems(t)] == []
     assert "assert_service_status" in telecom.assertion_functions("user")
@@ -105,7 +106,7 @@ def test_every_seed_task_passes_the_allow_lists_and_impostors_do_not(
 
 
 async def test_a_replay_without_isolation_is_refused_unless_waived(
-    retail: Tau2Domain, bus: Bus
+    retail: Environment, bus: Bus
 ) -> None:
     task = cancellation(retail, "no-isolation", nth=5)
     async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10), isolation="off") as sandbox:

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.loop import GROUP, Loop, LoopStopped
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.anyio
 def make_loop(
     settings: Settings,
     bus: Bus,
-    retail: Tau2Domain,
+    retail: Environment,
     workers: dict[str, object] | None = None,
     **loop: object,
 ) -> Loop:
@@ -79,7 +79,7 @@ def envelope(message: object) -> Envelope:
 
 
 async def test_dispatch_uses_the_newest_policy_and_counts_each_group_back_once(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail)
     assert await loop.dispatch_one()
@@ -100,7 +100,7 @@ async def test_dispatch_uses_the_newest_policy_and_counts_each_group_back_once(
 
 
 async def test_a_bounded_run_ends_when_every_group_is_back_accounted_and_evaluated(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(
         settings, bus, retail, max_groups=2, max_inflight=2, eval_tasks=1, eval_trials=2
@@ -143,7 +143,7 @@ async def test_a_bounded_run_ends_when_every_group_is_back_accounted_and_evaluat
 
 
 async def test_groups_dropped_in_a_row_stop_the_loop_with_the_reason(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail, max_dropped_in_row=2)
     for i in range(2):
@@ -157,7 +157,7 @@ async def test_groups_dropped_in_a_row_stop_the_loop_with_the_reason(
 
 
 async def test_a_crash_between_counting_and_sending_a_request_loses_nothing(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail)
 
@@ -181,7 +181,7 @@ async def test_a_crash_between_counting_and_sending_a_request_loses_nothing(
 
 
 async def test_a_written_off_group_is_counted_once_whichever_copy_comes_first(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail, inflight_timeout_s=0.01)
     await loop.dispatch_one()
@@ -222,7 +222,7 @@ async def test_a_written_off_group_is_counted_once_whichever_copy_comes_first(
 
 
 async def test_a_group_whose_worker_died_is_sent_again_then_written_off(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail, workers={"max_attempts": 2})
     prefix = bus.settings.prefix
@@ -253,7 +253,7 @@ async def test_a_group_whose_worker_died_is_sent_again_then_written_off(
 
 
 async def test_evaluation_is_requests_for_the_workers_and_a_report_once_all_are_back(
-    settings: Settings, bus: Bus, retail: Tau2Domain
+    settings: Settings, bus: Bus, retail: Environment
 ) -> None:
     loop = make_loop(settings, bus, retail, eval_tasks=2, eval_trials=2)
     policy = PolicyVersion(version=3, served_name="policy-v3", base_model="smol")

@@ -9,19 +9,19 @@ import pytest
 from transformers import AutoTokenizer
 
 from sentinel.agents.user import is_stop
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.schemas import SFTExample
 from sentinel.training.sft import default_template, tokenize
 from sentinel.usersim.dialogues import build_examples, script, user_view
 
 
 @pytest.fixture(scope="module")
-def examples(retail: Tau2Domain) -> list[SFTExample]:
+def examples(retail: Environment) -> list[SFTExample]:
     return build_examples(retail, retail.tasks("train")[:6])
 
 
 def test_examples_come_from_train_tasks_and_test_tasks_are_refused(
-    retail: Tau2Domain, examples: list[SFTExample]
+    retail: Environment, examples: list[SFTExample]
 ) -> None:
     train = {t.id for t in retail.tasks("train")}
     assert [e.task_id for e in examples] == [t.id for t in retail.tasks("train")[:6]]
@@ -31,7 +31,7 @@ def test_examples_come_from_train_tasks_and_test_tasks_are_refused(
 
 
 def test_trained_messages_are_exactly_the_users_turns(
-    retail: Tau2Domain, examples: list[SFTExample]
+    retail: Environment, examples: list[SFTExample]
 ) -> None:
     for task, example in zip(retail.tasks("train")[:6], examples, strict=True):
         dialogue = script(task, retail.write_tools)
@@ -47,7 +47,7 @@ def test_trained_messages_are_exactly_the_users_turns(
         assert dialogue.messages[0].role == "assistant"  # the agent greets, as in rollouts
 
 
-def test_gold_writes_are_confirmed_one_by_one(retail: Tau2Domain) -> None:
+def test_gold_writes_are_confirmed_one_by_one(retail: Environment) -> None:
     task = next(t for t in retail.tasks("train") if t.id == "retail-4")  # two item changes
     dialogue = script(task, retail.write_tools)
     asks = [m.content or "" for m in dialogue.messages if "(yes/no)" in (m.content or "")]

@@ -14,7 +14,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from sentinel.agents.llm import Completion, LLMError, OpenAIChatClient
 from sentinel.agents.user import UserSimulator
 from sentinel.config import LLMEndpoint, RolloutSettings, Settings, UserSimSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.process import free_port
 from sentinel.schemas import ChatMessage
 from sentinel.usersim.dialogues import Stage, script
@@ -35,13 +35,13 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def yusuf(retail: Tau2Domain) -> Scenario:
+def yusuf(retail: Environment) -> Scenario:
     """retail-0: Yusuf Rossi, zip 19122, does not remember his email."""
     return scenario_of(retail.tasks("train")[0])
 
 
 @pytest.fixture(scope="module")
-def mia(retail: Tau2Domain) -> Scenario:
+def mia(retail: Environment) -> Scenario:
     """retail-10: known email and user id, no unknown_info: a phone number is withheld."""
     return next(scenario_of(t) for t in retail.tasks("train") if t.id == "retail-10")
 
@@ -95,7 +95,7 @@ def test_a_made_up_phone_number_is_caught_when_nothing_is_unknown(mia: Scenario)
 
 
 def test_the_scripted_gold_user_passes_every_check_on_every_train_task(
-    retail: Tau2Domain,
+    retail: Environment,
 ) -> None:
     for task in retail.tasks("train"):
         dialogue = script(task, retail.write_tools)
@@ -149,7 +149,7 @@ async def test_gate_is_off_without_a_threshold(settings: Settings) -> None:
         tg.cancel_scope.cancel()
 
 
-async def test_a_reply_too_long_to_be_a_turn_fails_its_checks(retail: Tau2Domain) -> None:
+async def test_a_reply_too_long_to_be_a_turn_fails_its_checks(retail: Environment) -> None:
     task = retail.tasks("train")[0]
     huge = Completion(content="I want a refund. " * 60_000, finish_reason="stop")
     user = UserSimulator(Scripted(huge), RolloutSettings())

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from sentinel.config import LLMEndpoint, Settings, UserSimSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.usersim.finetune import FinetuneResult, finetune, next_name
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +29,7 @@ async def test_a_finetune_round_improves_fidelity_and_serves_the_adapter(
     policy_headers: dict[str, str],
     model_dir: Path,
     tmp_path: Path,
-    retail: Tau2Domain,
+    retail: Environment,
 ) -> None:
     tasks = {t.id: t for t in retail.tasks("train")}
     # Same shape of scenario (name and zip known, email unknown), different user and request.

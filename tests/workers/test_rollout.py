@@ -18,7 +18,8 @@ import redis
 from anyio.from_thread import start_blocking_portal
 
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.loop import GROUP, Loop
@@ -55,7 +56,7 @@ def start_worker(settings: Settings, endpoint: str, log: Path, **more: str) -> P
 
 @pytest.fixture
 def request_for(settings: Settings) -> Iterator[RolloutRequest]:
-    task = Tau2Domain("retail").tasks("train")[0]
+    task = load(named("retail")).tasks("train")[0]
     return RolloutRequest(task=task, size=2, policy_version=0, served_name="smol")
 
 
@@ -109,7 +110,7 @@ async def test_a_dead_endpoint_ends_in_a_dropped_group_after_the_attempts(
 
 
 async def test_a_worker_killed_mid_group_is_found_by_its_lease_and_the_group_runs_elsewhere(
-    bus: Bus, settings: Settings, policy_url: str, retail: Tau2Domain, tmp_path: Path
+    bus: Bus, settings: Settings, policy_url: str, retail: Environment, tmp_path: Path
 ) -> None:
     """SIGKILL of the worker's main process (its pool children die with it) mid-rollout: the
     lease lapses within `lease_s`, the orchestrator sends the group again, and a second

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.dispatch import ValidationDispatcher
 from sentinel.orchestrator.pool import TaskPool
@@ -88,7 +88,7 @@ async def dispatched(bus: Bus, worker_settings: Settings) -> AsyncIterator[anyio
 
 
 async def test_proposals_flow_through_celery_to_verdicts_and_the_pool(
-    retail: Tau2Domain,
+    retail: Environment,
     bus: Bus,
     worker: Popen[bytes],
     dispatched: anyio.Event,

@@ -30,7 +30,7 @@ from sentinel.agents.signals import (
     primary_category,
 )
 from sentinel.config import ControllerSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, Reject
 from sentinel.orchestrator.patterns import PatternLibrary
@@ -139,7 +139,7 @@ def render_prompt(
 class Controller:
     def __init__(
         self,
-        domain: Tau2Domain,
+        domain: Environment,
         pool: TaskPool,
         library: PatternLibrary,
         bus: Bus,

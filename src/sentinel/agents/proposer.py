@@ -21,13 +21,6 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sentinel.agents.grounding import (
-    Grounding,
-    GroundingUnsupported,
-    actions_schema,
-    ground,
-    mutate,
-)
 from sentinel.agents.llm import (
     ChatClient,
     LLMError,
@@ -39,8 +32,10 @@ from sentinel.agents.llm import (
 from sentinel.agents.prompts import Origin as ProposalOrigin
 from sentinel.agents.prompts import PromptBook, PromptVersion
 from sentinel.config import ProposerSettings
+from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.grounding import actions_schema, ground, mutate
+from sentinel.envs.pack import DomainPack, Grounding, GroundingUnsupported
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
@@ -69,10 +64,15 @@ MUTATOR = "mutation"
 MAX_LOOKUPS = 3
 MAX_WRITES = 2
 
-SYSTEM = """You write training tasks for a customer-service agent of an online retailer.
+SYSTEM = """You write training tasks for {persona}.
 A task is a customer's situation (what they want and what they know) plus the exact tool
 calls a perfect agent makes to solve it. The task must exercise the weakness described, use
-only the entities given, and be solvable under the store's policy. Answer with JSON only."""
+only the entities given, and be solvable under {policy}. Answer with JSON only."""
+
+
+def system_prompt(pack: DomainPack) -> str:
+    """The Proposer's system prompt, in the words of the domain's pack."""
+    return SYSTEM.format(persona=pack.persona, policy=pack.policy_name)
 
 
 class DraftAction(BaseModel):
@@ -144,9 +144,7 @@ def render_prompt(pattern: ErrorPattern | None, grounding: Grounding, prompt: Pr
 
 def identify(known_info: str, grounding: Grounding) -> str:
     """The user's real identifiers, so the agent can find them whatever the model wrote."""
-    user = grounding.user
-    facts = f"You are {user.name}; your email is {user.email} and your zip code is {user.zip}."
-    return f"{facts} {known_info}".strip()
+    return f"{grounding.identity()} {known_info}".strip()
 
 
 def restate(writes: Sequence[Action], reason: str) -> str:
@@ -161,7 +159,7 @@ def restate(writes: Sequence[Action], reason: str) -> str:
 class Proposer:
     def __init__(
         self,
-        domain: Tau2Domain,
+        domain: Environment,
         book: PromptBook,
         bus: Bus,
         settings: ProposerSettings,
@@ -176,7 +174,7 @@ class Proposer:
         self.rng = random.Random(settings.seed)
         self.seeds = [t for t in domain.tasks("train") if _writes(t, domain)]
         self._own_envs = envs is None  # mutations replay there, never in this process
-        self.envs = envs or EnvPool(domain.name)
+        self.envs = envs or EnvPool(domain.settings)
 
     async def aclose(self) -> None:
         """Stop the children of its own environment pool (call before the loop ends)."""
@@ -217,7 +215,7 @@ class Proposer:
             log.info("no grounding; mutating instead", reason=str(error))
             return None
         messages = [
-            {"role": "system", "content": SYSTEM},
+            {"role": "system", "content": system_prompt(self.domain.pack)},
             {"role": "user", "content": render_prompt(pattern, grounding, prompt)},
         ]
         schema = draft_schema(
@@ -375,5 +373,5 @@ def _gold_tools(task: Task) -> set[str]:
     return {a.name for a in task.actions}
 
 
-def _writes(task: Task, domain: Tau2Domain) -> bool:
+def _writes(task: Task, domain: Environment) -> bool:
     return bool(_gold_tools(task) & domain.write_tools)

@@ -22,7 +22,7 @@ from sentinel.agents.controller import render_transcript
 from sentinel.agents.llm import ChatClient, LLMError, complete_structured
 from sentinel.agents.signals import failure_signals, first_wrong_step
 from sentinel.config import LeafeSettings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
 from sentinel.logs import get_logger
 from sentinel.schemas import Reflection, Task, TerminationReason, Trajectory
 
@@ -122,7 +122,7 @@ class NothingToRedo(ValueError):
 
 class Reflector:
     def __init__(
-        self, domain: Tau2Domain, settings: LeafeSettings, client: ChatClient | None = None
+        self, domain: Environment, settings: LeafeSettings, client: ChatClient | None = None
     ) -> None:
         self.domain = domain
         self.settings = settings

@@ -22,9 +22,9 @@ from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClien
 from sentinel.agents.solver import Solver, error_observation
 from sentinel.agents.user import UserSimulator, is_stop
 from sentinel.config import RolloutSettings, Settings
+from sentinel.envs.base import STOPPED, Environment, unscored
 from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
 from sentinel.envs.sandbox import SandboxLimits
-from sentinel.envs.tau2 import STOPPED, Tau2Domain, unscored
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     ChatMessage,
@@ -85,7 +85,7 @@ class RolloutRunner:
 
     def __init__(
         self,
-        domain: Tau2Domain,
+        domain: Environment,
         solver: Solver,
         user: UserSimulator,
         *,
@@ -101,7 +101,7 @@ class RolloutRunner:
         self.limiter = anyio.CapacityLimiter(settings.concurrency)
         self._own_envs = envs is None
         self.envs = envs or EnvPool(
-            domain.name,
+            domain.settings,
             tool_timeout_s=settings.tool_timeout_s,
             processes=settings.env_processes,
             limits=SandboxLimits(memory_mb=settings.env_memory_mb),
@@ -109,7 +109,7 @@ class RolloutRunner:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, domain: Tau2Domain, policy: str | None = None, version: int = 0
+        cls, settings: Settings, domain: Environment, policy: str | None = None, version: int = 0
     ) -> RolloutRunner:
         """A runner whose Solver uses `llm.policy` (or the served name `policy`)."""
         solver_client = OpenAIChatClient(settings.llm.policy, model=policy)

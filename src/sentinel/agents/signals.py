@@ -10,10 +10,10 @@ trajectory's messages; None for something that never happened) and a precise det
 - WRONG_ENTITY: an id argument (`*_id`, `*_ids`) that is nowhere in the database, or that
   belongs to another user than the task's.
 - WRONG_TOOL: an unknown tool, or a write the task's gold actions never use.
-- POLICY_VIOLATION (retail's policy): a write on an order whose status at that moment forbids
-  it (cancel and modify items: pending; modify address or payment: pending; return and
-  exchange: delivered; a modified, cancelled, returned or exchanged order changes status, so
-  "only once per order" follows), and a transfer to a human when the gold has none.
+- POLICY_VIOLATION: a write on an entity whose status at that moment its domain's state rules
+  forbid (`DomainPack.rules`, the table the grounder reads too: retail's cancel needs a
+  pending order; a write that changes a status makes "only once per order" follow), and a
+  transfer to a human when the gold has none.
 - MISSING_CONFIRMATION: a write without a user message saying yes since the previous write.
 - MISSING_COMMUNICATION, UNFINISHED, MALFORMED_OUTPUT: from the reward, the termination and
   the malformed turns.
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sentinel.envs.tau2 import STOPPED, Entities, Tau2Domain, id_arguments
+from sentinel.envs.base import STOPPED, Entities, Environment, id_arguments
 from sentinel.schemas import (
     Action,
     FailureCategory,
@@ -41,22 +41,6 @@ MAX_VALUE_CHARS = 60
 AFFIRMATION = re.compile(
     r"\b(yes|yeah|yep|sure|confirm(ed|s)?|go ahead|proceed|please do|correct|ok(ay)?)\b", re.I
 )
-TRANSFER = "transfer_to_human_agents"
-# Retail: the order statuses each write allows, and the status it leaves behind.
-ALLOWED: dict[str, Any] = {
-    "cancel_pending_order": lambda s: s == "pending",
-    "modify_pending_order_items": lambda s: s == "pending",
-    "modify_pending_order_address": lambda s: s == "pending",
-    "modify_pending_order_payment": lambda s: s == "pending",
-    "return_delivered_order_items": lambda s: s == "delivered",
-    "exchange_delivered_order_items": lambda s: s == "delivered",
-}
-AFTER = {
-    "cancel_pending_order": "cancelled",
-    "modify_pending_order_items": "pending (items modified)",
-    "return_delivered_order_items": "return requested",
-    "exchange_delivered_order_items": "exchange requested",
-}
 PRIORITY = [  # the most informative category first
     FailureCategory.WRONG_ENTITY,
     FailureCategory.WRONG_ARGUMENTS,
@@ -149,7 +133,7 @@ def _entity_signals(
 
 
 def _tool_signals(
-    calls: list[_Call], gold: list[Action], domain: Tau2Domain
+    calls: list[_Call], gold: list[Action], domain: Environment
 ) -> Iterator[FailureSignal]:
     gold_tools = {a.name for a in gold}
     for c in calls:
@@ -166,31 +150,31 @@ def _tool_signals(
 
 
 def _policy_signals(
-    calls: list[_Call], gold: list[Action], domain: Tau2Domain, index: Entities
+    calls: list[_Call], gold: list[Action], domain: Environment, index: Entities
 ) -> Iterator[FailureSignal]:
-    if domain.name != "retail":
-        return
-    status = dict(index.status)
+    status, transfer = dict(index.status), domain.pack.transfer_tool
     for c in calls:
-        name, order = c.call.name, c.call.arguments.get("order_id")
-        if name == TRANSFER and all(a.name != TRANSFER for a in gold):
+        name = c.call.name
+        if name == transfer and all(a.name != transfer for a in gold):
             yield FailureSignal(
                 category=FailureCategory.POLICY_VIOLATION, step=c.step, tool=name,
                 detail="transferred to a human agent though the task is within scope",
             )  # fmt: skip
-        if name not in ALLOWED or not isinstance(order, str) or order not in status:
+        rule = domain.pack.rule(name)
+        entity = c.call.arguments.get(rule.argument) if rule else None
+        if rule is None or not isinstance(entity, str) or entity not in status:
             continue
-        if not ALLOWED[name](status[order]):
+        if not rule.allows(status[entity]):
             yield FailureSignal(
                 category=FailureCategory.POLICY_VIOLATION, step=c.step, tool=name,
-                detail=f"{name} on order {order} whose status is {status[order]!r}",
+                detail=f"{name} on {rule.noun} {entity} whose status is {status[entity]!r}",
             )  # fmt: skip
-        elif not c.error and name in AFTER:
-            status[order] = AFTER[name]
+        elif not c.error and rule.after is not None:
+            status[entity] = rule.after
 
 
 def _confirmation_signals(
-    trajectory: Trajectory, calls: list[_Call], domain: Tau2Domain
+    trajectory: Trajectory, calls: list[_Call], domain: Environment
 ) -> Iterator[FailureSignal]:
     since = 0
     for c in calls:
@@ -226,7 +210,7 @@ def _outcome_signals(trajectory: Trajectory) -> Iterator[FailureSignal]:
         )  # fmt: skip
 
 
-def failure_signals(task: Task, trajectory: Trajectory, domain: Tau2Domain) -> list[FailureSignal]:
+def failure_signals(task: Task, trajectory: Trajectory, domain: Environment) -> list[FailureSignal]:
     """Every deterministic finding, by step; findings without a step last."""
     index, gold, calls = domain.entities, task.agent_actions, _calls(trajectory)
     signals = [

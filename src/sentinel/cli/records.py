@@ -43,10 +43,10 @@ def report(
         fail(str(error))
     out.print_json(summary.model_dump_json()) if as_json else out.print(render_report(summary))
     if check:
-        from sentinel.envs.tau2 import Tau2Domain
+        from sentinel.envs.registry import load
 
         settings = load_settings(run_dir / "config.yaml")
-        seeds = {t.id for t in Tau2Domain(settings.domain).tasks("train")}
+        seeds = {t.id for t in load(settings.env).tasks("train")}
         if found := problems(run_dir, seeds):
             fail("the record is not whole:\n  " + "\n  ".join(found[:20]), code=1)
 

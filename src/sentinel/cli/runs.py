@@ -30,7 +30,7 @@ from sentinel.serving.model import ModelUnavailable
 from sentinel.serving.server import ServerUnavailable, ensure_policy_server
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.base import Environment
     from sentinel.schemas import EvalReport
     from sentinel.supervisor import Component, Supervisor
 
@@ -51,8 +51,8 @@ from sentinel.cli.base import (
 def evaluate_policy(
     ctx: typer.Context,
     domain: Annotated[
-        str, typer.Option(help="tau2 domain: retail, airline or telecom.")
-    ] = "retail",
+        str | None, typer.Option(help="Domain to evaluate (default: the config's env).")
+    ] = None,
     split: Annotated[str, typer.Option(help="train or test.")] = "test",
     trials: Annotated[int, typer.Option(min=1, help="Trials per task (K of pass^K).")] = 4,
     policy: Annotated[
@@ -62,20 +62,20 @@ def evaluate_policy(
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N tasks.")] = None,
 ) -> None:
     """Run every task of a split K times and print pass^k and pass@k; re-running resumes."""
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.registry import load, named
     from sentinel.evaluation import render_report
 
     settings = settings_of(ctx)
     if split not in ("train", "test"):
         fail(f"split must be train or test, not {split!r}")
     try:
-        tau2_domain = Tau2Domain(domain)
+        tau2_domain = load(named(domain) if domain else settings.env)
     except ValueError as error:
         fail(str(error))
     tasks = tau2_domain.tasks(split)[:limit]  # type: ignore[arg-type]
     require_keys_or_exit(settings.llm.policy, settings.llm.user_sim)
     name = policy or settings.llm.policy.model
-    directory = settings.run_dir / "eval" / f"{domain}-{split}-{name}"
+    directory = settings.run_dir / "eval" / f"{tau2_domain.name}-{split}-{name}"
     try:
         with ensure_policy_server(settings):
             result = _evaluate_with_progress(settings, tau2_domain, tasks, trials, name, directory)
@@ -88,7 +88,7 @@ def evaluate_policy(
 
 def _evaluate_with_progress(
     settings: Settings,
-    domain: Tau2Domain,
+    domain: Environment,
     tasks: list[Task],
     trials: int,
     policy: str,

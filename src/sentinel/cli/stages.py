@@ -64,7 +64,7 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     """Diagnose failed trajectories (signals + LLM) into the error-pattern library, and
     publish patterns for the Proposer."""
     from sentinel.agents.controller import Controller
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.registry import load
     from sentinel.orchestrator.patterns import PatternLibrary
     from sentinel.orchestrator.pool import TaskPool
 
@@ -72,7 +72,7 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     enabled = settings.controller.use_llm and not no_llm
     if enabled:
         require_keys_or_exit(settings.llm.controller)
-    domain = Tau2Domain(settings.domain)
+    domain = load(settings.env)
 
     async def work() -> None:
         async with open_bus(settings) as bus:
@@ -95,21 +95,21 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     from sentinel.agents.prompts import PromptBook
     from sentinel.agents.proposer import Proposer
     from sentinel.envs.episodes import EnvPool
+    from sentinel.envs.registry import load
     from sentinel.envs.sandbox import SandboxLimits
-    from sentinel.envs.tau2 import Tau2Domain
 
     settings = settings_of(ctx)
     enabled = settings.proposer.use_llm and not no_llm
     if enabled:
         require_keys_or_exit(settings.llm.proposer)
-    domain = Tau2Domain(settings.domain)
+    domain = load(settings.env)
     rollout = settings.rollout  # mutation replays run under the rollouts' limits
     limits = SandboxLimits(memory_mb=rollout.env_memory_mb)
 
     async def work() -> None:
         async with open_bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
-            envs = EnvPool(domain.name, tool_timeout_s=rollout.tool_timeout_s, limits=limits)
+            envs = EnvPool(domain.settings, tool_timeout_s=rollout.tool_timeout_s, limits=limits)
             async with agent_client(settings.llm.proposer, enabled) as client, envs:
                 await Proposer(domain, book, bus, settings.proposer, client, envs).run()
 
@@ -156,7 +156,7 @@ def _celery_worker(settings: Settings, queue: str, concurrency: int | None) -> N
 def orchestrator(ctx: typer.Context) -> None:
     """Run the loop: rollout groups on the curriculum's tasks, proposals to validation, new
     policies to the rollouts, held-out evaluation, and the run's record in run_dir."""
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.registry import load
     from sentinel.orchestrator.curriculum import Curriculum
     from sentinel.orchestrator.loop import Loop, LoopStopped, loop_progress
     from sentinel.orchestrator.pool import TaskPool
@@ -165,7 +165,7 @@ def orchestrator(ctx: typer.Context) -> None:
     from sentinel.workers.app import make_app
 
     settings = settings_of(ctx)
-    domain = Tau2Domain(settings.domain)
+    domain = load(settings.env)
 
     async def work() -> None:
         async with open_bus(settings) as bus:

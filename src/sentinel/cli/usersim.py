@@ -77,14 +77,14 @@ def finetune(
 ) -> None:
     """Fine-tune the user model (LoRA, the trainer's SFT mode) on gold-action dialogues of the
     train tasks not held out, serve it as user-v<N>, and compare fidelity before and after."""
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.registry import load
     from sentinel.serving.model import ModelUnavailable, prepare_model
     from sentinel.training.publisher import PublishError
     from sentinel.usersim.fidelity import check_tasks, render_table
     from sentinel.usersim.finetune import finetune as run_finetune
 
     settings = _with_tasks(settings_of(ctx), tasks)
-    domain = Tau2Domain(settings.domain)
+    domain = load(settings.env)
     holdout = check_tasks(settings)
     held = {t.id for t in holdout}
     train = [t for t in domain.tasks("train") if t.id not in held]

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 from pydantic import Field, ValidationError
 
+from sentinel.envs.base import UnsupportedTask
+from sentinel.envs.registry import EnvSettings, load, named
 from sentinel.envs.sandbox import (
     ClosedOnExit,
     Namespaces,
@@ -54,7 +56,7 @@ from sentinel.schemas import ChatMessage, RewardBreakdown, Task, TerminationReas
 from sentinel.schemas.message import Strict
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Episode, Tau2Domain
+    from sentinel.envs.base import Environment, Episode
 
 log = get_logger(__name__)
 
@@ -75,7 +77,7 @@ class EnvRequest(Strict):
     op: Literal["open", "step", "reward", "hashes", "close"]
     episode: str
     cpu_s: int = Field(default=10, gt=0)  # CPU seconds this request may use
-    domain: str = "retail"  # open
+    domain: str = ""  # open: the environment this child serves
     task: Task | None = None  # open, reward
     calls: list[ToolCall] = Field(default_factory=list)  # open: replayed; step: the one call
     messages: list[ChatMessage] = Field(default_factory=list)  # reward
@@ -151,7 +153,7 @@ class EnvHost:
             await self.discard()
         pool = self.pool
         isolated = await pool.namespaces.isolated()
-        args = [*limit_args(pool.limits, isolated), "--domain", pool.domain]
+        args = [*limit_args(pool.limits, isolated), "--env", pool.env.model_dump_json()]
         namespaces = pool.namespaces
         prefix, owner = (namespaces.prefix, namespaces.owner) if isolated else ([], None)
         module = "sentinel.envs.episodes"
@@ -193,9 +195,7 @@ class RemoteEpisode:
     async def reward(
         self, messages: Sequence[ChatMessage], termination: TerminationReason
     ) -> RewardBreakdown:
-        """tau2's reward, computed in the child (`Tau2Domain.reward`)."""
-        from sentinel.envs.tau2 import UnsupportedTask
-
+        """The environment's reward, computed in the child (`Environment.reward`)."""
         request = EnvRequest(
             op="reward", episode=self.id, task=self.task, messages=list(messages),
             termination=termination,
@@ -238,7 +238,7 @@ class RemoteEpisode:
 
     async def _open(self) -> None:
         """The episode in the child: the task's initial state, then its calls so far."""
-        opened = EnvRequest(op="open", episode=self.id, domain=self.pool.domain, task=self.task,
+        opened = EnvRequest(op="open", episode=self.id, domain=self.pool.env.name, task=self.task,
                             calls=self.calls)  # fmt: skip
         timeout = self.pool.tool_timeout_s * (2 + len(self.calls))
         try:
@@ -253,19 +253,19 @@ class RemoteEpisode:
 
 
 class EnvPool(ClosedOnExit):
-    """Episodes of one domain in up to `processes` limited children; use as an async context
+    """Episodes of one environment in up to `processes` limited children; use as an async context
     manager (or call `aclose`) to stop them."""
 
     def __init__(
         self,
-        domain: str,
+        env: EnvSettings | str,
         *,
         tool_timeout_s: float = 5.0,
         processes: int = 1,
         limits: SandboxLimits | None = None,
         isolation: Literal["require", "prefer", "off"] = "prefer",
     ) -> None:
-        self.domain = domain
+        self.env = named(env) if isinstance(env, str) else env
         self.tool_timeout_s = tool_timeout_s
         self.limits = limits or SandboxLimits(memory_mb=2048)
         self.namespaces = Namespaces(isolation)
@@ -308,9 +308,8 @@ def _ended(code: int | None, child: _Child) -> str:
 # --- the child ----------------------------------------------------------------------------
 
 
-def serve(request: EnvRequest, domain: Tau2Domain, episodes: dict[str, Episode]) -> EnvResponse:
+def serve(request: EnvRequest, domain: Environment, episodes: dict[str, Episode]) -> EnvResponse:
     """One request against this child's episodes."""
-    from sentinel.envs.tau2 import UnsupportedTask
 
     if request.op == "open":
         if request.domain != domain.name or request.task is None:
@@ -342,15 +341,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The child: limits, then tau2 and the domain, a ready line, then requests."""
     parser = argparse.ArgumentParser(prog="python -m sentinel.envs.episodes")
     add_limit_arguments(parser)
-    parser.add_argument("--domain", required=True)
+    parser.add_argument("--env", required=True, help="the EnvSettings JSON to serve")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     apply_limits(args, STARTUP_CPU_S, STARTUP_CPU_S * 1000)
     out = claim_stdout()
     configure_logging("WARNING", "json")
-    from sentinel.envs.tau2 import Tau2Domain
-
-    domain = Tau2Domain(args.domain)
+    domain = load(EnvSettings.model_validate_json(args.env))
     _ = domain.initial_hashes, domain.write_tools  # parse and hash the database once
     episodes: dict[str, Episode] = {}
     with os.fdopen(out, "wb") as stream:

@@ -60,7 +60,7 @@ from sentinel.schemas import RejectionCode, RejectionReason, Task, ToolCall
 from sentinel.schemas.message import Strict
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Episode, Tau2Domain
+    from sentinel.envs.base import Environment, Episode
 
 log = get_logger(__name__)
 
@@ -338,7 +338,7 @@ class LocalProcessSandbox(ClosedOnExit):
         limits: SandboxLimits | None = None,
         *,
         warm: int = 0,
-        preload: Sequence[str] = ("retail",),
+        preload: Sequence[str] = (),
         max_concurrency: int | None = None,
         isolation: Isolation = "require",
         replays_per_child: int = 1,
@@ -522,16 +522,16 @@ def _misbehave(action: DebugAction) -> None:
         Path(f"/proc/{os.getppid()}/environ").read_bytes()
 
 
-def _domain(name: str, loaded: dict[str, Tau2Domain]) -> Tau2Domain:
-    from sentinel.envs.tau2 import Tau2Domain  # slow (~3 s): only in the child
+def _domain(name: str, loaded: dict[str, Environment]) -> Environment:
+    from sentinel.envs.registry import load, named  # tau2 is slow (~3 s): only in the child
 
     if name not in loaded:
-        loaded[name] = Tau2Domain(name)
+        loaded[name] = load(named(name))
         _ = loaded[name].initial_hashes  # parses and hashes the database once, warming tau2
     return loaded[name]
 
 
-def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayOutcome:
+def run_replay(request: ReplayRequest, loaded: dict[str, Environment]) -> ReplayOutcome:
     """The replay itself, in this process: every gold action in order on a fresh environment,
     then only the reads on another; the env assertions checked before, after and on the reads."""
     domain, task = _domain(request.domain, loaded), request.task
@@ -573,7 +573,9 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Tau2Domain]) -> ReplayO
     )
 
 
-def _assertions(domain: Tau2Domain, task: Task, episode: Episode, errors: list[str]) -> bool | None:
+def _assertions(
+    domain: Environment, task: Task, episode: Episode, errors: list[str]
+) -> bool | None:
     """Whether the task's env assertions hold in `episode` (None: it has none); one that
     raises counts as not holding, and its error is kept."""
     try:
@@ -602,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_limits(args, args.cpu_s, args.cpu_s * (replays + 1 if replays > 1 else 1) + 1)
     out = claim_stdout()
     configure_logging("WARNING", "json")
-    loaded: dict[str, Tau2Domain] = {}
+    loaded: dict[str, Environment] = {}
     for name in filter(None, args.preload.split(",")):
         _domain(name, loaded)
     with os.fdopen(out, "wb") as stream:

@@ -21,28 +21,17 @@ from sentinel.agents.llm import Completion, Messages
 from sentinel.agents.rollout import GREETING
 from sentinel.agents.user import UserSimulator
 from sentinel.config import RolloutSettings
+from sentinel.envs.pack import Phrasing
+from sentinel.envs.registry import pack
 from sentinel.schemas import Action, ChatMessage, SFTExample, Task
 from sentinel.usersim.scenario import Scenario, scenario_of
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.base import Environment
 
 Stage = Literal["greeting", "withhold", "identify", "confirm", "close"]
 STOP = "###STOP###"
 
-OPENINGS = {
-    "cancel_pending_order": "cancel an order I placed",
-    "exchange_delivered_order_items": "exchange some items I received",
-    "return_delivered_order_items": "return some items I received",
-    "modify_pending_order_items": "change some items in an order that hasn't shipped yet",
-    "modify_pending_order_address": "change the shipping address of a pending order",
-    "modify_pending_order_payment": "change how I pay for a pending order",
-    "modify_user_address": "update the address on my account",
-}
-ASK_IDENTITY = (
-    "No problem. Could you tell me your first and last name and zip code, or your user id, "
-    "so I can locate your account?"
-)
 CLOSE = "Everything you asked for is done. Is there anything else I can help you with?"
 AGREE = ("Yes, please go ahead.", "Yes, I confirm.", "Yes, that's right, please do it.")
 THANKS = ("No, that's all. Thank you!", "That's everything, thanks for your help!")
@@ -72,15 +61,15 @@ class Dialogue:
 
 
 def script(task: Task, write_tools: frozenset[str]) -> Dialogue:
-    scenario = scenario_of(task)
+    scenario, phrasing = scenario_of(task), pack(task.domain).phrasing
     pick = zlib.crc32(task.id.encode())  # stable variety across tasks
     writes = [a for a in task.agent_actions if a.name in write_tools]
     dialogue = Dialogue(task, scenario)
     dialogue.agent(GREETING, "greeting")
-    dialogue.user(_opening(writes))
+    dialogue.user(_opening(writes, phrasing))
     dialogue.agent(scenario.withheld_kind.question, "withhold")
     dialogue.user(f"Sorry, I don't have my {scenario.withheld} with me.")
-    dialogue.agent(ASK_IDENTITY, "identify")
+    dialogue.agent(phrasing.ask_identity, "identify")
     dialogue.user(_identify(scenario))
     done = "Thanks, I found your account."
     steps: list[Action | None] = [*writes] or [None]  # no write: one generic step
@@ -94,10 +83,11 @@ def script(task: Task, write_tools: frozenset[str]) -> Dialogue:
     return dialogue
 
 
-def _opening(writes: Sequence[Action]) -> str:
+def _opening(writes: Sequence[Action], phrasing: Phrasing) -> str:
     if not writes:
-        return "Hi, I have a question about my orders and the products in your store."
-    wants = list(dict.fromkeys(OPENINGS.get(a.name, "change something") for a in writes))
+        return phrasing.question
+    openings = (phrasing.openings.get(a.name, phrasing.default_opening) for a in writes)
+    wants = list(dict.fromkeys(openings))
     return f"Hi, I'd like to {' and '.join(wants)}."
 
 
@@ -149,7 +139,7 @@ def example(dialogue: Dialogue, system_prompt: str) -> SFTExample:
     )
 
 
-def build_examples(domain: Tau2Domain, tasks: Sequence[Task]) -> list[SFTExample]:
+def build_examples(domain: Environment, tasks: Sequence[Task]) -> list[SFTExample]:
     """One user-model example per task (tau2 train tasks, accepted proposed tasks)."""
     if leaked := [t.id for t in tasks if t.provenance.split == "test"]:
         raise ValueError(f"test-split tasks cannot train the user model: {', '.join(leaked)}")

@@ -37,7 +37,7 @@ from sentinel.usersim.dialogues import STOP, Dialogue, Stage, script
 from sentinel.usersim.scenario import Scenario
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.base import Environment
 
 log = get_logger(__name__)
 
@@ -231,7 +231,7 @@ class Prober:
     """Runs the probes of many tasks concurrently against one simulator."""
 
     def __init__(
-        self, user: UserSimulator, domain: Tau2Domain, *, judge: ChatClient | None,
+        self, user: UserSimulator, domain: Environment, *, judge: ChatClient | None,
         concurrency: int,
     ) -> None:  # fmt: skip
         self.user = user
@@ -279,9 +279,9 @@ async def check_fidelity(
     settings: Settings, tasks: Sequence[Task], client: ChatClient
 ) -> FidelityReport:
     """Probe the simulator behind `client` on `tasks`, and record the report in the run."""
-    from sentinel.envs.tau2 import Tau2Domain  # heavy: tau2 and litellm
+    from sentinel.envs.registry import load, named
 
-    domain = Tau2Domain(tasks[0].domain if tasks else settings.domain)
+    domain = load(named(tasks[0].domain) if tasks else settings.env)
     rollout = settings.rollout.model_copy(update={"user_max_tokens": settings.usersim.max_tokens})
     endpoint = settings.usersim.judge
     judge = OpenAIChatClient(endpoint) if endpoint is not None else None
@@ -334,9 +334,9 @@ class FidelityTooLow(RuntimeError):
 
 def check_tasks(settings: Settings) -> list[Task]:
     """The last `usersim.check_tasks` train tasks: the user-model fine-tune never sees them."""
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.registry import load
 
-    return Tau2Domain(settings.domain).tasks("train")[-settings.usersim.check_tasks :]
+    return load(settings.env).tasks("train")[-settings.usersim.check_tasks :]
 
 
 async def gate(settings: Settings) -> None:

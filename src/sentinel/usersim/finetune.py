@@ -24,7 +24,7 @@ from sentinel.usersim.dialogues import build_examples
 from sentinel.usersim.fidelity import FidelityReport, check_fidelity
 
 if TYPE_CHECKING:
-    from sentinel.envs.tau2 import Tau2Domain
+    from sentinel.envs.base import Environment
     from sentinel.training.policy import Policy
 
 log = get_logger(__name__)
@@ -80,7 +80,7 @@ def train(
 
 
 async def finetune(
-    settings: Settings, domain: Tau2Domain, train_tasks: Sequence[Task],
+    settings: Settings, domain: Environment, train_tasks: Sequence[Task],
     holdout: Sequence[Task], *, model_dir: Path, name: str | None = None,
 ) -> FinetuneResult:  # fmt: skip
     """One fine-tune round: check, train, save and load `user-v<N>`, check again."""

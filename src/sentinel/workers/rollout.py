@@ -37,7 +37,7 @@ from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.reflector import Reflector
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.registry import load
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.streams import Stream
@@ -77,7 +77,7 @@ class RolloutService:
             socket_connect_timeout=timeout,
         )  # fmt: skip
         self.stack.callback(self.renewals.close)
-        self.domain = await anyio.to_thread.run_sync(Tau2Domain, self.settings.domain)
+        self.domain = await anyio.to_thread.run_sync(load, self.settings.env)
         client = None
         if self.settings.leafe.use_llm:
             client = OpenAIChatClient(self.settings.llm.reflector)

@@ -14,8 +14,8 @@ call is stopped at the pool's wall clock, so a seed whose gold holds a call like
 `calculate("9**9**9")` costs one mutation (None, with a logged reason), never a frozen
 Proposer; and the Proposer's event loop serves its streams while a replay runs.
 
-Users of test-split tasks are never used. Only retail is supported; another domain plugs in
-as a `_Grounder` in `_GROUNDERS`.
+Users of test-split tasks are never used. Which order statuses each write accepts comes from
+the pack's state rules (`rules.RULES`), the table the policy signals read too.
 """
 
 from __future__ import annotations
@@ -24,15 +24,23 @@ import hashlib
 import json
 import random
 import re
-import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
-from sentinel.envs.tau2 import Tau2Domain
+from sentinel.envs.base import Environment
+from sentinel.envs.episodes import EnvPool, RemoteEpisode, ToolStopped
+from sentinel.envs.grounding import branch as _branch
+from sentinel.envs.grounding import empty as _empty
+from sentinel.envs.grounding import enum as _enum
+from sentinel.envs.grounding import generic as _generic
+from sentinel.envs.grounding import ids as _ids
+from sentinel.envs.grounding import text as _text
+from sentinel.envs.pack import Grounding as AnyGrounding
+from sentinel.envs.pack import GroundingUnsupported
+from sentinel.envs.tau2.retail.rules import RULES
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     Action,
@@ -62,26 +70,12 @@ READS = (  # what an agent needs to find the user and look things up
     "get_order_details",
     "get_product_details",
 )
-ORDER_TOOLS: dict[str, Callable[[str], bool]] = {  # write tool -> order statuses it accepts
-    "cancel_pending_order": lambda s: s == "pending",
-    "modify_pending_order_items": lambda s: s == "pending",
-    "modify_pending_order_address": lambda s: "pending" in s,
-    "modify_pending_order_payment": lambda s: "pending" in s,
-    "return_delivered_order_items": lambda s: s == "delivered",
-    "exchange_delivered_order_items": lambda s: s == "delivered",
-}
+ORDER_TOOLS: dict[str, Callable[[str], bool]] = {r.tool: r.allows for r in RULES}  # statuses
 ITEM_FIELDS = ("item_id", "product_id", "name", "options", "price")
 SWAPS = ("exchange_delivered_order_items", "modify_pending_order_items")
 PAYERS = ("return_delivered_order_items", "modify_pending_order_payment")
 REFUNDS = ("cancel_pending_order", "return_delivered_order_items")
 AMOUNT = re.compile(r"^\d+\.\d{1,2}$")
-
-
-class GroundingUnsupported(ValueError):
-    """No grounding for this domain, or no entity fits the requested tools."""
-
-
-# --- what the LLM sees ----------------------------------------------------------------------
 
 
 class Address(Strict):
@@ -179,6 +173,10 @@ class Grounding(Strict):
             lines.append(f"  {p.name}: {variants}")
         return "\n".join(lines)
 
+    def identity(self) -> str:
+        u = self.user
+        return f"You are {u.name}; your email is {u.email} and your zip code is {u.zip}."
+
     def _swappable(self) -> list[GroundedOrder]:
         swaps = [ORDER_TOOLS[t] for t in self.tools if t in SWAPS]
         return [o for o in self.orders if any(fits(o.status) for fits in swaps)]
@@ -195,129 +193,6 @@ def _values(options: dict[str, str]) -> str:
 
 def _options(options: dict[str, str]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in options.items())
-
-
-# --- public API -----------------------------------------------------------------------------
-
-
-def ground(domain: Tau2Domain, tools: Sequence[str], rng: random.Random) -> Grounding:
-    """Entities of one user whose orders fit `tools`; GroundingUnsupported if none fit."""
-    return _grounder(domain).ground(tools, rng)
-
-
-def actions_schema(
-    domain: Tau2Domain,
-    grounding: Grounding,
-    tools: Sequence[str],
-    max_actions: int = 8,
-    *,
-    lookups: bool = True,
-    min_actions: int = 1,
-) -> JSON:
-    """JSON schema of min..max_actions gold actions that use only the grounded ids: calls of
-    `tools`, plus (with `lookups`) the reads an agent needs to find the user and the orders."""
-    schema = _grounder(domain).actions_schema(grounding, tools, max_actions, lookups)
-    return {**schema, "minItems": min_actions}
-
-
-async def mutate(
-    seed: Task,
-    domain: Tau2Domain,
-    rng: random.Random,
-    tools: Sequence[str] | None = None,
-    *,
-    envs: EnvPool,
-) -> Task | None:
-    """`seed` (a train task with writes) moved onto another user; None when nothing fits.
-
-    With `tools`, gold writes of other tools are dropped if some write uses one of them,
-    so the task focuses on the pattern's tools. Unsupported domains give None too, and so
-    does a replay that `envs` (a pool of `domain`) stopped or failed: the reason is logged.
-    """
-    try:
-        grounder = _grounder(domain)
-    except GroundingUnsupported as error:
-        log.info("no mutation", reason=str(error))
-        return None
-    if envs.domain != domain.name:
-        raise ValueError(f"a {envs.domain!r} pool cannot replay {domain.name!r} tasks")
-    try:
-        return await grounder.mutate(seed, rng, tools, envs)
-    except EnvFailure as error:  # ToolStopped too: the seed's gold ran past the limits
-        log.warning("no mutation: its replay failed", seed=seed.id, reason=str(error)[:300])
-        return None
-
-
-class _Grounder(Protocol):
-    def ground(self, tools: Sequence[str], rng: random.Random) -> Grounding: ...
-
-    def actions_schema(
-        self, grounding: Grounding, tools: Sequence[str], max_actions: int, lookups: bool
-    ) -> JSON: ...
-
-    async def mutate(
-        self, seed: Task, rng: random.Random, tools: Sequence[str] | None, envs: EnvPool
-    ) -> Task | None: ...
-
-
-_CACHE: weakref.WeakKeyDictionary[Tau2Domain, _Grounder] = weakref.WeakKeyDictionary()
-
-
-def _grounder(domain: Tau2Domain) -> _Grounder:
-    """The domain's grounder, built (its database indexed) once per domain instance."""
-    if domain not in _CACHE:
-        factory = _GROUNDERS.get(domain.name)
-        if factory is None:
-            supported = ", ".join(sorted(_GROUNDERS))
-            raise GroundingUnsupported(f"no grounding for {domain.name!r} (only {supported})")
-        _CACHE[domain] = factory(domain)
-    return _CACHE[domain]
-
-
-# --- JSON schema pieces ---------------------------------------------------------------------
-
-
-def _enum(values: Iterable[str]) -> JSON:
-    return {"type": "string", "enum": list(dict.fromkeys(values))}
-
-
-def _text(limit: int) -> JSON:
-    return {"type": "string", "maxLength": limit}
-
-
-def _ids(values: Iterable[str], most: int) -> JSON:
-    return {"type": "array", "items": _enum(values), "minItems": 1, "maxItems": most}
-
-
-def _object(properties: JSON) -> JSON:
-    required = list(properties)
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": False,
-    }
-
-
-def _branch(tool: str, arguments: JSON) -> JSON:
-    return _object({"name": {"const": tool}, "arguments": _object(arguments)})
-
-
-def _empty(schema: Any) -> bool:
-    """Whether a schema holds an enum with nothing to choose."""
-    if isinstance(schema, dict):
-        return schema.get("enum") == [] or any(_empty(v) for v in schema.values())
-    return isinstance(schema, list) and any(_empty(v) for v in schema)
-
-
-def _generic(parameter: JSON) -> JSON:
-    """A parameter without entity ids, bounded so constrained decoding ends."""
-    kind = parameter.get("type")
-    if kind == "array":
-        return {"type": "array", "items": _generic(parameter.get("items", {})), "maxItems": 10}
-    if kind in ("integer", "number", "boolean"):
-        return {"type": kind}
-    return _text(200)
 
 
 # --- retail: the database as entities --------------------------------------------------------
@@ -347,7 +222,7 @@ def _spread(variants: list[JSON]) -> list[JSON]:
 class _RetailData:
     """The retail database indexed once, its entities as models, and what fits each tool."""
 
-    def __init__(self, domain: Tau2Domain) -> None:
+    def __init__(self, domain: Environment) -> None:
         self.domain = domain
         db = domain.database
         self.users: dict[str, JSON] = db["users"]
@@ -492,8 +367,8 @@ def _name_zip(user: JSON) -> tuple[str, str, str]:
 # --- retail: grounding and the actions schema -------------------------------------------------
 
 
-class _Retail(_RetailData):
-    def __init__(self, domain: Tau2Domain) -> None:
+class RetailGrounder(_RetailData):
+    def __init__(self, domain: Environment) -> None:
         super().__init__(domain)
         self._fit: dict[str, frozenset[str]] = {}
 
@@ -542,8 +417,10 @@ class _Retail(_RetailData):
         return chosen + others[: max(0, MAX_ORDERS - len(chosen))]
 
     def actions_schema(
-        self, grounding: Grounding, tools: Sequence[str], max_actions: int, lookups: bool
+        self, grounding: AnyGrounding, tools: Sequence[str], max_actions: int, lookups: bool
     ) -> JSON:
+        if not isinstance(grounding, Grounding):
+            raise GroundingUnsupported(f"not a retail grounding: {type(grounding).__name__}")
         wanted = [*tools, *READS] if lookups else tools
         allowed = [t for t in dict.fromkeys(wanted) if t in self.domain.tool_names]
         branches = [b for t in allowed for b in self._branches(grounding, t) if not _empty(b)]
@@ -1143,6 +1020,3 @@ class _Story:
 
 def _address(args: JSON) -> str:
     return Address(**{k: str(args[k]) for k in ADDRESS_FIELDS}).text()
-
-
-_GROUNDERS: dict[str, Callable[[Tau2Domain], _Grounder]] = {"retail": _Retail}

@@ -1,6 +1,6 @@
-"""tau2-bench domains (retail, airline, telecom) as SENTINEL environments.
+"""tau2-bench domains as SENTINEL environments (`base.Environment`).
 
-A `Tau2Domain` loads a domain's tasks and splits, exposes its tools as OpenAI tool schemas
+A `Tau2Env` loads a domain's tasks and splits, exposes its tools as OpenAI tool schemas
 with its policy, starts a fresh `Episode` per rollout, replays a prefix of tool calls to
 rebuild any intermediate state, and scores a finished conversation by tau2's own rules:
 no reward unless the agent or the user ended it; otherwise the product of the parts in the
@@ -21,13 +21,23 @@ import importlib
 import inspect
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, Literal
 
 from loguru import logger as _tau2_logger
 
+from sentinel.envs.base import (
+    STOPPED,
+    Entities,
+    Interaction,
+    Split,
+    ToolResult,
+    UnsupportedTask,
+    partial_credit,
+    unscored,
+)
+from sentinel.envs.registry import Tau2EnvSettings, pack
 from sentinel.logs import get_logger
 
 log = get_logger(__name__)
@@ -64,64 +74,8 @@ from sentinel.schemas import (
     ToolCall,
 )
 
-DOMAINS = ("retail", "airline", "telecom")
 GOLD_CACHE_SIZE = 1024  # tasks whose gold hashes a domain keeps
-Split = Literal["train", "test"]
 EnvType = Literal["assistant", "user"]
-STOPPED = {TerminationReason.AGENT_STOP, TerminationReason.USER_STOP}
-
-
-class UnsupportedTask(ValueError):
-    """A task this adapter cannot score faithfully (e.g. natural-language assertions)."""
-
-
-@dataclass
-class Entities:
-    """Every id in a domain's database, its owner (a user) and status where it has them."""
-
-    ids: set[str] = field(default_factory=set)
-    owner: dict[str, str] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def index(cls, database: dict[str, Any]) -> Entities:
-        entities = cls()
-        for table in database.values():
-            if isinstance(table, dict):
-                for key, record in table.items():
-                    entities._add(str(key), record)
-        return entities
-
-    def _add(self, key: str, record: Any) -> None:
-        self.ids.add(key)
-        if not isinstance(record, dict):
-            return
-        if isinstance(owner := record.get("user_id"), str):
-            self.owner[key] = owner
-        if isinstance(status := record.get("status"), str):
-            self.status[key] = status
-        for name, value in record.items():
-            if name.endswith("_id") and isinstance(value, str):
-                self.ids.add(value)
-            elif name in {"variants", "payment_methods"} and isinstance(value, dict):
-                self.ids.update(value)
-                if name == "payment_methods":
-                    self.owner.update((method, key) for method in value)
-
-
-def id_arguments(arguments: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """The entity ids among a tool call's arguments: `*_id` values and `*_ids` items."""
-    for name, value in arguments.items():
-        if name.endswith("_id") and isinstance(value, str):
-            yield name, value
-        elif name.endswith("_ids") and isinstance(value, list):
-            yield from ((name, v) for v in value if isinstance(v, str))
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    content: str
-    error: bool
 
 
 def to_tau2_task(task: Task) -> tau2_tasks.Task:
@@ -184,13 +138,15 @@ class Episode:
         return self.env.get_db_hash(), self.env.get_user_db_hash()
 
 
-class Tau2Domain:
+class Tau2Env:
     """One tau2-bench domain: tasks, tools, policy, episodes and tau2's reward."""
 
-    def __init__(self, name: str = "retail", gold_cache_size: int = GOLD_CACHE_SIZE) -> None:
-        if name not in DOMAINS:
-            raise ValueError(f"unknown tau2 domain {name!r}; choose from {', '.join(DOMAINS)}")
-        self.name = name
+    def __init__(
+        self, settings: Tau2EnvSettings | None = None, gold_cache_size: int = GOLD_CACHE_SIZE
+    ) -> None:
+        self.settings = settings or Tau2EnvSettings()
+        self.name = name = self.settings.domain
+        self.pack = pack(name)
         module = importlib.import_module(f"tau2.domains.{name}.environment")
         self._make_env: Callable[..., Environment] = module.get_environment
         self._get_tasks: Callable[..., list[tau2_tasks.Task]] = module.get_tasks
@@ -239,6 +195,10 @@ class Tau2Domain:
         return {name: str(tools.tool_type(name).value) for name in self.tool_names}
 
     @cached_property
+    def interaction(self) -> Interaction:
+        return Interaction(user_simulator=True, user_tools=frozenset(self.user_tool_schemas))
+
+    @cached_property
     def user_tool_schemas(self) -> dict[str, dict[str, Any]]:
         """The user's tools (telecom's phone), name -> parameters schema; {} if it has none."""
         tools = self._template.user_tools
@@ -278,6 +238,14 @@ class Tau2Domain:
             }  # fmt: skip
             allowed[env_type] = (frozenset(names), frozenset(checks))
         return allowed
+
+    def spec_problems(self, task: Task) -> list[str]:
+        """Why tau2 cannot load `task` as a task of its own; [] if it can."""
+        try:
+            to_tau2_task(task)
+        except (ValueError, TypeError) as error:  # pydantic's ValidationError too
+            return [str(error)[:500]]
+        return []
 
     def call_problems(self, task: Task) -> list[str]:
         """Each function a task names that it may not call: initial-state actions, env
@@ -327,15 +295,20 @@ class Tau2Domain:
 
     @cached_property
     def entities(self) -> Entities:
-        return Entities.index(self.database)
+        return Entities.index(self.database, *self.pack.entity_fields)
 
     @cached_property
     def splits(self) -> dict[str, frozenset[str]]:
-        return {name: frozenset(ids) for name, ids in self._get_split().items()}
+        return self.pack.splits({name: frozenset(ids) for name, ids in self._get_split().items()})
 
     def tasks(self, split: Split | None = None) -> list[Task]:
-        """The domain's tasks (all, or one split), with seed provenance."""
-        chosen = self._get_tasks(task_split_name=split)
+        """The domain's tasks (all, or one split, as the pack defines it), with seed
+        provenance."""
+        if split is not None and split not in self.splits:
+            raise ValueError(f"{self.name} has no {split!r} split; it has {sorted(self.splits)}")
+        chosen = self._all_tasks
+        if split is not None:
+            chosen = [t for t in chosen if t.id in self.splits[split]]
         test_ids = self.splits.get("test", frozenset())
         return [
             Task(
@@ -348,6 +321,10 @@ class Tau2Domain:
             )
             for t in chosen
         ]
+
+    @cached_property
+    def _all_tasks(self) -> list[tau2_tasks.Task]:
+        return self._get_tasks(task_split_name=None)
 
     def episode(self, task: Task) -> Episode:
         """A fresh environment in the task's initial state."""
@@ -450,28 +427,3 @@ class Tau2Domain:
             return None
         env = episode.env
         return all(env.run_env_assertion(a, raise_assertion_error=False) for a in assertions)
-
-
-def unscored(
-    task: Task, messages: Sequence[ChatMessage], termination: TerminationReason
-) -> RewardBreakdown:
-    """The reward of a conversation nobody ended (tau2 gives 0), partial credit beside it:
-    no environment needed."""
-    note = {"note": f"terminated: {termination.value}"}
-    return RewardBreakdown(reward=0.0, partial=partial_credit(task, messages), info=note)
-
-
-def partial_credit(task: Task, messages: Sequence[ChatMessage]) -> float:
-    """Progress toward the gold actions: each counts 1 when a successful agent call matched
-    it, 1/2 when its tool was at least called; the mean over the task's gold actions."""
-    gold = task.agent_actions
-    if not gold:
-        return 0.0
-    failed = {m.tool_call_id for m in messages if m.role == "tool" and m.error}
-    calls = [c for m in messages if m.role == "assistant" for c in m.tool_calls]
-    done = [c for c in calls if c.id not in failed]
-    called = {c.name for c in calls}
-    credit = [
-        1.0 if any(a.matches(c) for c in done) else 0.5 if a.name in called else 0.0 for a in gold
-    ]
-    return sum(credit) / len(gold)

@@ -1,5 +1,6 @@
 """Every message that crosses a process boundary (pydantic v2, JSON on the wire)."""
 
+from sentinel.schemas.chat import ChatMessage, ToolCall
 from sentinel.schemas.envelope import Envelope
 from sentinel.schemas.experience import Correction, Exploration, Reflection, SFTExample
 from sentinel.schemas.failure import ErrorPattern, FailureCategory, FailureDiagnosis, FailureSignal
@@ -29,11 +30,9 @@ from sentinel.schemas.training import (
     TrainStepReport,
 )
 from sentinel.schemas.trajectory import (
-    ChatMessage,
     RewardBreakdown,
     TerminationReason,
     Timings,
-    ToolCall,
     Trajectory,
     TurnTokens,
 )

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
+from sentinel.schemas.chat import Requestor, ToolCall
 from sentinel.schemas.message import Message, Strict
-
-if TYPE_CHECKING:
-    from sentinel.schemas.trajectory import ToolCall
-
-Requestor = Literal["assistant", "user"]
 
 
 class RewardBasis(StrEnum):

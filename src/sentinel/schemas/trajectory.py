@@ -4,27 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
 
+from sentinel.schemas.chat import ChatMessage, ToolCall
 from sentinel.schemas.message import Message, Strict, new_id, utc_now
-from sentinel.schemas.task import Requestor
 
-
-class ToolCall(Strict):
-    id: str
-    name: str
-    arguments: dict[str, Any]
-    requestor: Requestor = "assistant"
-
-
-class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-    tool_call_id: str | None = None
-    error: bool = False  # a tool result that is an error, or an agent turn that was malformed
+__all__ = [
+    "ChatMessage",
+    "RewardBreakdown",
+    "TerminationReason",
+    "Timings",
+    "ToolCall",
+    "Trajectory",
+    "TurnTokens",
+]
 
 
 class TurnTokens(Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,15 @@ def test_sft_steps_lower_the_loss_of_their_examples(model_dir: Path) -> None:
     assert policy.version == 4
     losses = [r.loss for r in reports]  # each step's loss before its update
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_sft_renders_with_the_served_template_without_importing_the_server() -> None:
+    """The template sits below serving and training: SFT does not pull in vLLM's launcher."""
+    check = (
+        "import sys, sentinel.training.sft as sft, sentinel.chat_template as t\n"
+        "assert sft.default_template() == t.CHAT_TEMPLATE.read_text() != ''\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('sentinel.serving'))\n"
+        "assert not loaded, loaded\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

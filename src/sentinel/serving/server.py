@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 
+from sentinel.chat_template import CHAT_TEMPLATE
 from sentinel.config import ServeSettings, Settings, read_private, write_private
 from sentinel.logs import get_logger
 from sentinel.process import Service, free_port, read_record, start_child, stop_child, write_record
 
 log = get_logger(__name__)
 
-CHAT_TEMPLATE = Path(__file__).with_name("chatml_tools.jinja")
 # Behaviour logprobs of the distribution sampled from (after temperature), which is what
 # the trainer scores; vLLM's default is the untempered model's.
 LOGPROBS_MODE = "processed_logprobs"

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from sentinel.chat_template import default_template as default_template  # re-exported
 from sentinel.schemas import SFTExample
-from sentinel.serving.server import CHAT_TEMPLATE
 from sentinel.training.batch import Sample
 from sentinel.training.grpo import LossStats, Tensors
 
@@ -35,11 +35,6 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
-
-
-def default_template() -> str:
-    """The template `sentinel serve` gives vLLM: ChatML with Hermes-style tool calls."""
-    return CHAT_TEMPLATE.read_text()
 
 
 def _render(

@@ -79,6 +79,13 @@ def retail() -> Environment:
 
 
 @pytest.fixture(scope="session")
+def mock() -> Environment:
+    """tau2's mock domain (a to-do list, a five-line policy): the fast fixture for tests that
+    need some environment, not retail in particular."""
+    return load(named("mock"))
+
+
+@pytest.fixture(scope="session")
 def model_dir() -> Path:
     return prepare_model(Settings().cache_dir)
 

@@ -20,7 +20,7 @@ import anyio
 
 from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClient
 from sentinel.agents.solver import Solver, error_observation
-from sentinel.agents.user import UserSimulator, is_stop
+from sentinel.agents.user import UserSimulator, is_stop, user_tools
 from sentinel.config import RolloutSettings, Settings
 from sentinel.envs.base import STOPPED, Environment, unscored
 from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
@@ -40,6 +40,9 @@ from sentinel.schemas.message import new_id, utc_now
 log = get_logger(__name__)
 
 GREETING = "Hi! How can I help you today?"
+# Tool calls the user may make (telecom's phone) before it says something to the agent: a
+# simulator that only calls tools ends the rollout with max_steps, as tau2's step budget would.
+MAX_USER_TOOL_ROUNDS = 10
 
 
 class Rollout:
@@ -75,7 +78,10 @@ class Rollout:
         state.messages = list(trajectory.messages[:step])
         state.turns = [t for t in trajectory.turns if t.message_index < step]
         state.malformed = sum(m.role == "assistant" and m.error for m in state.messages)
-        state.tool_errors = sum(m.role == "tool" and m.error for m in state.messages)
+        users = {c.id for m in state.messages if m.role == "user" for c in m.tool_calls}
+        state.tool_errors = sum(
+            m.role == "tool" and m.error and m.tool_call_id not in users for m in state.messages
+        )  # the agent's: the user's own tool errors are not the agent's budget
         return state
 
 
@@ -117,7 +123,7 @@ class RolloutRunner:
         return cls(
             domain,
             Solver(solver_client, domain.policy, domain.tool_schemas, settings.rollout),
-            UserSimulator(user_client, settings.rollout),
+            UserSimulator(user_client, settings.rollout, user_tools(domain.user_tool_schemas)),
             settings=settings.rollout,
             policy_version=version,
         )
@@ -177,7 +183,10 @@ class RolloutRunner:
         prefix's calls are replayed in an environment child, under the same limits. Raises
         `EnvFailure` if that fails; close the state's episode when done."""
         prefix = trajectory.messages[:step]
-        calls = [c for m in prefix if m.role == "assistant" and not m.error for c in m.tool_calls]
+        calls = [  # the user's calls too (telecom's phone), in order: both sides' state
+            c for m in prefix if m.role in ("assistant", "user") and not m.error
+            for c in m.tool_calls
+        ]  # fmt: skip
         episode = await self.envs.open(task, calls)
         return Rollout.resumed(task, trajectory, step, episode, self.domain.user_prompt(task))
 
@@ -239,8 +248,8 @@ class RolloutRunner:
     async def _converse(self, state: Rollout, opening: bool = True) -> TerminationReason:
         """Talk until an ending; `opening`: the user answers the greeting first."""
         try:
-            if opening and await self._user_turn(state):
-                return TerminationReason.USER_STOP
+            if opening and (ending := await self._user_turn(state)) is not None:
+                return ending
             while True:
                 if state.agent_turns >= state.max_turns:
                     return TerminationReason.MAX_STEPS
@@ -271,11 +280,14 @@ class RolloutRunner:
             return await self._run_tools(state, turn.message)
         if turn.stops:
             return TerminationReason.AGENT_STOP
-        return TerminationReason.USER_STOP if await self._user_turn(state) else None
+        return await self._user_turn(state)
 
-    async def _run_tools(self, state: Rollout, message: ChatMessage) -> TerminationReason | None:
+    async def _run_tools(
+        self, state: Rollout, message: ChatMessage, agent: bool = True
+    ) -> TerminationReason | None:
         """Each call in the environment child; one stopped at its limits ends the rollout
-        (`tool_timeout`), and so does an environment that failed (`infra_error`)."""
+        (`tool_timeout`), and so does an environment that failed (`infra_error`). The user's
+        calls (not `agent`) run the same way; their errors are not the agent's."""
         started = time.monotonic()
         ending: TerminationReason | None = None
         for call in message.tool_calls:
@@ -294,17 +306,24 @@ class RolloutRunner:
                     log.warning("environment failed", task=state.task.id, error=str(failure))
                     content, error = f"Error: the environment failed: {failure}", True
                     ending = TerminationReason.INFRA_ERROR
-            state.tool_errors += error
+            state.tool_errors += error and agent
             state.messages.append(
                 ChatMessage(role="tool", content=content, tool_call_id=call.id, error=error)
             )
         state.timings.env_s += time.monotonic() - started
         return ending
 
-    async def _user_turn(self, state: Rollout) -> bool:
-        """The user answers; True if it ended the conversation."""
-        started = time.monotonic()
-        reply = await self.user.reply(state.user_prompt, state.messages)
-        state.timings.user_s += time.monotonic() - started
-        state.messages.append(reply)
-        return is_stop(reply)
+    async def _user_turn(self, state: Rollout) -> TerminationReason | None:
+        """The user answers, first running any tools of its own (requestor user, on the same
+        episode, their results for the user alone); the ending if that ended the
+        conversation, None if it is the agent's turn."""
+        for _ in range(MAX_USER_TOOL_ROUNDS):
+            started = time.monotonic()
+            reply = await self.user.reply(state.user_prompt, state.messages)
+            state.timings.user_s += time.monotonic() - started
+            state.messages.append(reply)
+            if not reply.tool_calls:
+                return TerminationReason.USER_STOP if is_stop(reply) else None
+            if (ending := await self._run_tools(state, reply, agent=False)) is not None:
+                return ending
+        return TerminationReason.MAX_STEPS

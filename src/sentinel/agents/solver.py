@@ -151,7 +151,10 @@ class Solver:
         """The conversation as the server sees it: assistant text as `respond` calls."""
         system = self.system_prompt + (EXPERIENCE.format(experience) if experience else "")
         rendered: Messages = [{"role": "system", "content": system}]
+        users = {c.id for m in history if m.role == "user" for c in m.tool_calls}
         for index, m in enumerate(history):
+            if m.tool_call_id in users or (m.role == "user" and m.tool_calls):
+                continue  # the user's own tools (a phone): tau2's agent never sees them
             if m.role == "assistant" and m.error:
                 rendered.append({"role": "assistant", "content": m.content or ""})
             elif m.role == "assistant":

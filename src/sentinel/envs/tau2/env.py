@@ -343,7 +343,8 @@ class Tau2Env:
         from tau2.user.user_simulator import UserSimulator  # imports litellm: only when needed
 
         scenario = str(to_tau2_task(task).user_scenario)
-        return str(UserSimulator(instructions=scenario).system_prompt)
+        tools = self._template.get_user_tools() if self.user_tool_schemas else None
+        return str(UserSimulator(tools=tools, instructions=scenario).system_prompt)  # tau2's
 
     def replay(self, task: Task, calls: Sequence[ToolCall]) -> Episode:
         """Rebuild the state after `calls` (a trajectory's prefix) on a fresh environment."""

@@ -8,7 +8,7 @@ from sentinel.envs.pack import Kind, Phrasing
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 USER_ID = re.compile(r"\b[a-z]+_[a-z]+_\d{3,5}\b")
-RESERVATION_ID = re.compile(r"\b(?=[A-Z0-9]*\d)(?=[A-Z0-9]*[A-Z])[A-Z0-9]{6}\b")
+RESERVATION_ID = re.compile(r"\b(?!HAT\d{3}\b)[A-Z0-9]{6}\b")  # not a flight number
 DATE = re.compile(r"\b(?:\d{4}-\d{2}-\d{2}|(?:May|June) \d{1,2}(?:st|nd|rd|th)?)\b")
 
 PHRASING = Phrasing(

@@ -11,7 +11,7 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 
 from sentinel.envs.base import Environment
-from sentinel.envs.grounding import actions_schema, ground, grounder
+from sentinel.envs.grounding import actions_schema, grounder
 from sentinel.envs.pack import GroundingUnsupported
 from sentinel.envs.tau2.airline.grounder import AirlineGrounder, Grounding
 from sentinel.schemas import ToolCall
@@ -32,6 +32,13 @@ def _airline_grounder(env: Environment) -> AirlineGrounder:
     chosen = grounder(env)
     assert isinstance(chosen, AirlineGrounder)
     return chosen
+
+
+def ground(env: Environment, tools: list[str], rng: random.Random) -> Grounding:
+    """The generic `ground`, typed as airline's grounding."""
+    grounding = _airline_grounder(env).ground(tools, rng)
+    assert isinstance(grounding, Grounding)
+    return grounding
 
 
 def _strings(schema: Any, key: str = "") -> Iterator[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""The Controller on real parts: SmolLM2 rollouts on tau2 retail fail, and it diagnoses them."""
+"""The Controller on real parts: SmolLM2 rollouts on tau2's mock domain fail, and it diagnoses
+them."""
 
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48,
 
 
 @pytest.fixture(scope="module")
-async def failures(retail: Environment, policy_url: str) -> list[Trajectory]:
-    """Real failed trajectories: SmolLM2 as Solver and user on four retail train tasks."""
+async def failures(mock: Environment, policy_url: str) -> list[Trajectory]:
+    """Real failed trajectories: SmolLM2 as Solver and user on four mock train tasks."""
     from sentinel.config import LLMEndpoint
 
     solver_client = OpenAIChatClient(LLMEndpoint(base_url=policy_url))
     user_client = OpenAIChatClient(LLMEndpoint(base_url=policy_url))
-    solver = Solver(solver_client, retail.policy, retail.tool_schemas, ROLLOUTS)
-    runner = RolloutRunner(retail, solver, UserSimulator(user_client, ROLLOUTS), settings=ROLLOUTS)
-    tasks = [t for t in retail.tasks("train") if t.spec.evaluation_criteria][:4]
+    solver = Solver(solver_client, mock.policy, mock.tool_schemas, ROLLOUTS)
+    runner = RolloutRunner(mock, solver, UserSimulator(user_client, ROLLOUTS), settings=ROLLOUTS)
+    tasks = [t for t in mock.tasks("train") if t.spec.evaluation_criteria][:4]
     trajectories: list[Trajectory] = []
     async with anyio.create_task_group() as tg:
         for task in tasks:
@@ -56,12 +57,12 @@ def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
 
 
 def controller(
-    retail: Environment, bus: Bus, client: Any, settings: ControllerSettings | None = None
+    mock: Environment, bus: Bus, client: Any, settings: ControllerSettings | None = None
 ) -> Controller:
     prefix = bus.settings.prefix
     return Controller(
-        retail,
-        TaskPool(bus.redis, prefix, retail.tasks("train")),
+        mock,
+        TaskPool(bus.redis, prefix, mock.tasks("train")),
         PatternLibrary(bus.redis, prefix),
         bus,
         settings or ControllerSettings(max_tokens=200),
@@ -70,12 +71,12 @@ def controller(
 
 
 async def test_real_failures_become_diagnoses_and_a_persisted_library(
-    retail: Environment,
+    mock: Environment,
     failures: list[Trajectory],
     bus: Bus,
     llm: Callable[..., OpenAIChatClient],
 ) -> None:
-    agent = controller(retail, bus, llm())
+    agent = controller(mock, bus, llm())
     await bus.publish_many(Stream.TRAJECTORIES, failures)
     consumer = bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle)
     while await consumer.poll():
@@ -87,7 +88,7 @@ async def test_real_failures_become_diagnoses_and_a_persisted_library(
         assert diagnosis.signals, "every real failure has some deterministic evidence"
         assert diagnosis.category in {s.category for s in diagnosis.signals}
         assert diagnosis.summary
-        assert set(diagnosis.tools) <= retail.tool_names
+        assert set(diagnosis.tools) <= mock.tool_names
     assert sum(d.diagnoser_model == "smol" for d in diagnoses) >= 1  # the LLM answered
     library = PatternLibrary(bus.redis, bus.settings.prefix)  # as another process sees it
     patterns = await library.all()
@@ -99,9 +100,9 @@ async def test_real_failures_become_diagnoses_and_a_persisted_library(
 
 
 async def test_successes_and_infra_errors_are_not_diagnosed(
-    retail: Environment, failures: list[Trajectory], bus: Bus
+    mock: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
-    agent = controller(retail, bus, None)
+    agent = controller(mock, bus, None)
     success = failures[0].model_copy(
         update={"id": "ok", "reward": failures[0].reward.model_copy(update={"reward": 1.0})}  # type: ignore[union-attr]
     )
@@ -121,39 +122,39 @@ class Garbage:
 
 
 async def test_malformed_llm_output_falls_back_to_the_signals(
-    retail: Environment, failures: list[Trajectory], bus: Bus
+    mock: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
     trajectory = failures[0]
-    task = await TaskPool(bus.redis, "x", retail.tasks("train")).get(trajectory.task_id)
+    task = await TaskPool(bus.redis, "x", mock.tasks("train")).get(trajectory.task_id)
     assert task is not None
-    diagnosis = await controller(retail, bus, Garbage()).diagnose(task, trajectory)
+    diagnosis = await controller(mock, bus, Garbage()).diagnose(task, trajectory)
     assert diagnosis.diagnoser_model is None
     assert diagnosis.category == primary_category(diagnosis.signals)
     assert diagnosis.summary
 
 
 async def test_unknown_tasks_are_dead_lettered_with_the_reason(
-    retail: Environment, failures: list[Trajectory], bus: Bus
+    mock: Environment, failures: list[Trajectory], bus: Bus
 ) -> None:
-    orphan = failures[0].model_copy(update={"id": "orphan", "task_id": "retail-nope"})
+    orphan = failures[0].model_copy(update={"id": "orphan", "task_id": "mock-nope"})
     await bus.publish(Stream.TRAJECTORIES, orphan)
-    agent = controller(retail, bus, None)
+    agent = controller(mock, bus, None)
     await bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle).poll()
     [letter] = await bus.dead_letters(Stream.TRAJECTORIES)
-    assert "retail-nope" in letter.reason
+    assert "mock-nope" in letter.reason
 
 
 def test_the_schema_offers_only_what_the_signals_found(
-    retail: Environment, failures: list[Trajectory]
+    mock: Environment, failures: list[Trajectory]
 ) -> None:
     from sentinel.agents.signals import failure_signals
 
     trajectory = failures[0]
-    task = next(t for t in retail.tasks("train") if t.id == trajectory.task_id)
-    signals = failure_signals(task, trajectory, retail)
-    schema = draft_schema(signals, sorted(retail.tool_names))
+    task = next(t for t in mock.tasks("train") if t.id == trajectory.task_id)
+    signals = failure_signals(task, trajectory, mock)
+    schema = draft_schema(signals, sorted(mock.tool_names))
     assert set(schema["properties"]["category"]["enum"]) == {s.category.value for s in signals}
-    assert set(schema["properties"]["tools"]["items"]["enum"]) == retail.tool_names
+    assert set(schema["properties"]["tools"]["items"]["enum"]) == mock.tool_names
     empty = draft_schema([], ["a"])
     assert set(empty["properties"]["category"]["enum"]) == {c.value for c in FailureCategory}
     prompt = render_prompt(task, trajectory, signals, 4000)

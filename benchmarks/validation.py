@@ -32,7 +32,7 @@ from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import mutate
 from sentinel.envs.registry import load, named
-from sentinel.envs.sandbox import ReplayOutcome, ReplayRequest, run_replay
+from sentinel.envs.replay import ReplayOutcome, ReplayRequest, run_replay
 from sentinel.orchestrator.bus import connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.schemas import Action, Origin, Provenance, Task, TaskProposal

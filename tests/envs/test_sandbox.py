@@ -15,11 +15,11 @@ import anyio
 import pytest
 
 from sentinel.envs.base import Environment
+from sentinel.envs.process_pool import Namespaces
 from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import (
     DebugAction,
     LocalProcessSandbox,
-    Namespaces,
     ReplayOutcome,
     ReplayRequest,
     SandboxLimits,
@@ -79,7 +79,7 @@ def telecom() -> Environment:
 
 def is_replay_child(pid: int) -> bool:
     try:
-        return b"sentinel.envs.sandbox" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"sentinel.envs.replay" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -462,3 +462,20 @@ async def test_env_assertions_are_evaluated_inside_the_replay(telecom: Environme
     assert bad.assertions_after is False
     assert bad.assertion_error is not None
     assert "no_such_argument" in bad.assertion_error
+
+
+def test_the_parent_stays_light_and_the_child_is_a_module_of_its_own() -> None:
+    """The validator imports the sandbox without tau2 or any environment; the replay child is
+    `python -m sentinel.envs.replay`, and loads environments through the registry."""
+    check = (
+        "import sys, sentinel.envs.sandbox as s\n"
+        "assert s.CHILD_MODULE == 'sentinel.envs.replay'\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'tau2'\n"
+        "               or m.startswith(('sentinel.envs.tau2', 'sentinel.envs.episodes')))\n"
+        "assert not heavy, heavy\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    replay = Path(sys.modules["sentinel.envs.sandbox"].__file__ or "").with_name("replay.py")
+    assert "sentinel.envs.tau2" not in replay.read_text()
+    assert "load(named(" in replay.read_text()

@@ -36,8 +36,7 @@ import anyio
 from pydantic import Field, ValidationError
 
 from sentinel.envs.base import UnsupportedTask
-from sentinel.envs.registry import EnvSettings, load, named
-from sentinel.envs.sandbox import (
+from sentinel.envs.process_pool import (
     ClosedOnExit,
     Namespaces,
     SandboxLimits,
@@ -51,6 +50,7 @@ from sentinel.envs.sandbox import (
     renew_cpu,
     spawn_child,
 )
+from sentinel.envs.registry import EnvSettings, load, named
 from sentinel.logs import configure_logging, get_logger
 from sentinel.schemas import ChatMessage, RewardBreakdown, Task, TerminationReason, ToolCall
 from sentinel.schemas.message import Strict

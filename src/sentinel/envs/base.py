@@ -143,6 +143,7 @@ class Entities:
     ids: set[str] = field(default_factory=set)
     owner: dict[str, str] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
+    null_status: str | None = None
 
     @classmethod
     def index(
@@ -150,12 +151,21 @@ class Entities:
         database: dict[str, Any],
         nested: frozenset[str] = frozenset(),
         owned: frozenset[str] = frozenset(),
+        *,
+        null_status: str | None = None,
     ) -> Entities:
-        entities = cls()
+        """`null_status`: the status of a record whose `status` is null (airline's live
+        reservations), if the domain names one."""
+        entities = cls(null_status=null_status)
         for table in database.values():
             if isinstance(table, dict):
                 for key, record in table.items():
                     entities._add(str(key), record, nested, owned)
+            elif isinstance(table, list):  # a list of records keyed by their first *_id field
+                for record in table:
+                    key = _first_id(record)
+                    if key is not None:
+                        entities._add(key, record, nested, owned)
         return entities
 
     def _add(self, key: str, record: Any, nested: frozenset[str], owned: frozenset[str]) -> None:
@@ -164,8 +174,11 @@ class Entities:
             return
         if isinstance(owner := record.get("user_id"), str):
             self.owner[key] = owner
-        if isinstance(status := record.get("status"), str):
+        status = record.get("status", ...)
+        if isinstance(status, str):
             self.status[key] = status
+        elif status is None and self.null_status is not None:
+            self.status[key] = self.null_status
         for name, value in record.items():
             if name.endswith("_id") and isinstance(value, str):
                 self.ids.add(value)
@@ -173,6 +186,15 @@ class Entities:
                 self.ids.update(value)
                 if name in owned:
                     self.owner.update((item, key) for item in value)
+
+
+def _first_id(record: Any) -> str | None:
+    """A list table's record key: its first `*_id` string (telecom's line_id, bill_id)."""
+    if isinstance(record, dict):
+        return next(
+            (v for k, v in record.items() if k.endswith("_id") and isinstance(v, str)), None
+        )
+    return None
 
 
 def id_arguments(arguments: dict[str, Any]) -> Iterator[tuple[str, str]]:

@@ -122,6 +122,7 @@ class DomainPack:
     transfer_tool: ClassVar[str | None] = "transfer_to_human_agents"
     phrasing: ClassVar[Phrasing] = Phrasing()
     entity_fields: ClassVar[tuple[frozenset[str], frozenset[str]]] = (frozenset(), frozenset())
+    null_status: ClassVar[str | None] = None  # a record's status when its `status` is null
 
     def grounder(self, env: Environment) -> Grounder:
         raise GroundingUnsupported(f"the {self.name} pack has no grounder")
@@ -132,3 +133,11 @@ class DomainPack:
 
     def rule(self, tool: str) -> StateRule | None:
         return next((r for r in self.rules if r.tool == tool), None)
+
+    def lean_policy(self, policy: str) -> str:
+        """The policy for a small-context Solver (`rollout.lean_prompt`); unchanged here."""
+        return policy
+
+    def lean_tools(self, schemas: list[JSON]) -> list[JSON]:
+        """The agent's tool schemas for a small-context Solver; unchanged here."""
+        return schemas

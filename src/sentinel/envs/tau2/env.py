@@ -295,7 +295,9 @@ class Tau2Env:
 
     @cached_property
     def entities(self) -> Entities:
-        return Entities.index(self.database, *self.pack.entity_fields)
+        return Entities.index(
+            self.database, *self.pack.entity_fields, null_status=self.pack.null_status
+        )
 
     @cached_property
     def splits(self) -> dict[str, frozenset[str]]:

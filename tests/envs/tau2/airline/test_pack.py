@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import json
 
+from sentinel.agents.signals import failure_signals
 from sentinel.envs.base import Environment
 from sentinel.envs.registry import pack
 from sentinel.envs.tau2.airline.phrasing import RESERVATION_ID
 from sentinel.envs.tau2.airline.rules import ACTIVE, CANCELLED, RULES
-from sentinel.schemas import ToolCall, UserInstructions
+from sentinel.schemas import (
+    ChatMessage,
+    FailureCategory,
+    RewardBreakdown,
+    TerminationReason,
+    ToolCall,
+    Trajectory,
+    UserInstructions,
+)
 from sentinel.usersim.scenario import scenario_of
 
 
@@ -75,3 +84,30 @@ def test_reservation_ids_are_recognised_and_flight_numbers_are_not(airline: Envi
     assert not any(RESERVATION_ID.search(f) for f in airline.database["flights"])
     kind = next(k for k in pack("airline").phrasing.kinds if k.name == "reservation id")
     assert kind.mention.search("You do not remember the reservation id.")
+
+
+def test_a_second_cancel_of_one_reservation_is_a_policy_violation(airline: Environment) -> None:
+    """Live reservations have a null status, which the pack names: without it the signals
+    would see no status and let the second cancel pass."""
+    reservation = next(iter(airline.database["reservations"]))
+    assert airline.entities.status[reservation] == ACTIVE
+    task = airline.tasks("train")[0]
+    arguments = {"reservation_id": reservation}
+    messages = [ChatMessage(role="user", content="Cancel it, yes please.")]
+    for i in range(2):
+        call = ToolCall(id=f"c{i}", name="cancel_reservation", arguments=arguments)
+        messages += [
+            ChatMessage(role="assistant", tool_calls=[call]),
+            ChatMessage(role="tool", content="{}", tool_call_id=f"c{i}"),
+        ]
+    trajectory = Trajectory(
+        task_id=task.id, domain="airline", policy_version=0, policy_model="m",
+        messages=messages, termination=TerminationReason.AGENT_STOP,
+        reward=RewardBreakdown(reward=0.0),
+    )  # fmt: skip
+    violations = [
+        s for s in failure_signals(task, trajectory, airline)
+        if s.category == FailureCategory.POLICY_VIOLATION and s.tool == "cancel_reservation"
+    ]  # fmt: skip
+    assert [s.step for s in violations] == [3]
+    assert CANCELLED in violations[0].detail

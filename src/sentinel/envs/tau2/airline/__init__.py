@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from sentinel.envs.pack import DomainPack, Grounder
 from sentinel.envs.tau2.airline.phrasing import PHRASING
-from sentinel.envs.tau2.airline.rules import RULES
+from sentinel.envs.tau2.airline.rules import ACTIVE, RULES
 
 if TYPE_CHECKING:
     from sentinel.envs.base import Environment
@@ -17,6 +17,7 @@ class Airline(DomainPack):
     persona = "a customer-service agent of an airline"
     policy_name = "the airline's policy"
     rules = RULES
+    null_status = ACTIVE  # tau2 leaves a live reservation's status null
     phrasing = PHRASING
     entity_fields = (frozenset(), frozenset({"payment_methods"}))  # a user's payment methods
 

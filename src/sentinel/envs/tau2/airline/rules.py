@@ -2,9 +2,10 @@
 
 tau2 airline's reservations carry `status: null` while active and `"cancelled"` once
 `cancel_reservation` ran; its tools do not check it, but the policy only lets the agent
-cancel or change a live reservation. The pack calls a null status `ACTIVE`. `Entities` keeps
-only string statuses, so the signals see the cancelled ones (none in the initial database)
-and skip active ones; the grounder reads `status or ACTIVE`.
+cancel or change a live reservation. The pack calls a null status `ACTIVE`
+(`Airline.null_status`, which `Entities` gives such records), so the signals flag a write on
+a reservation already cancelled, in the database or earlier in the same trajectory; the
+grounder reads `status or ACTIVE`.
 
 What else the policy asks (nothing flown, basic economy keeps its flights, bags only added,
 the passenger count kept, who may cancel) depends on flights and dates, not on one entity's

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.anyio
 def make_loop(
     settings: Settings,
     bus: Bus,
-    retail: Environment,
+    mock: Environment,
     workers: dict[str, object] | None = None,
     **loop: object,
 ) -> Loop:
@@ -55,7 +55,7 @@ def make_loop(
     pool = TaskPool(bus.redis, bus.settings.prefix, [task(i) for i in range(3)])
     curriculum = Curriculum(bus.redis, bus.settings.prefix, pool, settings.loop, random.Random(0))
     celery = make_app(settings, settings.redis_url or "")
-    return Loop(settings, bus, celery, curriculum, retail.tasks("test"))
+    return Loop(settings, bus, celery, curriculum, mock.tasks("test"))
 
 
 async def queued(bus: Bus) -> list[RolloutRequest]:
@@ -79,9 +79,9 @@ def envelope(message: object) -> Envelope:
 
 
 async def test_dispatch_uses_the_newest_policy_and_counts_each_group_back_once(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail)
+    loop = make_loop(settings, bus, mock)
     assert await loop.dispatch_one()
     newer = PolicyVersion(version=3, served_name="policy-v3", base_model="smol")
     await loop.on_policy(envelope(newer))
@@ -100,11 +100,9 @@ async def test_dispatch_uses_the_newest_policy_and_counts_each_group_back_once(
 
 
 async def test_a_bounded_run_ends_when_every_group_is_back_accounted_and_evaluated(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(
-        settings, bus, retail, max_groups=2, max_inflight=2, eval_tasks=1, eval_trials=2
-    )
+    loop = make_loop(settings, bus, mock, max_groups=2, max_inflight=2, eval_tasks=1, eval_trials=2)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(loop.schedule, stop)
@@ -143,9 +141,9 @@ async def test_a_bounded_run_ends_when_every_group_is_back_accounted_and_evaluat
 
 
 async def test_groups_dropped_in_a_row_stop_the_loop_with_the_reason(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail, max_dropped_in_row=2)
+    loop = make_loop(settings, bus, mock, max_dropped_in_row=2)
     for i in range(2):
         dropped = RolloutGroup(
             id=f"d{i}", task_id="retail-0", policy_version=0, trajectories=[],
@@ -157,9 +155,9 @@ async def test_groups_dropped_in_a_row_stop_the_loop_with_the_reason(
 
 
 async def test_a_crash_between_counting_and_sending_a_request_loses_nothing(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail)
+    loop = make_loop(settings, bus, mock)
 
     def crash(request: RolloutRequest) -> None:
         raise ConnectionError("the orchestrator dies before the broker has the request")
@@ -168,7 +166,7 @@ async def test_a_crash_between_counting_and_sending_a_request_loses_nothing(
     with pytest.raises(ConnectionError):
         await loop.dispatch_one()
     assert await queued(bus) == []
-    restarted = make_loop(settings, bus, retail)
+    restarted = make_loop(settings, bus, mock)
     assert await restarted.flights.send_unsent() == 1
     assert await restarted.flights.send_unsent() == 0  # sent once
     [request] = await queued(bus)
@@ -181,9 +179,9 @@ async def test_a_crash_between_counting_and_sending_a_request_loses_nothing(
 
 
 async def test_a_written_off_group_is_counted_once_whichever_copy_comes_first(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail, inflight_timeout_s=0.01)
+    loop = make_loop(settings, bus, mock, inflight_timeout_s=0.01)
     await loop.dispatch_one()
     [request] = await queued(bus)
     await anyio.sleep(0.05)
@@ -222,9 +220,9 @@ async def test_a_written_off_group_is_counted_once_whichever_copy_comes_first(
 
 
 async def test_a_group_whose_worker_died_is_sent_again_then_written_off(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail, workers={"max_attempts": 2})
+    loop = make_loop(settings, bus, mock, workers={"max_attempts": 2})
     prefix = bus.settings.prefix
     await loop.dispatch_one()
     [request] = await queued(bus)
@@ -253,21 +251,21 @@ async def test_a_group_whose_worker_died_is_sent_again_then_written_off(
 
 
 async def test_evaluation_is_requests_for_the_workers_and_a_report_once_all_are_back(
-    settings: Settings, bus: Bus, retail: Environment
+    settings: Settings, bus: Bus, mock: Environment
 ) -> None:
-    loop = make_loop(settings, bus, retail, eval_tasks=2, eval_trials=2)
+    loop = make_loop(settings, bus, mock, eval_tasks=2, eval_trials=2)
     policy = PolicyVersion(version=3, served_name="policy-v3", base_model="smol")
     await loop.evaluate(policy)
     await loop.evaluate(policy)  # once per version
     first, second = await queued(bus)
-    assert [first.task.id, second.task.id] == [t.id for t in retail.tasks("test")[:2]]
+    assert [first.task.id, second.task.id] == [t.id for t in mock.tasks("test")[:2]]
     assert {(r.purpose, r.size, r.policy_version, r.served_name) for r in (first, second)} == {
         ("eval", 2, 3, "policy-v3")
     }
     trials = group(first.task.id, [1.0, 0.0], version=3)
     await loop.on_group(envelope(trials.model_copy(update={"id": first.id, "purpose": "eval"})))
     assert await on_stream(bus, Stream.EVALUATIONS, EvalReport) == []  # one still out
-    restarted = make_loop(settings, bus, retail, eval_tasks=2, eval_trials=2)
+    restarted = make_loop(settings, bus, mock, eval_tasks=2, eval_trials=2)
     lost = RolloutGroup(
         id=second.id, task_id=second.task.id, policy_version=3, trajectories=[],
         dropped="worker lost", purpose="eval",

@@ -1,4 +1,5 @@
-"""`sentinel eval` on the real server: pass^k over real rollouts, resumed from its JSONL."""
+"""`sentinel eval` on the real server: pass^k over real rollouts (on tau2's mock domain: short
+prompts), resumed from its JSONL."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sentinel.cli import app
+from sentinel.envs.registry import load, named
 from sentinel.evaluation import TrialResult, evaluate, load_results, report
 from sentinel.metrics import pass_table
 from sentinel.schemas import Task, TerminationReason, Trajectory
@@ -22,6 +24,7 @@ def test_eval_runs_every_trial_once_and_resumes(
 ) -> None:
     for name, value in {
         "SENTINEL_RUN_DIR": str(tmp_path),
+        "SENTINEL_ENV__DOMAIN": "mock",
         "SENTINEL_LLM__POLICY__BASE_URL": policy_url,
         "SENTINEL_LLM__USER_SIM__BASE_URL": policy_url,
         "SENTINEL_ROLLOUT__MAX_AGENT_TURNS": "2",
@@ -32,11 +35,11 @@ def test_eval_runs_every_trial_once_and_resumes(
     command = ["eval", "--split", "test", "--trials", "2", "--limit", "2"]
     first = CliRunner().invoke(app, command)
     assert first.exit_code == 0, first.output
-    out = tmp_path / "eval" / "retail-test-smol"
+    out = tmp_path / "eval" / "mock-test-smol"
     results = load_results(out / "results.jsonl")
-    assert sorted((r.task_id, r.trial) for r in results) == [
-        ("retail-5", 0), ("retail-5", 1), ("retail-9", 0), ("retail-9", 1),
-    ]  # fmt: skip
+    tasks = sorted(t.id for t in load(named("mock")).tasks("test"))
+    assert len(tasks) == 2
+    assert sorted((r.task_id, r.trial) for r in results) == [(t, i) for t in tasks for i in (0, 1)]
     trajectories = [
         json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()
     ]

@@ -221,6 +221,9 @@ class RolloutSettings(Section):
     tool_timeout_s: float = Field(5.0, gt=0)
     env_processes: int = Field(1, ge=1)  # children per runner; each holds many episodes
     env_memory_mb: int = Field(2048, ge=512)  # each child's address space
+    # The Solver gets the pack's lean rendering of policy and tools (telecom's is ~1/3 the
+    # tokens), for small-context models; off: tau2's full prompt, comparable with papers.
+    lean_prompt: bool = False
 
 
 class TrainerSettings(Section):

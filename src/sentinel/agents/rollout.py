@@ -120,9 +120,12 @@ class RolloutRunner:
         """A runner whose Solver uses `llm.policy` (or the served name `policy`)."""
         solver_client = OpenAIChatClient(settings.llm.policy, model=policy)
         user_client = OpenAIChatClient(settings.llm.user_sim)
+        policy_text, tools = domain.policy, domain.tool_schemas
+        if settings.rollout.lean_prompt:  # a small context: the pack's condensed rendering
+            policy_text, tools = domain.pack.lean_policy(policy_text), domain.pack.lean_tools(tools)
         return cls(
             domain,
-            Solver(solver_client, domain.policy, domain.tool_schemas, settings.rollout),
+            Solver(solver_client, policy_text, tools, settings.rollout),
             UserSimulator(user_client, settings.rollout, user_tools(domain.user_tool_schemas)),
             settings=settings.rollout,
             policy_version=version,

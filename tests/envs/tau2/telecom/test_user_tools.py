@@ -21,7 +21,6 @@ from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator, user_tools
 from sentinel.config import RolloutSettings
 from sentinel.envs.base import Environment
-from sentinel.envs.registry import load, named
 from sentinel.envs.tau2.env import to_tau2_messages, to_tau2_task
 from sentinel.schemas import Action, ChatMessage, Task, TerminationReason, Trajectory
 
@@ -29,11 +28,6 @@ pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings(max_agent_turns=8, concurrency=1)
 # One agent write (refuel_data) and one user action (toggle_data) in its gold.
 TASK = "telecom-[mobile_data_issue]data_mode_off|data_usage_exceeded[PERSONA:None]"
-
-
-@pytest.fixture(scope="module")
-def telecom() -> Environment:
-    return load(named("telecom"))
 
 
 def tau2_reward(task: Task, messages: list[ChatMessage], termination: TerminationReason) -> float:

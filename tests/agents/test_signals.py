@@ -151,3 +151,65 @@ def test_outcome_signals_and_their_order(retail: Environment, cancel_task: Task)
     assert first_wrong_step(found) == 1
     assert primary_category(found) == FailureCategory.MISSING_CONFIRMATION
     assert primary_category([]) == FailureCategory.OTHER
+
+
+def test_writes_tau2_allows_after_an_item_change_are_no_violation(retail: Environment) -> None:
+    """Issue 18: the signals once required a status of exactly "pending" for every modify
+    tool, while tau2 (and the grounder) accept "pending (item modified)" for the address and
+    the payment. Both now read the pack's one table: on an order whose items a real episode
+    changed, the writes tau2 lets past its status check are not flagged, the cancellation
+    tau2 refuses is."""
+    orders, users = retail.database["orders"], retail.database["users"]
+    task, order_id, modify = next(
+        (t, a.arguments["order_id"], i)
+        for t in retail.tasks("train")
+        for i, a in enumerate(t.actions)
+        if a.name == "modify_pending_order_items"
+        and len(users[orders[a.arguments["order_id"]]["user_id"]]["payment_methods"]) > 1
+    )  # an item change by a user who has another way to pay
+    order = orders[order_id]
+    user = users[order["user_id"]]
+    paid_with = order["payment_history"][0]["payment_method_id"]
+    other_method = next(m for m in user["payment_methods"] if m != paid_with)
+    address = {
+        k: user["address"][k] for k in ("address1", "address2", "city", "state", "country", "zip")
+    }
+    calls = [(a.name, a.arguments) for a in task.actions[: modify + 1]] + [
+        ("get_order_details", {"order_id": order_id}),
+        ("modify_pending_order_address", {"order_id": order_id, **address}),
+        ("modify_pending_order_payment", {"order_id": order_id, "payment_method_id": other_method}),
+        ("cancel_pending_order", {"order_id": order_id, "reason": "no longer needed"}),
+    ]
+    episode = retail.episode(task)
+    messages = [ChatMessage(role="user", content="Hi, I need help with an order.")]
+    results = {}
+    for i, (name, arguments) in enumerate(calls):
+        call = ToolCall(id=f"c{i}", name=name, arguments=arguments)
+        result = episode.step(call)
+        results[name] = result
+        messages += [
+            ChatMessage(role="user", content="Yes, please go ahead."),
+            ChatMessage(role="assistant", tool_calls=[call]),
+            ChatMessage(
+                role="tool", content=result.content, tool_call_id=call.id, error=result.error
+            ),
+        ]
+    assert '"status": "pending (item modified)"' in results["get_order_details"].content
+    assert not results["modify_pending_order_items"].error
+    assert not results["modify_pending_order_address"].error  # tau2 accepts it
+    payment = results["modify_pending_order_payment"]  # past the status check, then refused:
+    assert payment.error
+    assert "exactly one payment" in payment.content  # the item change paid a difference
+    assert "Non-pending" not in payment.content
+    assert results["cancel_pending_order"].content == "Error: Non-pending order cannot be cancelled"
+    violations = [
+        s for s in failure_signals(task, trajectory(messages), retail)
+        if s.category == FailureCategory.POLICY_VIOLATION
+    ]  # fmt: skip
+    assert [(s.tool, s.detail) for s in violations] == [
+        (
+            "cancel_pending_order",
+            f"cancel_pending_order on order {order_id} whose status is 'pending (item modified)'",
+        )
+    ]
+    assert messages[violations[0].step or 0].tool_calls[0].name == "cancel_pending_order"

@@ -21,7 +21,7 @@ class Retail(DomainPack):
     entity_fields = (frozenset({"variants"}), frozenset({"payment_methods"}))
 
     def grounder(self, env: Environment) -> Grounder:
-        from sentinel.envs.tau2.retail.grounding import RetailGrounder
+        from sentinel.envs.tau2.retail.grounder import RetailGrounder
 
         return RetailGrounder(env)
 

@@ -18,7 +18,8 @@ from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import actions_schema, ground, mutate
 from sentinel.envs.pack import GroundingUnsupported
 from sentinel.envs.registry import load, named
-from sentinel.envs.tau2.retail.grounding import Grounding
+from sentinel.envs.tau2.env import Tau2Env
+from sentinel.envs.tau2.retail.entities import Grounding
 from sentinel.schemas import Action, Origin, Task, ToolCall
 from tests.envs.test_sandbox import sandbox_pids
 from tests.ticking import ticking
@@ -161,7 +162,7 @@ def test_describe_is_short_and_names_every_grounded_id(retail: Environment) -> N
 
 
 def test_ground_raises_when_nothing_fits_or_the_domain_is_unsupported() -> None:
-    no_pending = load(named("retail"))
+    no_pending = Tau2Env(named("retail"))  # not load's shared instance: its database changes
     db = no_pending.database
     orders = {k: o for k, o in db["orders"].items() if "pending" not in o["status"]}
     users = {

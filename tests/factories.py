@@ -245,6 +245,28 @@ def cancellation(retail: Environment, name: str, nth: int = 0) -> Task:
     return Task(id=name, domain="retail", spec=spec, provenance=provenance)
 
 
+def todo(mock: Environment, name: str, title: str = "Plan the sprint") -> Task:
+    """A new, correct task on tau2's mock domain: a to-do titled `title` for its user."""
+    [user] = mock.database["users"]
+    actions = [
+        Action(action_id="0", name="get_users", arguments={}),
+        Action(action_id="1", name="create_task", arguments={"user_id": user, "title": title}),
+    ]
+    spec = TaskSpec(
+        id=name,
+        user_scenario=UserScenario(
+            instructions=UserInstructions(
+                domain="mock",
+                reason_for_call=f"You want a new task called '{title}' on your to-do list.",
+                known_info=f"Your user id is {user}.",
+                task_instructions="Confirm when asked.",
+            )
+        ),
+        evaluation_criteria=EvaluationCriteria(actions=actions, communicate_info=[]),
+    )
+    return Task(id=name, domain="mock", spec=spec, provenance=Provenance(origin=Origin.PROPOSED))
+
+
 TOOL = {
     "type": "function",
     "function": {

@@ -1,5 +1,6 @@
 """The data engine as separate processes, as `sentinel up` and Kubernetes run it: Controller,
-Proposer, orchestrator (dispatch) and a Celery validate worker on real Redis and vLLM."""
+Proposer, orchestrator (dispatch) and a Celery validate worker on real Redis and vLLM, on
+tau2's mock domain (every child loads it in a second; the Proposer's prompts are short)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from sentinel.schemas import (
     Trajectory,
     ValidationResult,
 )
-from tests.factories import cancellation
+from tests.factories import todo
 
 pytestmark = pytest.mark.anyio
 COMMANDS = (["controller"], ["proposer"], ["orchestrator"], ["worker", "validate"])
@@ -40,7 +41,7 @@ def failure(task_id: str, domain: Environment, i: int) -> Trajectory:
     task = next(t for t in domain.tasks("train") if t.id == task_id)
     criteria = task.spec.evaluation_criteria
     assert criteria is not None
-    messages = [ChatMessage(role="user", content="Hi, I need help with my order.")]
+    messages = [ChatMessage(role="user", content="Hi, I need help with my tasks.")]
     for j, action in enumerate(
         a for a in criteria.actions or [] if a.name not in domain.write_tools
     ):
@@ -51,7 +52,7 @@ def failure(task_id: str, domain: Environment, i: int) -> Trajectory:
         ]
     messages.append(ChatMessage(role="assistant", content="Done! ###STOP###"))
     return Trajectory(
-        id=f"failure-{i}", task_id=task_id, domain="retail", policy_version=0,
+        id=f"failure-{i}", task_id=task_id, domain=domain.name, policy_version=0,
         policy_model="smol", messages=messages, termination=TerminationReason.AGENT_STOP,
         reward=RewardBreakdown(reward=0.0, components={"DB": 0.0}),
     )  # fmt: skip
@@ -76,6 +77,7 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
         "SENTINEL_REDIS_URL": settings.redis_url or "",
         "SENTINEL_RUN_DIR": str(tmp_path / "run"),
         "SENTINEL_BUS__PREFIX": settings.bus.prefix,
+        "SENTINEL_ENV__DOMAIN": "mock",
         "SENTINEL_BUS__BLOCK_MS": "200",
         "SENTINEL_LOG__FORMAT": "json",
         "SENTINEL_LLM__CONTROLLER__BASE_URL": policy_url,
@@ -85,20 +87,19 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
         "SENTINEL_VALIDATION__WARM": "1",
         "SENTINEL_WORKERS__CONCURRENCY": "1",
     }
-    domain = load(named("retail"))
-    writers = [
+    domain = load(named("mock"))
+    [writer] = [
         t.id for t in domain.tasks("train")
-        if t.spec.evaluation_criteria
-        and [a.name for a in t.spec.evaluation_criteria.actions or []
-             if a.name in domain.write_tools] == ["cancel_pending_order"]
-    ][:2]  # fmt: skip
+        if [a.name for a in t.agent_actions] == ["create_task"]
+    ]  # fmt: skip
+    writers = [writer, writer]  # two failures of one task: one pattern
     processes = [
         start_child([sys.executable, "-m", "sentinel", *c], tmp_path / f"{c[0]}.log", env)
         for c in COMMANDS
     ]
     # beside the LLM's proposals (which a 135M model may all get wrong), a correct one: the
     # dispatcher, the worker, the pool and the tasks stream must accept it
-    gold = cancellation(domain, "engine-gold", nth=12)
+    gold = todo(domain, "engine-gold")
     known = TaskProposal(id="p-gold", task=gold, prompt_version="v-test", proposer_model="test")
     try:
         await bus.publish_many(
@@ -118,7 +119,7 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
     patterns = await PatternLibrary(bus.redis, settings.bus.prefix).all()
     assert patterns
     assert patterns[0].category.value == "missing_action"  # the writes never happened
-    assert "cancel_pending_order" in patterns[0].tools
+    assert "create_task" in patterns[0].tools
     assert await count(bus, Stream.PROPOSALS) >= 2
     book = PromptBook(bus.redis, settings.bus.prefix, ProposerSettings())
     tallies = [await book.tally(f"pattern:{p.id}") for p in patterns]

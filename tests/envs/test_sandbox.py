@@ -225,7 +225,7 @@ async def test_unknown_domain_is_a_crash_with_the_reason(
     outcome = await sandbox.replay(ReplayRequest(domain="mall", task=task))
     assert failure_code(outcome) == RejectionCode.SANDBOX_CRASH
     assert outcome.failure is not None
-    assert "unknown tau2 domain 'mall'" in outcome.failure.detail
+    assert "unknown domain 'mall'" in outcome.failure.detail
 
 
 async def test_hostile_calculation_hits_the_cpu_limit(

@@ -38,9 +38,7 @@ class Tau2EnvSettings(BaseModel):
     @field_validator("domain")
     @classmethod
     def _known(cls, domain: str) -> str:
-        if domain not in PACKS:
-            raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(PACKS)}")
-        return domain
+        return _known(domain)
 
     @property
     def name(self) -> str:
@@ -61,11 +59,15 @@ def load(settings: EnvSettings) -> Environment:
 
 def named(name: str) -> EnvSettings:
     """The settings of the environment whose tasks carry `name` as their domain."""
-    return Tau2EnvSettings(domain=name)
+    return Tau2EnvSettings(domain=_known(name))
 
 
 def pack(name: str) -> DomainPack:
     """The knowledge pack of domain `name`: light, no environment is built."""
+    return cast("DomainPack", importlib.import_module(PACKS[_known(name)]).PACK)
+
+
+def _known(name: str) -> str:
     if name not in PACKS:
-        raise ValueError(f"unknown domain {name!r}; choose from {', '.join(PACKS)}")
-    return cast("DomainPack", importlib.import_module(PACKS[name]).PACK)
+        raise ValueError(f"unknown domain {str(name)[:80]!r}; choose from {', '.join(PACKS)}")
+    return name

@@ -308,9 +308,8 @@ class Tau2Env:
         provenance."""
         if split is not None and split not in self.splits:
             raise ValueError(f"{self.name} has no {split!r} split; it has {sorted(self.splits)}")
-        chosen = self._all_tasks
-        if split is not None:
-            chosen = [t for t in chosen if t.id in self.splits[split]]
+        wanted = self.splits[split] if split else frozenset().union(*self.splits.values())
+        chosen = [t for t in self._all_tasks if t.id in wanted]
         test_ids = self.splits.get("test", frozenset())
         return [
             Task(

@@ -12,6 +12,8 @@ The schema pieces below are shared by every pack's grounder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import weakref
 from collections.abc import Iterable, Sequence
@@ -21,7 +23,16 @@ from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvFailure, EnvPool
 from sentinel.envs.pack import Grounder, Grounding, GroundingUnsupported
 from sentinel.logs import get_logger
-from sentinel.schemas import Task
+from sentinel.schemas import (
+    Action,
+    EvaluationCriteria,
+    Origin,
+    Provenance,
+    Task,
+    TaskSpec,
+    UserInstructions,
+    UserScenario,
+)
 
 log = get_logger(__name__)
 
@@ -83,6 +94,52 @@ async def mutate(
     except EnvFailure as error:  # ToolStopped too: the seed's gold ran past the limits
         log.warning("no mutation: its replay failed", seed=seed.id, reason=str(error)[:300])
         return None
+
+
+# --- mutated tasks --------------------------------------------------------------------------
+
+
+def mutant(seed: Task, spec: TaskSpec, suffix: str, notes: str) -> Task:
+    """`seed` moved onto other entities as `spec`: both ids end in `-mut-<suffix>`, the notes
+    say from where, and the provenance is one generation on (a train task)."""
+    spec = spec.model_copy(
+        update={
+            "id": f"{seed.spec.id}-mut-{suffix}",
+            "description": {**(spec.description or {}), "notes": notes},
+        }
+    )
+    provenance = Provenance(
+        origin=Origin.MUTATED, split="train", generation=seed.provenance.generation + 1
+    )
+    return Task(id=f"{seed.id}-mut-{suffix}", domain=seed.domain, spec=spec, provenance=provenance)
+
+
+def restated(
+    seed: Task,
+    gold: list[Action],
+    instructions: UserInstructions,
+    *,
+    key: object,
+    notes: str,
+    communicate_info: list[str] | None = None,
+) -> Task:
+    """A mutant whose request is restated from its new gold: the seed's persona, initial state
+    and reward basis; `key` (what the seed moved onto) and the gold name it."""
+    body = json.dumps([seed.id, key, [a.model_dump(mode="json") for a in gold]], default=str)
+    criteria = seed.spec.evaluation_criteria or EvaluationCriteria()
+    spec = TaskSpec(
+        id=seed.spec.id,
+        description=seed.spec.description,
+        user_scenario=UserScenario(
+            persona=seed.spec.user_scenario.persona, instructions=instructions
+        ),
+        initial_state=seed.spec.initial_state,
+        evaluation_criteria=EvaluationCriteria(
+            actions=gold, communicate_info=communicate_info or [],
+            reward_basis=criteria.reward_basis,
+        ),
+    )  # fmt: skip
+    return mutant(seed, spec, hashlib.sha256(body.encode()).hexdigest()[:8], notes)
 
 
 # --- JSON schema pieces ---------------------------------------------------------------------

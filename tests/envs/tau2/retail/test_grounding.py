@@ -16,7 +16,7 @@ import pytest
 from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import actions_schema, ground, mutate
-from sentinel.envs.pack import GroundingUnsupported
+from sentinel.envs.pack import DomainPack, GroundingUnsupported
 from sentinel.envs.registry import load, named
 from sentinel.envs.tau2.env import Tau2Env
 from sentinel.envs.tau2.retail.entities import Grounding
@@ -173,8 +173,14 @@ def test_ground_raises_when_nothing_fits_or_the_domain_is_unsupported() -> None:
     with pytest.raises(GroundingUnsupported, match="fit"):
         ground(no_pending, ["cancel_pending_order"], random.Random(0))
     assert ground(no_pending, ["return_delivered_order_items"], random.Random(0))
-    with pytest.raises(GroundingUnsupported, match="airline"):
-        ground(load(named("airline")), ["cancel_reservation"], random.Random(0))
+    bare = Tau2Env(named("mock"))  # a domain whose pack has no grounder
+
+    class Bare(DomainPack):
+        name = "mock"
+
+    bare.pack = Bare()
+    with pytest.raises(GroundingUnsupported, match="the mock pack has no grounder"):
+        ground(bare, ["create_task"], random.Random(0))
 
 
 # --- actions_schema -----------------------------------------------------------------------

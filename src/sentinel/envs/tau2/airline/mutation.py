@@ -12,24 +12,19 @@ trips. The result is kept only if every gold write succeeds on a fresh episode i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sentinel.envs.episodes import EnvPool
+from sentinel.envs.grounding import restated
 from sentinel.envs.tau2.airline.policy import Move
 from sentinel.schemas import (
     Action,
-    EvaluationCriteria,
-    Origin,
-    Provenance,
     Task,
-    TaskSpec,
     ToolCall,
     UserInstructions,
-    UserScenario,
 )
 
 if TYPE_CHECKING:
@@ -147,12 +142,9 @@ class Mutation:
     # -- the new task
 
     def _task(self, user_id: str, moves: list[Move], gold: list[Action]) -> Task:
-        seed, spec = self.seed, self.seed.spec
-        body = json.dumps([seed.id, user_id, [a.model_dump(mode="json") for a in gold]])
-        digest = hashlib.sha256(body.encode()).hexdigest()[:8]
+        seed = self.seed
         user = self.data.user(user_id)
         request = " ".join(_request(m) for m in moves)
-        criteria = spec.evaluation_criteria or EvaluationCriteria()
         instructions = UserInstructions(
             domain=self.grounder.env.name,
             reason_for_call=request,
@@ -161,22 +153,7 @@ class Mutation:
             task_instructions=MANNER,
         )
         notes = f"mutated from {seed.id}: {sorted(self.grounder.actors(seed.actions))} -> {user_id}"
-        new_spec = TaskSpec(
-            id=f"{spec.id}-mut-{digest}",
-            description={**(spec.description or {}), "notes": notes},
-            user_scenario=UserScenario(
-                persona=spec.user_scenario.persona, instructions=instructions
-            ),
-            evaluation_criteria=EvaluationCriteria(
-                actions=gold, communicate_info=[], reward_basis=criteria.reward_basis
-            ),
-        )
-        provenance = Provenance(
-            origin=Origin.MUTATED, split="train", generation=seed.provenance.generation + 1
-        )
-        return Task(
-            id=f"{seed.id}-mut-{digest}", domain=seed.domain, spec=new_spec, provenance=provenance
-        )
+        return restated(seed, gold, instructions, key=user_id, notes=notes)
 
 
 def _request(move: Move) -> str:

@@ -21,8 +21,6 @@ test tasks (`envs/tau2/retail/grounding.py`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,18 +28,13 @@ from typing import Any
 
 from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
-from sentinel.envs.grounding import branch, empty, enum, generic, text
+from sentinel.envs.grounding import branch, empty, enum, generic, restated, text
 from sentinel.envs.pack import Grounding, GroundingUnsupported
 from sentinel.schemas import (
     Action,
-    EvaluationCriteria,
-    Origin,
-    Provenance,
     Task,
-    TaskSpec,
     ToolCall,
     UserInstructions,
-    UserScenario,
 )
 
 JSON = dict[str, Any]
@@ -161,8 +154,6 @@ class MockGrounder:
 
     def _task(self, seed: Task, gold: list[Action], write: Action) -> Task:
         """The mutated task: the seed's persona and initial state, a request for `write`."""
-        body = json.dumps([seed.id, [a.model_dump(mode="json") for a in gold]])
-        digest = hashlib.sha256(body.encode()).hexdigest()[:8]
         user_id = self._owner(write)
         instructions = UserInstructions(
             domain=self.env.name,
@@ -170,21 +161,7 @@ class MockGrounder:
             known_info=f"You are {self.users[user_id]['name']}; your user id is {user_id}.",
             task_instructions=INSTRUCTIONS,
         )
-        spec = TaskSpec(
-            id=f"{seed.spec.id}-mut-{digest}",
-            description={**(seed.spec.description or {}), "notes": f"mutated from {seed.id}"},
-            user_scenario=UserScenario(
-                persona=seed.spec.user_scenario.persona, instructions=instructions
-            ),
-            initial_state=seed.spec.initial_state,
-            evaluation_criteria=EvaluationCriteria(actions=gold, communicate_info=[]),
-        )
-        provenance = Provenance(
-            origin=Origin.MUTATED, split="train", generation=seed.provenance.generation + 1
-        )
-        return Task(
-            id=f"{seed.id}-mut-{digest}", domain=seed.domain, spec=spec, provenance=provenance
-        )
+        return restated(seed, gold, instructions, key=None, notes=f"mutated from {seed.id}")
 
     def _owner(self, write: Action) -> str:
         """Whose task it is; one a seed's initial state created belongs to the first user."""

@@ -4,21 +4,15 @@ customer asked for an amount)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable
 
+from sentinel.envs.grounding import restated
 from sentinel.envs.tau2.retail.entities import ADDRESS_FIELDS, JSON, Address, RetailData
 from sentinel.schemas import (
     Action,
-    EvaluationCriteria,
-    Origin,
-    Provenance,
     Task,
-    TaskSpec,
     UserInstructions,
-    UserScenario,
 )
 
 REFUNDS = ("cancel_pending_order", "return_delivered_order_items")
@@ -41,29 +35,12 @@ class Story:
         self.instructions = instructions
 
     def task(self, gold: list[Action], refund: float) -> Task:
-        seed, spec = self.seed, self.seed.spec
-        body = json.dumps([seed.id, self.user, [a.model_dump(mode="json") for a in gold]])
-        digest = hashlib.sha256(body.encode()).hexdigest()[:8]
         writes = [a for a in gold if a.name in self.data.domain.write_tools]
         request, info = self._request(writes, refund)
-        criteria = spec.evaluation_criteria or EvaluationCriteria()
-        notes = f"mutated from {seed.id}: {self.old} -> {self.user}"
-        new_spec = TaskSpec(
-            id=f"{spec.id}-mut-{digest}",
-            description={**(spec.description or {}), "notes": notes},
-            user_scenario=UserScenario(
-                persona=spec.user_scenario.persona, instructions=self._instructions(request, gold)
-            ),
-            evaluation_criteria=EvaluationCriteria(
-                actions=gold, communicate_info=info, reward_basis=criteria.reward_basis
-            ),
-        )
-        provenance = Provenance(
-            origin=Origin.MUTATED, split="train", generation=seed.provenance.generation + 1
-        )
-        return Task(
-            id=f"{seed.id}-mut-{digest}", domain=seed.domain, spec=new_spec, provenance=provenance
-        )
+        return restated(
+            self.seed, gold, self._instructions(request, gold), key=self.user,
+            notes=f"mutated from {self.seed.id}: {self.old} -> {self.user}", communicate_info=info,
+        )  # fmt: skip
 
     def _instructions(self, request: str, gold: list[Action]) -> UserInstructions:
         """The seed's manner and unknowns, the new user's facts, the request restated."""

@@ -23,15 +23,13 @@ from typing import Any
 
 from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvFailure, EnvPool, ToolStopped
-from sentinel.envs.grounding import branch, enum, generic, text
+from sentinel.envs.grounding import branch, enum, generic, mutant, text
 from sentinel.envs.pack import Grounding as AnyGrounding
 from sentinel.envs.pack import GroundingUnsupported
 from sentinel.envs.tau2.telecom.rules import RULES
 from sentinel.logs import get_logger
 from sentinel.schemas import (
     ChatMessage,
-    Origin,
-    Provenance,
     Task,
     TaskSpec,
     TerminationReason,
@@ -273,21 +271,13 @@ class TelecomGrounder:
         words = "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
         pattern = re.compile(rf"(?<![\w-])({words})(?![\w-])")
         body = pattern.sub(lambda m: table[m.group(1)], seed.spec.model_dump_json())
-        spec = TaskSpec.model_validate_json(body)
-        suffix = f"mut-{customer.customer_id}-{line.line_id}"
-        spec = spec.model_copy(
-            update={
-                "id": f"{spec.id}-{suffix}",
-                "description": {
-                    **(spec.description or {}),
-                    "notes": f"mutated from {seed.id} onto {customer.customer_id} {line.line_id}",
-                },
-            }
+        notes = f"mutated from {seed.id} onto {customer.customer_id} {line.line_id}"
+        return mutant(
+            seed,
+            TaskSpec.model_validate_json(body),
+            f"{customer.customer_id}-{line.line_id}",
+            notes,
         )
-        provenance = Provenance(
-            origin=Origin.MUTATED, split="train", generation=seed.provenance.generation + 1
-        )
-        return Task(id=f"{seed.id}-{suffix}", domain=seed.domain, spec=spec, provenance=provenance)
 
 
 async def _solved(task: Task, envs: EnvPool, writes: frozenset[str]) -> bool:

@@ -208,14 +208,19 @@ class ServeSettings(Section):
 class RolloutSettings(Section):
     """Budgets of one Solver rollout, and how many run at once."""
 
+    # How the Solver acts (agents.solver): "guided", every turn one tool call under guided
+    # decoding with `respond` for talking and strings capped (tiny models, the CPU profile);
+    # "tau2", tau2-bench's own agent (its prompt and schemas, tool_choice auto, no caps, no
+    # per-turn token budget): scores comparable with tau2-bench. The default is the CPU one.
+    action_format: Literal["guided", "tau2"] = "guided"
     max_agent_turns: int = Field(30, ge=1)  # assistant turns before MAX_STEPS
     max_errors: int = Field(5, ge=1)  # tool errors plus malformed turns before TOO_MANY_ERRORS
-    max_tokens: int = Field(256, ge=8)  # per agent turn
+    max_tokens: int = Field(256, ge=8)  # per agent turn, guided only (tau2 sends none)
     user_max_tokens: int = Field(128, ge=8)  # per user-simulator turn
     temperature: float = Field(1.0, ge=0)
     user_temperature: float = Field(0.0, ge=0)
     concurrency: int = Field(16, ge=1)  # rollouts in flight at once; keeps vLLM's batches full
-    max_string_length: int = Field(64, ge=8)  # maxLength on tool string arguments
+    max_string_length: int = Field(64, ge=8)  # maxLength on tool strings, guided only
     # Tool calls run in limited child processes (sentinel.envs.episodes): one that takes
     # longer is stopped and ends its rollout with tool_timeout (an agent failure).
     tool_timeout_s: float = Field(5.0, gt=0)

@@ -72,12 +72,13 @@ class ChatClient(Protocol):
         self,
         messages: Messages,
         *,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float = 1.0,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         json_schema: dict[str, Any] | None = None,
         record_tokens: bool = False,
+        parallel_tool_calls: bool = False,
     ) -> Completion: ...
 
 
@@ -99,22 +100,23 @@ class OpenAIChatClient:
         self,
         messages: Messages,
         *,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float = 1.0,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         json_schema: dict[str, Any] | None = None,
         record_tokens: bool = False,
+        parallel_tool_calls: bool = False,
     ) -> Completion:
         request: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
-            "max_tokens": max_tokens,
+            "max_tokens": max_tokens,  # None: up to the server's context (tau2's agent)
             "temperature": temperature,
         }
         if tools:
             request |= {"tools": tools, "tool_choice": tool_choice or "auto"}
-            request["parallel_tool_calls"] = False
+            request["parallel_tool_calls"] = parallel_tool_calls
         if json_schema is not None:
             request["response_format"] = {
                 "type": "json_schema",

@@ -19,7 +19,7 @@ import time
 import anyio
 
 from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClient
-from sentinel.agents.solver import Solver, error_observation
+from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator, is_stop, user_tools
 from sentinel.config import RolloutSettings, Settings
 from sentinel.envs.base import STOPPED, Environment, unscored
@@ -277,7 +277,7 @@ class RolloutRunner:
         state.messages.append(turn.message)
         if turn.malformed is not None:
             state.malformed += 1
-            state.messages.append(error_observation(turn.malformed))
+            state.messages.append(self.solver.error_observation(turn.malformed))
             return None
         if turn.message.tool_calls:
             return await self._run_tools(state, turn.message)

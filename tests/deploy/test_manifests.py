@@ -541,6 +541,7 @@ def test_the_gpu_cluster_pieces_agree() -> None:
     assert flags["served-model-name"] == settings.serve.served_model_name
     assert settings.llm.policy.model == settings.serve.served_model_name
     assert int(flags["max-lora-rank"]) == settings.serve.max_lora_rank
+    assert int(flags["max-loras"]) == settings.serve.max_loras  # checked against max_staleness
     assert settings.trainer.lora_rank <= settings.serve.max_lora_rank
     assert str(settings.trainer.model_dir) == flags["model"], "trainer and vLLM differ in model"
     service = get(docs, "Service", "sentinel-vllm")

@@ -47,6 +47,8 @@ def test_arguments_carry_the_dtype_and_adapter_rank(tmp_path: Path) -> None:
     assert arguments[arguments.index("--max-lora-rank") + 1] == "16"
     default = VLLMServer(ServeSettings(), tmp_path / "model", tmp_path).arguments()
     assert default[default.index("--dtype") + 1] == "float32"
+    assert default[default.index("--max-loras") + 1] == "6"  # max_staleness 4 + 2 (TRL)
+    assert "--enable-prompt-tokens-details" in default  # cached_tokens: prefix-cache hits
 
 
 def test_the_key_goes_to_vllm_in_its_environment_never_its_argv(

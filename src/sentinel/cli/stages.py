@@ -48,6 +48,8 @@ def trainer(ctx: typer.Context) -> None:
         t.publish_endpoints or [settings.llm.policy.base_url],
         settings.serve.served_model_name,
         headers=settings.llm.policy.auth_headers(),
+        keep_versions=t.max_staleness + 1,  # what rollouts of an allowed staleness use
+        keep_every=settings.loop.eval_every,  # held-out evaluations sample these
     )
 
     async def work() -> None:

@@ -145,6 +145,8 @@ class VLLMServer(Service):
             "--enable-lora",
             "--max-lora-rank", str(s.max_lora_rank),
             "--max-loras", str(s.max_loras),
+            # usage.prompt_tokens_details.cached_tokens: prefix-cache hits per request
+            "--enable-prompt-tokens-details",
             "--chat-template", str(CHAT_TEMPLATE),
             "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes",

@@ -20,8 +20,9 @@ trajectories never reach the Controller, and it is not explored.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -51,7 +52,7 @@ T = TypeVar("T")
 
 RETRY_DELAY_S = 5
 MAX_RETRY_DELAY_S = 120
-KEPT_RUNNERS = 2  # the current policy and the one before, while its requests drain
+KEPT_RUNNERS = 2  # idle runners kept: the current policy and the one before, while it drains
 EXPLORE_MARGIN_S = 15  # LEAFE stops this long before the soft time limit: keep the group
 
 
@@ -67,6 +68,7 @@ class RolloutService:
         self.redis_url = redis_url
         self.stack = AsyncExitStack()
         self.runners: dict[tuple[str, int], RolloutRunner] = {}
+        self.in_use: Counter[tuple[str, int]] = Counter()  # groups running on each runner
 
     async def start(self) -> None:
         self.bus = Bus(connect(self.redis_url, self.settings), self.settings.bus)
@@ -93,15 +95,31 @@ class RolloutService:
     async def attempt(self, request_id: str) -> int:
         return await count_attempt(self.bus.redis, self.settings.bus.prefix, "rollout", request_id)
 
-    async def runner(self, request: RolloutRequest) -> RolloutRunner:
+    @asynccontextmanager
+    async def runner(self, request: RolloutRequest) -> AsyncIterator[RolloutRunner]:
+        """The request's runner: one served name and cache salt for every turn of every
+        rollout of the group (and its LEAFE branches), however many newer policies appear
+        meanwhile; a runner in use is never closed."""
         key = (request.served_name, request.policy_version)
         if key not in self.runners:
             self.runners[key] = RolloutRunner.from_settings(
                 self.settings, self.domain, request.served_name, request.policy_version
             )
-            while len(self.runners) > KEPT_RUNNERS:
-                await self.runners.pop(next(iter(self.runners))).aclose()
-        return self.runners[key]
+        self.in_use[key] += 1
+        try:
+            await self._trim()
+            yield self.runners[key]
+        finally:
+            self.in_use[key] -= 1
+
+    async def _trim(self) -> None:
+        """Close the oldest idle runners past KEPT_RUNNERS."""
+        for key in list(self.runners):
+            if len(self.runners) <= KEPT_RUNNERS:
+                return
+            if not self.in_use[key]:
+                del self.in_use[key]
+                await self.runners.pop(key).aclose()
 
     async def take(self, request: RolloutRequest) -> Lease | None:
         """The group's lease, or None (logged) when it runs elsewhere or is over."""
@@ -119,8 +137,11 @@ class RolloutService:
         return group
 
     async def _roll_out(self, request: RolloutRequest) -> RolloutGroup:
+        async with self.runner(request) as runner:
+            return await self._roll_out_on(runner, request)
+
+    async def _roll_out_on(self, runner: RolloutRunner, request: RolloutRequest) -> RolloutGroup:
         started = time.monotonic()
-        runner = await self.runner(request)
         group = await runner.run_group(request.task, request.size, request.id)
         group.purpose = request.purpose
         terminations = {t.termination for t in group.trajectories}

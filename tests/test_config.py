@@ -68,6 +68,8 @@ def test_toml_file_and_sentinel_config_variable(
         ("redis_url = 'http://x'\n", ".toml", "redis_url must start with redis://"),
         ("redis_socket_timeout_s = 1\n", ".toml", "must exceed bus.block_ms"),
         ("trainer: {lora_rank: 16}\n", ".yaml", "exceeds serve.max_lora_rank"),
+        ("serve: {max_loras: 5}\n", ".yaml", r"serve.max_loras \(5\) must be at least"),
+        ("trainer: {max_staleness: 5}\n", ".yaml", r"max_staleness \+ 2 \(7\): rollouts may"),
         ("a = 1\n", ".ini", "must end in .toml, .yaml or .yml"),
     ],
 )
@@ -76,6 +78,25 @@ def test_config_errors_are_clear(tmp_path: Path, content: str, suffix: str, mess
     path.write_text(content)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("staleness", "loras", "full", "ok"),
+    [(4, 6, False, True), (0, 2, False, True), (0, 1, False, False), (9, 10, False, False),
+     (9, 1, True, True)],
+)  # fmt: skip
+def test_adapter_slots_follow_trls_rule_for_lora_only(
+    staleness: int, loras: int, full: bool, ok: bool
+) -> None:
+    """max_loras >= max_staleness + 2 (TRL): the last max_staleness + 1 policies serve
+    rollouts while the next loads. Full-parameter training serves no adapters."""
+    data = {"trainer": {"max_staleness": staleness, "full_finetune": full}}
+    data["serve"] = {"max_loras": loras}
+    if ok:
+        Settings.model_validate(data)
+    else:
+        with pytest.raises(ValueError, match=r"must be at least trainer\.max_staleness"):
+            Settings.model_validate(data)
 
 
 def test_missing_file_and_bad_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -200,7 +200,9 @@ class ServeSettings(Section):
     # reserves one for its scheduler (half of a 2-CPU machine); or a list such as "0-3".
     cpu_cores: str = "all"
     max_lora_rank: int = Field(8, ge=1)  # vLLM-CPU pads every adapter to it: keep it tight
-    max_loras: int = Field(4, ge=1)
+    # Adapters one batch may use (vLLM's GPU slots). At least trainer.max_staleness + 2 (TRL's
+    # rule): the max_staleness + 1 servable policies, and the next one while it loads.
+    max_loras: int = Field(6, ge=1)
     startup_timeout_s: float = Field(900.0, gt=0)
     extra_args: list[str] = Field(default_factory=list)
 
@@ -446,6 +448,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"trainer.lora_rank ({self.trainer.lora_rank}) exceeds serve.max_lora_rank "
                 f"({self.serve.max_lora_rank}): the server would refuse every adapter"
+            )
+        if not self.trainer.full_finetune and self.serve.max_loras < self.trainer.max_staleness + 2:
+            raise ValueError(
+                f"serve.max_loras ({self.serve.max_loras}) must be at least "
+                f"trainer.max_staleness + 2 ({self.trainer.max_staleness + 2}): rollouts may "
+                f"use the last {self.trainer.max_staleness + 1} policies at once and the next "
+                "one loads beside them, or vLLM evicts an adapter a rollout still samples from"
             )
         return self
 

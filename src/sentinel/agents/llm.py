@@ -83,9 +83,14 @@ class ChatClient(Protocol):
 
 
 class OpenAIChatClient:
-    def __init__(self, endpoint: LLMEndpoint, model: str | None = None) -> None:
+    def __init__(
+        self, endpoint: LLMEndpoint, model: str | None = None, *, cache_salt: str | None = None
+    ) -> None:
         self.model = model or endpoint.model
         self.endpoint = endpoint
+        # vLLM's prefix-cache salt on every request: a policy's own (training.publisher),
+        # so no request reuses KV blocks computed under other weights
+        self.cache_salt = cache_salt
         self._client = openai.AsyncOpenAI(
             base_url=endpoint.base_url,
             api_key=endpoint.api_key(),
@@ -124,6 +129,8 @@ class OpenAIChatClient:
             }
         if record_tokens:
             request |= {"logprobs": True, "extra_body": {"return_token_ids": True}}
+        if self.cache_salt is not None:
+            request["extra_body"] = {**request.get("extra_body", {}), "cache_salt": self.cache_salt}
         try:
             response = await self._client.chat.completions.create(**request)
         except openai.BadRequestError as error:

@@ -36,6 +36,7 @@ from sentinel.schemas import (
     TurnTokens,
 )
 from sentinel.schemas.message import new_id, utc_now
+from sentinel.training.publisher import cache_salt
 
 log = get_logger(__name__)
 
@@ -118,7 +119,8 @@ class RolloutRunner:
         cls, settings: Settings, domain: Environment, policy: str | None = None, version: int = 0
     ) -> RolloutRunner:
         """A runner whose Solver uses `llm.policy` (or the served name `policy`)."""
-        solver_client = OpenAIChatClient(settings.llm.policy, model=policy)
+        salt = cache_salt(version)  # the prefix cache holds this policy's KV blocks only
+        solver_client = OpenAIChatClient(settings.llm.policy, model=policy, cache_salt=salt)
         user_client = OpenAIChatClient(settings.llm.user_sim)
         policy_text, tools = domain.policy, domain.tool_schemas
         if settings.rollout.lean_prompt:  # a small context: the pack's condensed rendering

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar
 
+import httpx
 import openai
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import from_json
@@ -63,6 +64,16 @@ class Completion(BaseModel):
     prompt_token_ids: list[int] = Field(default_factory=list)
     completion_token_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] = Field(default_factory=list)
+    reasoning: str | None = None  # a thinking model's <think> block, parsed from the text
+
+
+class Generation(BaseModel):
+    """A completion sampled from token ids: the raw text and exactly the tokens behind it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # behaviour logprob of each sampled token
+    finish_reason: str | None = None
 
 
 class ChatClient(Protocol):
@@ -141,6 +152,80 @@ class OpenAIChatClient:
         except openai.OpenAIError as error:
             raise LLMError(f"{self.endpoint.base_url} failed: {error}") from error
         return _completion(response, record_tokens)
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int | None,
+        temperature: float = 1.0,
+        json_schema: dict[str, Any] | None = None,
+        regex: str | None = None,
+    ) -> Generation:
+        """Token-in/token-out: `/v1/completions` with a token-id prompt, the sampled ids and
+        their logprobs back; guided by `json_schema` or `regex` (vLLM's structured outputs).
+        `max_tokens` None: up to the context's end (tau2's agent sets no per-turn budget)."""
+        extra: dict[str, Any] = {"return_token_ids": True}
+        if self.cache_salt is not None:
+            extra["cache_salt"] = self.cache_salt
+        if json_schema is not None or regex is not None:
+            guide = {"json": json_schema} if json_schema is not None else {"regex": regex}
+            extra["structured_outputs"] = guide
+        try:
+            response = await self._client.completions.create(
+                model=self.model, prompt=prompt_ids, max_tokens=max_tokens,
+                temperature=temperature, logprobs=0, extra_body=extra,
+            )  # fmt: skip
+        except openai.BadRequestError as error:
+            text = str(error).lower()
+            if "context length" in text or "maximum model length" in text:
+                raise ContextLengthExceeded(str(error)) from error
+            raise LLMError(f"{self.endpoint.base_url} refused the request: {error}") from error
+        except openai.OpenAIError as error:
+            raise LLMError(f"{self.endpoint.base_url} failed: {error}") from error
+        if not response.choices:
+            raise LLMError("the endpoint returned no choices")
+        choice = response.choices[0]
+        ids = list(getattr(choice, "token_ids", None) or [])
+        logprobs = (
+            [float(x) for x in (choice.logprobs.token_logprobs or [])] if choice.logprobs else []
+        )
+        if not ids or len(ids) != len(logprobs):
+            raise LLMError(
+                f"{self.endpoint.base_url} returned no token ids or logprobs (not vLLM?)"
+            )
+        return Generation(
+            text=choice.text, token_ids=ids, logprobs=logprobs, finish_reason=choice.finish_reason
+        )
+
+    async def tokenize(
+        self,
+        messages: Messages,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        generation_prompt: bool = True,
+    ) -> list[int]:
+        """`messages` rendered by the served chat template and tokenized, by the server that
+        samples (vLLM's `/tokenize`): the same template and tokenizer, nothing held here."""
+        body: dict[str, Any] = {
+            "model": self.model, "messages": messages, "add_generation_prompt": generation_prompt,
+        }  # fmt: skip
+        if tools:
+            body["tools"] = tools
+        root = self.endpoint.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            async with httpx.AsyncClient(timeout=self.endpoint.timeout_s) as http:
+                response = await http.post(
+                    f"{root}/tokenize", json=body, headers=self.endpoint.auth_headers()
+                )
+        except httpx.HTTPError as error:
+            raise LLMError(f"{root}/tokenize failed: {error}") from error
+        if response.status_code != 200:
+            raise LLMError(f"{root}/tokenize refused: {response.status_code} {clip(response.text)}")
+        tokens = response.json().get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise LLMError(f"{root}/tokenize answered without token ids")
+        return tokens
 
 
 def _completion(response: Any, record_tokens: bool) -> Completion:

@@ -39,7 +39,8 @@ class RolloutGroup(Message):
     with `dropped` saying why and no trajectories, so every request ends in a group. The
     orchestrator publishes one too, under the request's id, for a group it writes off."""
 
-    schema_version: ClassVar[int] = 2  # 2: purpose
+    # 2: purpose; 3: trajectories' tokens as segments, carried once (in the group)
+    schema_version: ClassVar[int] = 3
 
     id: str = Field(default_factory=new_id)
     task_id: str

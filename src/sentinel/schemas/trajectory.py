@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import Field, model_validator
 
@@ -14,6 +14,8 @@ from sentinel.schemas.message import Message, Strict, new_id, utc_now
 __all__ = [
     "ChatMessage",
     "RewardBreakdown",
+    "SampledSpan",
+    "Segment",
     "TerminationReason",
     "Timings",
     "ToolCall",
@@ -38,6 +40,42 @@ class TurnTokens(Strict):
             raise ValueError(
                 f"{len(self.logprobs)} logprobs for {len(self.completion_token_ids)} tokens"
             )
+        return self
+
+
+class SampledSpan(Strict):
+    """One agent turn inside a Segment: the tokens the policy sampled, at [start, end)."""
+
+    message_index: int  # the ChatMessage this turn produced
+    start: int = Field(ge=0)
+    logprobs: list[float]  # behaviour logprob of each sampled token, at the segment's temperature
+    finish_reason: str | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.logprobs)
+
+
+class Segment(Strict):
+    """Token-in/token-out: a stretch of a rollout as one sequence that only grew. Each turn's
+    prompt was every token before its span; the tokens between spans are the junctions and
+    the new messages (tool results, the user's reply), rendered on their own. A trajectory
+    has one segment, or more where the history had to be rendered again (a split)."""
+
+    token_ids: list[int]
+    turns: list[SampledSpan]
+    temperature: float = 1.0
+
+    @model_validator(mode="after")
+    def _spans_inside(self) -> Self:
+        end = 0
+        for span in self.turns:
+            if span.start < end or span.end > len(self.token_ids) or span.start == span.end:
+                raise ValueError(
+                    f"turn at [{span.start}, {span.end}) overlaps, is empty or lies outside "
+                    f"{len(self.token_ids)} tokens"
+                )
+            end = span.end
         return self
 
 
@@ -73,6 +111,11 @@ class Timings(Strict):
 
 
 class Trajectory(Message):
+    """`tokens` (token-in/token-out) carries the rollout's tokens once; `turns` is the older
+    record, each turn's whole prompt again (kept readable; the trainer takes either)."""
+
+    schema_version: ClassVar[int] = 2  # 2: tokens
+
     id: str = Field(default_factory=new_id)
     task_id: str
     domain: str
@@ -81,11 +124,17 @@ class Trajectory(Message):
     policy_model: str
     messages: list[ChatMessage]
     turns: list[TurnTokens] = Field(default_factory=list)
+    tokens: list[Segment] = Field(default_factory=list)
     termination: TerminationReason
     reward: RewardBreakdown | None = None
     malformed_turns: int = 0
     tool_errors: int = 0
     timings: Timings = Field(default_factory=Timings)
+
+    @property
+    def splits(self) -> int:
+        """Where the history had to be rendered again, so the row split (token-in/token-out)."""
+        return max(0, len(self.tokens) - 1)
 
     @property
     def succeeded(self) -> bool:

@@ -1,10 +1,12 @@
 """Rollout groups into GRPO samples: staleness, dynamic filtering, advantages, packing, weights.
 
-Every sampled assistant turn carries the exact prompt and completion token ids the server
-saw and produced, so nothing is re-tokenized. Turns of one trajectory are packed into one
-sequence when each turn's prompt extends the previous sequence token for token (the usual
-case), else they become separate sequences; either way only the policy's sampled tokens carry
-loss, and of those only the ones the grammar did not force (see FORCED_LOGPROB). Each loss
+A token-in/token-out trajectory (`Trajectory.tokens`) is one growing sequence per segment:
+one rollout, one row (more only where the history had to be rendered again, a counted split),
+with loss on the spans the policy sampled. An older trajectory carries each turn's exact
+prompt and completion instead (`turns`); its turns are packed into one sequence when each
+turn's prompt extends the previous sequence token for token, else they become separate
+sequences. Either way nothing is re-tokenized, only the policy's sampled tokens carry loss,
+and of those only the ones the grammar did not force (see FORCED_LOGPROB). Each loss
 token gets a weight such that the weighted sum over the whole step is the
 chosen aggregation, so gradient accumulation over any split of the batch gives one answer.
 """
@@ -17,6 +19,7 @@ from statistics import fmean, pstdev
 from typing import Literal, NamedTuple
 
 from sentinel.schemas import RolloutGroup, Trajectory
+from sentinel.schemas.trajectory import Segment
 
 EPS = 1e-6
 # A sampled token with behaviour logprob above this was forced: under guided decoding vLLM
@@ -69,8 +72,10 @@ class Packed(NamedTuple):
 
 
 def pack(trajectory: Trajectory) -> list[Packed]:
-    """The trajectory's turns as few sequences as the prefix property (and one temperature per
-    sequence) allows."""
+    """The trajectory as training rows: its segments (token-in/token-out), else its turns as
+    few sequences as the prefix property (and one temperature per sequence) allows."""
+    if trajectory.tokens:
+        return [_segment(s) for s in trajectory.tokens]
     sequences: list[Packed] = []
     for turn in trajectory.turns:
         prompt, completion = turn.prompt_token_ids, turn.completion_token_ids
@@ -93,6 +98,16 @@ def pack(trajectory: Trajectory) -> list[Packed]:
         mask.extend(lp < FORCED_LOGPROB for lp in turn.logprobs)
         behaviour.extend(turn.logprobs)
     return sequences
+
+
+def _segment(segment: Segment) -> Packed:
+    """One growing sequence: loss on the sampled spans, rendered tokens and junctions none."""
+    count = len(segment.token_ids)
+    mask, behaviour = [False] * count, [0.0] * count
+    for span in segment.turns:
+        mask[span.start : span.end] = [lp < FORCED_LOGPROB for lp in span.logprobs]
+        behaviour[span.start : span.end] = span.logprobs
+    return Packed(list(segment.token_ids), mask, behaviour, segment.temperature)
 
 
 def advantages(

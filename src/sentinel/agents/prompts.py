@@ -48,6 +48,8 @@ ADVICE: dict[RejectionCode, str] = {
     RejectionCode.SANDBOX_CRASH: "Keep calculations simple.",
     RejectionCode.TOO_EASY: "Make the task harder: more steps or a policy condition to check.",
     RejectionCode.TOO_HARD: "Make the task clearer: state what the customer wants.",
+    RejectionCode.POLICY_VIOLATION: "Each write must follow the policy: never act twice on "
+    "one entity or on one whose status forbids it.",
 }
 
 

@@ -13,6 +13,7 @@ make a task, is a `schema` verdict of its own, so the prompt learns from it too.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Sequence
@@ -274,9 +275,10 @@ class Proposer:
         pattern: ErrorPattern | None,
         prompt: PromptVersion,
     ) -> Task:
-        actions = [
+        once = {json.dumps([w.name, w.arguments], sort_keys=True): w for w in draft.writes}
+        actions = [  # a write repeated word for word is the model stuttering, not the goal
             Action(action_id=str(i), name=a.name, arguments=a.arguments)
-            for i, a in enumerate([*draft.lookups, *draft.writes])
+            for i, a in enumerate([*draft.lookups, *once.values()])
         ]
         instructions = UserInstructions(
             domain=self.domain.name,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sentinel.envs.base import STOPPED, Entities, Environment, id_arguments
+from sentinel.envs.pack import StatusWalk
 from sentinel.schemas import (
     Action,
     FailureCategory,
@@ -152,7 +153,7 @@ def _tool_signals(
 def _policy_signals(
     calls: list[_Call], gold: list[Action], domain: Environment, index: Entities
 ) -> Iterator[FailureSignal]:
-    status, transfer = dict(index.status), domain.pack.transfer_tool
+    walk, transfer = StatusWalk(domain.pack.rules, index.status), domain.pack.transfer_tool
     for c in calls:
         name = c.call.name
         if name == transfer and all(a.name != transfer for a in gold):
@@ -160,17 +161,10 @@ def _policy_signals(
                 category=FailureCategory.POLICY_VIOLATION, step=c.step, tool=name,
                 detail="transferred to a human agent though the task is within scope",
             )  # fmt: skip
-        rule = domain.pack.rule(name)
-        entity = c.call.arguments.get(rule.argument) if rule else None
-        if rule is None or not isinstance(entity, str) or entity not in status:
-            continue
-        if not rule.allows(status[entity]):
+        if broken := walk.step(name, c.call.arguments, succeeded=not c.error):
             yield FailureSignal(
-                category=FailureCategory.POLICY_VIOLATION, step=c.step, tool=name,
-                detail=f"{name} on {rule.noun} {entity} whose status is {status[entity]!r}",
-            )  # fmt: skip
-        elif not c.error and rule.after is not None:
-            status[entity] = rule.after
+                category=FailureCategory.POLICY_VIOLATION, step=c.step, tool=name, detail=broken
+            )
 
 
 def _confirmation_signals(

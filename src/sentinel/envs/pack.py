@@ -112,6 +112,28 @@ class Grounder(Protocol):
         ...
 
 
+class StatusWalk:
+    """Entity statuses through a sequence of writes, by a pack's rules: the one reading of the
+    rules table, for the Controller's signals (the agent's calls) and the validator (gold)."""
+
+    def __init__(self, rules: Sequence[StateRule], status: Mapping[str, str]) -> None:
+        self.rules = {r.tool: r for r in rules}
+        self.status = dict(status)
+
+    def step(self, tool: str, arguments: Mapping[str, Any], succeeded: bool = True) -> str | None:
+        """Why the write breaks a rule (None: it does not, or no rule covers it); a write that
+        succeeded within the rules moves its entity to the rule's `after` status."""
+        rule = self.rules.get(tool)
+        entity = arguments.get(rule.argument) if rule else None
+        if rule is None or not isinstance(entity, str) or entity not in self.status:
+            return None
+        if not rule.allows(self.status[entity]):
+            return f"{tool} on {rule.noun} {entity} whose status is {self.status[entity]!r}"
+        if succeeded and rule.after is not None:
+            self.status[entity] = rule.after
+        return None
+
+
 class DomainPack:
     """One domain's knowledge. Subclasses set the class attributes and may build a grounder."""
 

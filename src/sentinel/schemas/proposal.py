@@ -35,6 +35,7 @@ class RejectionCode(StrEnum):
     SANDBOX_CRASH = "sandbox_crash"
     TOO_EASY = "too_easy"
     TOO_HARD = "too_hard"
+    POLICY_VIOLATION = "policy_violation"  # a gold write the domain's state rules forbid
 
 
 class RejectionReason(Strict):

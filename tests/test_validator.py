@@ -1,4 +1,6 @@
-"""The validator on real parts: tau2 retail, the sandbox, and the pool index in Redis."""
+"""The validator on real parts: tau2, the sandbox, and the pool index in Redis. On tau2's mock
+domain (replays and the probe's rollouts are short), but for what needs retail: a write that
+tau2 refuses, the test split, and `calculate` for a hostile replay."""
 
 from __future__ import annotations
 
@@ -35,17 +37,29 @@ from sentinel.validator import (
     reject_unparseable,
     similarity,
 )
-from tests.factories import cancellation
+from tests.factories import cancellation, todo
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ValidationSettings(cpu_s=4, wall_s=10, max_task_chars=6000)
 
 
-@pytest.fixture
-async def validator(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
+async def _validator(env: Environment, bus: Bus) -> AsyncIterator[Validator]:
     limits = SandboxLimits(cpu_s=SETTINGS.cpu_s, wall_s=SETTINGS.wall_s)
     async with LocalProcessSandbox(limits, warm=1) as sandbox:
-        yield Validator(retail, sandbox, SETTINGS, RedisTaskIndex(bus.redis, "p", retail))
+        index = RedisTaskIndex(bus.redis, bus.settings.prefix, env)
+        yield Validator(env, sandbox, SETTINGS, index)
+
+
+@pytest.fixture
+async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
+    async for made in _validator(mock, bus):
+        yield made
+
+
+@pytest.fixture
+async def on_retail(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
+    async for made in _validator(retail, bus):
+        yield made
 
 
 def proposal(task: Task) -> TaskProposal:
@@ -64,74 +78,74 @@ async def verdict(validator: Validator, task: Task) -> tuple[bool, list[Rejectio
     return result.accepted, [r.code for r in result.reasons]
 
 
-async def test_a_correct_new_task_is_accepted_once(
-    retail: Environment, validator: Validator
-) -> None:
-    task = cancellation(retail, "new-cancel")
+async def test_a_correct_new_task_is_accepted_once(mock: Environment, validator: Validator) -> None:
+    task = todo(mock, "new-todo")
     result = await validator.validate(proposal(task))
     assert result.accepted, result.reasons
-    assert result.target_db_hash not in (None, retail.initial_hashes[0])
+    assert result.target_db_hash not in (None, mock.initial_hashes[0])
     again = await validator.validate(proposal(task))  # a redelivery: its own claim
     assert again.accepted
-    copy = task.model_copy(update={"id": "new-cancel-copy"})
+    copy = task.model_copy(update={"id": "new-todo-copy"})
     assert await verdict(validator, copy) == (False, [RejectionCode.DUPLICATE])
 
 
 async def test_unknown_tools_bad_arguments_and_entities(
-    retail: Environment, validator: Validator
+    mock: Environment, validator: Validator
 ) -> None:
-    task = cancellation(retail, "bad", nth=1)
-    [find, get, cancel] = task.actions
-    unknown = with_actions(task, [find, get, cancel.model_copy(update={"name": "refund_all"})])
+    task = todo(mock, "bad")
+    [find, create] = task.actions
+    unknown = with_actions(task, [find, create.model_copy(update={"name": "delete_all"})])
     assert await verdict(validator, unknown) == (False, [RejectionCode.UNKNOWN_TOOL])
-    args = {"order_id": 42, "why": "x"}  # wrong type, unknown, and "reason" missing
-    bad = with_actions(task, [find, get, cancel.model_copy(update={"arguments": args})])
+    args = {"user_id": 42, "why": "x"}  # wrong type, unknown, and "title" missing
+    bad = with_actions(task, [find, create.model_copy(update={"arguments": args})])
     result = await validator.validate(proposal(bad))
     details = " | ".join(r.detail for r in result.reasons)
     assert {r.code for r in result.reasons} == {RejectionCode.BAD_ARGUMENTS}
-    for expected in ("missing 'reason'", "unknown argument 'why'", "'order_id' must be string"):
+    for expected in ("missing 'title'", "unknown argument 'why'", "'user_id' must be string"):
         assert expected in details
-    ghost = {"order_id": "#W0000000", "reason": "no longer needed"}
-    missing = with_actions(task, [find, get, cancel.model_copy(update={"arguments": ghost})])
+    ghost = {"user_id": "user_999", "title": "Plan the sprint"}
+    missing = with_actions(task, [find, create.model_copy(update={"arguments": ghost})])
     assert await verdict(validator, missing) == (False, [RejectionCode.UNKNOWN_ENTITY])
 
 
 async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
-    retail: Environment, validator: Validator
+    retail: Environment, on_retail: Validator
 ) -> None:
-    task = cancellation(retail, "delivered", nth=2)
-    delivered = next(i for i, o in retail.database["orders"].items() if o["status"] == "delivered")
+    """Retail's: a write its state rules allow (a pending order), refused by the tool's own
+    check (a reason it does not know)."""
+    task = cancellation(retail, "refused", nth=2)
     [find, get, cancel] = task.actions
-    arguments = {**cancel.arguments, "order_id": delivered}
+    arguments = {**cancel.arguments, "reason": "I changed my mind"}
     bad = with_actions(task, [find, get, cancel.model_copy(update={"arguments": arguments})])
-    result = await validator.validate(proposal(bad))
+    result = await on_retail.validate(proposal(bad))
     assert [r.code for r in result.reasons] == [RejectionCode.GOLD_WRITE_FAILED]
-    assert "pending" in result.reasons[0].detail.lower()
+    assert "invalid reason" in result.reasons[0].detail.lower()
 
 
 async def test_reads_only_tasks_are_not_discriminative(
-    retail: Environment, validator: Validator
+    mock: Environment, validator: Validator
 ) -> None:
-    task = cancellation(retail, "reads", nth=3)
-    reads = with_actions(task, task.actions[:2])
+    task = todo(mock, "reads")
+    reads = with_actions(task, task.actions[:1])
     assert await verdict(validator, reads) == (False, [RejectionCode.NOT_DISCRIMINATIVE])
-    told = reads.spec.evaluation_criteria.model_copy(update={"communicate_info": ["pending"]})  # type: ignore[union-attr]
+    told = reads.spec.evaluation_criteria.model_copy(update={"communicate_info": ["Test User"]})  # type: ignore[union-attr]
     informative = reads.model_copy(
         update={"spec": reads.spec.model_copy(update={"evaluation_criteria": told})}
     )
-    assert await verdict(validator, informative) == (True, [])  # saying the status is the task
+    assert await verdict(validator, informative) == (True, [])  # saying the name is the task
 
 
 async def test_test_split_copies_leak_and_train_copies_duplicate(
-    retail: Environment, validator: Validator
+    retail: Environment, on_retail: Validator
 ) -> None:
+    """Retail's: mock's test split has no task with writes to copy."""
     proposed = Provenance(origin=Origin.PROPOSED)
     test_task = next(t for t in retail.tasks("test") if t.actions)
     leak = test_task.model_copy(update={"id": "innocent", "provenance": proposed})
-    assert await verdict(validator, leak) == (False, [RejectionCode.TEST_LEAKAGE])
+    assert await verdict(on_retail, leak) == (False, [RejectionCode.TEST_LEAKAGE])
     train = next(t for t in retail.tasks("train") if t.id == "retail-0")  # its gold succeeds
     again = train.model_copy(update={"id": "again", "provenance": proposed})
-    result = await validator.validate(proposal(again))
+    result = await on_retail.validate(proposal(again))
     assert (result.accepted, [r.code for r in result.reasons]) == (
         False, [RejectionCode.DUPLICATE],
     )  # fmt: skip
@@ -153,8 +167,8 @@ async def test_leakage_survives_reordering_and_case(retail: Environment) -> None
     )
 
 
-async def test_injection_and_huge_proposals(retail: Environment, validator: Validator) -> None:
-    task = cancellation(retail, "inject", nth=4)
+async def test_injection_and_huge_proposals(mock: Environment, validator: Validator) -> None:
+    task = todo(mock, "inject")
     instructions = task.spec.user_scenario.instructions
     assert isinstance(instructions, UserInstructions)
     evil = instructions.model_copy(
@@ -172,15 +186,16 @@ async def test_injection_and_huge_proposals(retail: Environment, validator: Vali
 
 
 async def test_a_hostile_replay_is_killed_and_the_validator_carries_on(
-    retail: Environment, validator: Validator
+    retail: Environment, on_retail: Validator
 ) -> None:
+    """Retail's `calculate` evaluates what it is given."""
     task = cancellation(retail, "hostile", nth=5)
     bomb = Action(action_id="x", name="calculate", arguments={"expression": "9**9**9**9"})
     hostile = with_actions(task, [bomb, *task.actions])
-    accepted, [code] = await verdict(validator, hostile)
+    accepted, [code] = await verdict(on_retail, hostile)
     assert not accepted
     assert code in {RejectionCode.SANDBOX_TIMEOUT, RejectionCode.SANDBOX_CRASH}
-    assert await verdict(validator, cancellation(retail, "after", nth=6)) == (True, [])
+    assert await verdict(on_retail, cancellation(retail, "after", nth=6)) == (True, [])
 
 
 def test_unparseable_proposals_become_schema_verdicts() -> None:
@@ -193,16 +208,17 @@ def test_unparseable_proposals_become_schema_verdicts() -> None:
 
 
 async def test_the_difficulty_probe_runs_the_solver_and_scores_learnability(
-    retail: Environment, bus: Bus, llm: Callable[..., OpenAIChatClient]
+    mock: Environment, bus: Bus, llm: Callable[..., OpenAIChatClient]
 ) -> None:
     rollouts = RolloutSettings(max_agent_turns=2, max_tokens=64, user_max_tokens=32)
-    solver = Solver(llm(), retail.policy, retail.tool_schemas, rollouts)
-    runner = RolloutRunner(retail, solver, UserSimulator(llm(), rollouts), settings=rollouts)
+    solver = Solver(llm(), mock.policy, mock.tool_schemas, rollouts)
+    runner = RolloutRunner(mock, solver, UserSimulator(llm(), rollouts), settings=rollouts)
     settings = SETTINGS.model_copy(update={"probe_rollouts": 2})
     async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10)) as sandbox:
-        index = RedisTaskIndex(bus.redis, "probe", retail)
-        validator = Validator(retail, sandbox, settings, index, RolloutProbe(runner))
-        result = await validator.validate(proposal(cancellation(retail, "probed", nth=7)))
+        index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
+        validator = Validator(mock, sandbox, settings, index, RolloutProbe(runner))
+        result = await validator.validate(proposal(todo(mock, "probed")))
+    await runner.aclose()
     p = result.solve_rate
     assert p is not None
     assert result.learnability == pytest.approx(4 * p * (1 - p))
@@ -240,9 +256,9 @@ async def _commands_during(bus: Bus, action: Callable[[], Awaitable[object]]) ->
 
 
 async def test_near_duplicates_are_found_without_reading_the_pool(
-    retail: Environment, bus: Bus
+    mock: Environment, bus: Bus
 ) -> None:
-    index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
+    index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
     rng = random.Random(7)
     for i in range(300):
         assert await index.claim(f"sig-{i}", _random_scenario(rng), f"pool-{i}", 0.85) is None
@@ -268,8 +284,8 @@ async def test_near_duplicates_are_found_without_reading_the_pool(
 WHOLE_HASH = {"HGETALL", "HSCAN", "HKEYS", "HVALS", "KEYS", "SCAN"}
 
 
-async def test_concurrent_near_duplicates_one_claims(retail: Environment, bus: Bus) -> None:
-    index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
+async def test_concurrent_near_duplicates_one_claims(mock: Environment, bus: Bus) -> None:
+    index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
     words = [f"v{i}" for i in range(100)]
     variants = [_scenario([*words[:99], f"end{i}"]) for i in range(8)]
     holders: list[str | None] = []
@@ -284,11 +300,11 @@ async def test_concurrent_near_duplicates_one_claims(retail: Environment, bus: B
 
 
 async def test_tasks_indexed_before_the_buckets_are_back_filled(
-    retail: Environment, bus: Bus
+    mock: Environment, bus: Bus
 ) -> None:
     """A pool claimed by the previous index (signatures and scenarios only) keeps its tasks."""
     prefix = bus.settings.prefix
     old = _scenario([f"u{i}" for i in range(50)])
-    await bus.redis.hset(f"{prefix}:pool:retail:scenarios", "legacy", json.dumps(sorted(old)))
-    index = RedisTaskIndex(bus.redis, prefix, retail)
+    await bus.redis.hset(f"{prefix}:pool:mock:scenarios", "legacy", json.dumps(sorted(old)))
+    index = RedisTaskIndex(bus.redis, prefix, mock)
     assert await index.duplicate_of("sig-x", old, "new", 0.85) == "legacy"

@@ -1,5 +1,6 @@
 """User-model SFT data: gold-action dialogues of train tasks, seen as the user simulator sees
-them, with loss on the user's own turns only."""
+them, with loss on the user's own turns only. Built on tau2's mock domain (any pack's phrasing
+makes them); retail's for a task with two writes to confirm."""
 
 from __future__ import annotations
 
@@ -16,27 +17,27 @@ from sentinel.usersim.dialogues import build_examples, script, user_view
 
 
 @pytest.fixture(scope="module")
-def examples(retail: Environment) -> list[SFTExample]:
-    return build_examples(retail, retail.tasks("train")[:6])
+def examples(mock: Environment) -> list[SFTExample]:
+    return build_examples(mock, mock.tasks("train"))
 
 
 def test_examples_come_from_train_tasks_and_test_tasks_are_refused(
-    retail: Environment, examples: list[SFTExample]
+    mock: Environment, examples: list[SFTExample]
 ) -> None:
-    train = {t.id for t in retail.tasks("train")}
-    assert [e.task_id for e in examples] == [t.id for t in retail.tasks("train")[:6]]
+    train = {t.id for t in mock.tasks("train")}
+    assert [e.task_id for e in examples] == [t.id for t in mock.tasks("train")]
     assert all(e.task_id in train and e.source == "user_model" and not e.tools for e in examples)
     with pytest.raises(ValueError, match="test-split"):
-        build_examples(retail, retail.tasks("test")[:1])
+        build_examples(mock, mock.tasks("test")[:1])
 
 
 def test_trained_messages_are_exactly_the_users_turns(
-    retail: Environment, examples: list[SFTExample]
+    mock: Environment, examples: list[SFTExample]
 ) -> None:
-    for task, example in zip(retail.tasks("train")[:6], examples, strict=True):
-        dialogue = script(task, retail.write_tools)
-        assert example.messages == user_view(retail.user_prompt(task), dialogue.messages)
-        assert example.messages[0] == {"role": "system", "content": retail.user_prompt(task)}
+    for task, example in zip(mock.tasks("train"), examples, strict=True):
+        dialogue = script(task, mock.write_tools)
+        assert example.messages == user_view(mock.user_prompt(task), dialogue.messages)
+        assert example.messages[0] == {"role": "system", "content": mock.user_prompt(task)}
         users = [m.content for m in dialogue.messages if m.role == "user"]
         assert [example.messages[i]["content"] for i in example.trained] == users
         assert [i for i, m in enumerate(example.messages) if m["role"] == "assistant"] == (

@@ -1,5 +1,6 @@
 """The Proposer on real parts: SmolLM2 writes grounded tasks for a pattern, the sandboxed
-validator judges them, and the verdicts feed the prompt statistics."""
+validator judges them, and the verdicts feed the prompt statistics. On tau2's mock domain:
+nothing here is retail's, and its prompts and replays are short."""
 
 from __future__ import annotations
 
@@ -30,28 +31,39 @@ from sentinel.validator import RedisTaskIndex, Validator
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ProposerSettings(tasks_per_pattern=4, mutation_after=3, seed=7, max_tokens=768)
+TWO = SETTINGS.model_copy(update={"tasks_per_pattern": 2})  # the LLM's: decoding on CPU is slow
 PATTERN = ErrorPattern(
-    id="pattern-cancel",
-    title="wrong arguments in cancel_pending_order",
-    description="The agent cancels the wrong order or gives a reason the user did not state.",
+    id="pattern-create",
+    title="wrong arguments in create_task",
+    description="The agent creates the task for the wrong user or with a title not asked for.",
     category=FailureCategory.WRONG_ARGUMENTS,
-    tools=["cancel_pending_order"],
+    tools=["create_task"],
     example_trajectory_ids=["t-1", "t-2"],
     frequency={0: 2},
 )
 
 
 @pytest.fixture
-async def validator(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
+async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
     settings = ValidationSettings()
     async with LocalProcessSandbox(SandboxLimits(), warm=1) as sandbox:
-        index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
-        yield Validator(retail, sandbox, settings, index)
+        index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
+        yield Validator(mock, sandbox, settings, index)
 
 
-def proposer(retail: Environment, bus: Bus, client: Any) -> Proposer:
-    book = PromptBook(bus.redis, bus.settings.prefix, SETTINGS)
-    return Proposer(retail, book, bus, SETTINGS, client)
+@pytest.fixture
+async def proposer(mock: Environment, bus: Bus) -> AsyncIterator[Callable[..., Proposer]]:
+    """Proposers on mock, their mutation pools closed when the test ends."""
+    made: list[Proposer] = []
+
+    def make(client: Any, settings: ProposerSettings = SETTINGS) -> Proposer:
+        book = PromptBook(bus.redis, bus.settings.prefix, settings)
+        made.append(Proposer(mock, book, bus, settings, client))
+        return made[-1]
+
+    yield make
+    for agent in made:
+        await agent.aclose()
 
 
 async def judge(
@@ -64,11 +76,13 @@ async def judge(
 
 
 async def test_llm_proposals_are_grounded_and_judged_with_reasons(
-    retail: Environment, bus: Bus, validator: Validator, llm: Callable[..., OpenAIChatClient]
+    proposer: Callable[..., Proposer],
+    validator: Validator,
+    llm: Callable[..., OpenAIChatClient],
 ) -> None:
-    agent = proposer(retail, bus, llm())
+    agent = proposer(llm(), TWO)
     proposals = await agent.propose(PATTERN)
-    assert len(proposals) == SETTINGS.tasks_per_pattern
+    assert len(proposals) == TWO.tasks_per_pattern
     written = [p for p in proposals if p.proposer_model == "smol"]
     assert written, "SmolLM2 wrote no parseable task"
     for p in written:
@@ -94,9 +108,9 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
 
 
 async def test_repeated_rejections_switch_the_pattern_to_mutation(
-    retail: Environment, bus: Bus, validator: Validator
+    proposer: Callable[..., Proposer], bus: Bus, validator: Validator
 ) -> None:
-    agent = proposer(retail, bus, Garbage())
+    agent = proposer(Garbage())
     first = await agent.propose(PATTERN)  # the LLM fails: unparseable, then mutation
     assert {p.proposer_model for p in first} == {MUTATOR}
     schema_verdicts = await bus.redis.xlen(bus.keys.stream(Stream.VALIDATIONS))
@@ -113,23 +127,27 @@ async def test_repeated_rejections_switch_the_pattern_to_mutation(
         assert p.task.provenance.pattern_id == PATTERN.id
 
 
-async def test_without_an_llm_it_mutates_seeds(retail: Environment, bus: Bus) -> None:
-    agent = proposer(retail, bus, None)
+async def test_without_an_llm_it_mutates_seeds(proposer: Callable[..., Proposer]) -> None:
+    agent = proposer(None)
     proposals = await agent.propose(PATTERN)
     assert len(proposals) == SETTINGS.tasks_per_pattern
-    assert len({p.task.id for p in proposals}) == len(proposals)
+    assert {(p.proposer_model, p.task.provenance.origin) for p in proposals} == {
+        (MUTATOR, Origin.MUTATED)
+    }
+    # each draws anew (mock's one create_task seed has eight new titles, so two may meet)
+    assert len({p.task.id for p in proposals}) > 1
 
 
 async def test_a_structurally_wrong_draft_is_a_schema_verdict_not_a_crash(
-    retail: Environment, bus: Bus
+    proposer: Callable[..., Proposer], bus: Bus
 ) -> None:
     """Issue 19, 4: a draft whose action name is not a string, or whose arguments are not an
     object, used to raise from handle_pattern (redelivered until dead-lettered, unlearnt)."""
     client = Shaped(
-        {"name": 5, "arguments": {"order_id": "#W1"}},
-        {"name": "cancel_pending_order", "arguments": ["#W1", "no longer needed"]},
+        {"name": 5, "arguments": {"user_id": "user_1"}},
+        {"name": "create_task", "arguments": ["user_1", "Plan the sprint"]},
     )
-    agent = proposer(retail, bus, client)
+    agent = proposer(client)
     await agent.handle_pattern(Envelope.wrap(PATTERN))
     published = await bus.redis.xlen(bus.keys.stream(Stream.PROPOSALS))
     assert published == SETTINGS.tasks_per_pattern  # mutations stood in for the drafts
@@ -179,7 +197,7 @@ class Shaped:
         write = self.writes[self.calls % len(self.writes)]
         self.calls += 1
         draft = {
-            "lookups": [], "writes": [write], "reason_for_call": "Cancel it.",
+            "lookups": [], "writes": [write], "reason_for_call": "Add it.",
             "known_info": "", "unknown_info": "", "task_instructions": "", "persona": "Calm.",
         }  # fmt: skip
         return Completion(content=json.dumps(draft), finish_reason="stop")

@@ -231,6 +231,10 @@ class RolloutSettings(Section):
     # The Solver gets the pack's lean rendering of policy and tools (telecom's is ~1/3 the
     # tokens), for small-context models; off: tau2's full prompt, comparable with papers.
     lean_prompt: bool = False
+    # Token-in/token-out (agents.transcript): each rollout one growing token sequence sampled
+    # on /v1/completions by token ids, one training row. Off: a chat completion per turn whose
+    # prompt the server renders again (TurnTokens, a row wherever packing cannot join turns).
+    token_io: bool = False
 
 
 class TrainerSettings(Section):

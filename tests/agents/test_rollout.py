@@ -53,6 +53,22 @@ async def test_real_rollout_group_runs_to_completion_with_tokens(
         assert trajectory.timings.llm_s > 0
 
 
+async def test_token_io_rollouts_record_one_growing_sequence_each(
+    mock: Environment, llm: Callable[..., OpenAIChatClient]
+) -> None:
+    settings = SETTINGS.model_copy(update={"token_io": True})
+    solver = Solver(llm(), mock.policy, mock.tool_schemas, settings)
+    token_runner = RolloutRunner(mock, solver, UserSimulator(llm(), settings), settings=settings)
+    group = await token_runner.run_group(mock.tasks("train")[0], 2)
+    for trajectory in group.trajectories:
+        assert trajectory.turns == []  # no prompt stored per turn
+        [segment] = trajectory.tokens  # one sequence that only grew: no split
+        agent_turns = [i for i, m in enumerate(trajectory.messages) if m.role == "assistant"][1:]
+        assert [span.message_index for span in segment.turns] == agent_turns
+        assert segment.turns[0].start > 0  # the first prompt: system, greeting, user
+        assert trajectory.without_tokens().tokens == []
+
+
 async def test_a_dead_user_endpoint_ends_the_rollout_with_a_reason(
     mock: Environment, llm: Callable[..., OpenAIChatClient]
 ) -> None:

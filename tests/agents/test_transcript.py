@@ -240,12 +240,14 @@ def factories_tool(name: str, parameters: dict[str, Any] | None) -> dict[str, An
         ('<think>plan</think>\n[{"name": "f", "parameters": {}}]', "plan", None, [("f", {})]),
         ("plan first</think>Hello", "plan first", "Hello", []),
         ("<think>never closed", "never closed", "", []),
-        ('Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None, None,
+        ('Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None, "Sure.",
          [("f", {"a": 1})]),
         ("<tool_call>{not json}</tool_call>", None, "<tool_call>{not json}</tool_call>", []),
         ('[{"name": 3}]', None, '[{"name": 3}]', []),
         ("[" * 5000 + "]" * 5000, None, "[" * 5000 + "]" * 5000, []),
         ("just text", None, "just text", []),
+        ('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}</tool_call>', None, None,
+         [("f", {}), ("g", {})]),
     ],
 )  # fmt: skip
 def test_one_parser_reads_reasoning_calls_and_text(

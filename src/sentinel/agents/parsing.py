@@ -10,7 +10,7 @@ for every action format:
   `[{"name": ..., "parameters": {...}}]`;
 - Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (our ChatML
   template's and Qwen's format);
-- anything else is the assistant's text.
+- anything else is the assistant's text (with Hermes calls: the text before them).
 
 Hostile output is bounded first (`check_text`); a call that does not parse is left for the
 Solver to report as a malformed turn, never an exception.
@@ -51,12 +51,15 @@ def parse_completion(text: str, finish_reason: str | None, call_prefix: str) -> 
     except ValueError:
         return Completion(content=text[:200], finish_reason=finish_reason)
     reasoning, rest = split_reasoning(text)
+    content: str | None = None
     calls = _guided_calls(rest, call_prefix)
     if calls is None:
         calls = _hermes_calls(rest, call_prefix)
-    content = None if calls else rest
-    if calls is None:  # a <tool_call> that does not parse: the raw text, for the error
-        calls, content = [], rest
+        content = rest
+        if calls is None:  # a <tool_call> that does not parse: the raw text, for the error
+            calls = []
+        elif calls:  # the text before the calls, as vLLM's Hermes parser gives it
+            content = rest.partition(CALL_OPEN)[0].strip() or None
     return Completion(
         content=content, tool_calls=calls, finish_reason=finish_reason, reasoning=reasoning
     )

@@ -19,7 +19,14 @@ import time
 import anyio
 
 from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClient
-from sentinel.agents.solver import Solver
+from sentinel.agents.solver import AgentTurn, Solver
+from sentinel.agents.transcript import (
+    Template,
+    TemplateError,
+    Transcript,
+    guided_schema,
+    sample_turn,
+)
 from sentinel.agents.user import UserSimulator, is_stop, user_tools
 from sentinel.config import RolloutSettings, Settings
 from sentinel.envs.base import STOPPED, Environment, unscored
@@ -62,6 +69,7 @@ class Rollout:
         self.agent_turns = 0
         self.max_turns = max_turns
         self.experience: str | None = None  # LEAFE: shown to the Solver in a branch
+        self.transcript: Transcript | None = None  # rollout.token_io: the growing sequence
         self.timings = Timings()
 
     @classmethod
@@ -106,6 +114,7 @@ class RolloutRunner:
         self.settings = settings
         self.policy_version = policy_version
         self.limiter = anyio.CapacityLimiter(settings.concurrency)
+        self._template: Template | None = None  # the served template's junction, learned once
         self._own_envs = envs is None
         self.envs = envs or EnvPool(
             domain.settings,
@@ -230,6 +239,7 @@ class RolloutRunner:
             id=trajectory_id or new_id(), task_id=task.id, domain=task.domain, group_id=group_id,
             policy_version=self.policy_version, policy_model=self.solver.client.model,
             messages=state.messages, turns=state.turns, termination=termination, reward=reward,
+            tokens=state.transcript.segments if state.transcript else [],
             malformed_turns=state.malformed, tool_errors=state.tool_errors, timings=state.timings,
         )  # fmt: skip
 
@@ -271,7 +281,7 @@ class RolloutRunner:
 
     async def _agent_turn(self, state: Rollout) -> TerminationReason | None:
         started = time.monotonic()
-        turn = await self.solver.act(state.messages, state.experience)
+        turn = await self._act(state)
         state.timings.llm_s += time.monotonic() - started
         state.agent_turns += 1
         if turn.tokens is not None:
@@ -286,6 +296,33 @@ class RolloutRunner:
         if turn.stops:
             return TerminationReason.AGENT_STOP
         return await self._user_turn(state)
+
+    async def _act(self, state: Rollout) -> AgentTurn:
+        """The Solver's turn; with `rollout.token_io`, sampled by token ids from the rollout's
+        growing sequence (agents.transcript), else the Solver's chat completion."""
+        if not self.settings.token_io:
+            return await self.solver.act(state.messages, state.experience)
+        solver, client = self.solver, self.solver.client
+        if not isinstance(client, OpenAIChatClient):
+            raise LLMError("rollout.token_io needs a vLLM endpoint (token ids in and out)")
+        if state.transcript is None:  # a rollout's first turn, or a LEAFE branch's
+            if self._template is None:
+                try:
+                    self._template = await Template.learn(client)
+                except TemplateError as error:
+                    raise LLMError(f"the served chat template: {error}") from error
+            temperature = self.settings.temperature
+            state.transcript = Transcript(client, self._template, solver.tools, temperature)
+        request = solver.request
+        sampled = await sample_turn(
+            solver, state.transcript, state.messages, max_tokens=request.max_tokens,
+            experience=state.experience,
+            json_schema=guided_schema(request.tools) if solver.guided else None,
+        )  # fmt: skip
+        return AgentTurn(
+            message=sampled.message, tokens=None, malformed=sampled.malformed,
+            can_stop=solver.guided,
+        )  # fmt: skip
 
     async def _run_tools(
         self, state: Rollout, message: ChatMessage, agent: bool = True

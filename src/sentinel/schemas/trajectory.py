@@ -131,6 +131,11 @@ class Trajectory(Message):
     tool_errors: int = 0
     timings: Timings = Field(default_factory=Timings)
 
+    def without_tokens(self) -> Trajectory:
+        """The conversation alone, for readers of messages (the Controller): the tokens travel
+        once, in the rollout group the trainer reads."""
+        return self.model_copy(update={"turns": [], "tokens": []})
+
     @property
     def splits(self) -> int:
         """Where the history had to be rendered again, so the row split (token-in/token-out)."""

@@ -154,7 +154,10 @@ class RolloutService:
                 request.task, group, max(0.0, left - (time.monotonic() - started))
             )
         if request.purpose == "train":  # held-out trials never reach the Controller
-            await self.bus.publish_many(Stream.TRAJECTORIES, group.trajectories)
+            # tokens once: in the group (the trainer's), not again in each trajectory
+            await self.bus.publish_many(
+                Stream.TRAJECTORIES, [t.without_tokens() for t in group.trajectories]
+            )
         await self.bus.publish(Stream.ROLLOUT_GROUPS, group)
         log.info(
             "rolled out", group=group.id, task=group.task_id, rewards=group.rewards,

@@ -12,6 +12,7 @@ from sentinel.agents.llm import Completion
 from sentinel.agents.reflector import Reflector, allowed_steps, feedback
 from sentinel.config import LeafeSettings
 from sentinel.envs.base import Environment
+from sentinel.schemas import ChatMessage, ToolCall
 from tests import factories
 
 pytestmark = pytest.mark.anyio
@@ -51,3 +52,20 @@ async def test_a_model_that_answers_garbage_leaves_the_feedback_and_the_signals_
     assert reflection.source == "feedback"
     assert reflection.backtrack_step == 2
     assert "order not found" in reflection.experience
+
+
+def test_feedback_leaves_out_the_users_own_tool_errors() -> None:
+    """telecom's user calls phone tools of their own; their failures are not the agent's."""
+    phone = ToolCall(id="u1", name="toggle_airplane_mode", arguments={}, requestor="user")
+    lookup = ToolCall(id="a1", name="get_customer_by_phone", arguments={"phone_number": "x"})
+    messages = [
+        ChatMessage(role="user", content="My phone has no service.", tool_calls=[phone]),
+        ChatMessage(role="tool", content="Error: no such setting", tool_call_id="u1", error=True),
+        ChatMessage(role="assistant", tool_calls=[lookup]),
+        ChatMessage(role="tool", content="Error: customer not found", tool_call_id="a1",
+                    error=True),
+    ]  # fmt: skip
+    trajectory = factories.trajectory().model_copy(update={"messages": messages})
+    lines = feedback(trajectory)
+    assert any("get_customer_by_phone failed" in line for line in lines)
+    assert not any("airplane" in line or "no such setting" in line for line in lines)

@@ -73,10 +73,11 @@ def allowed_steps(points: Sequence[int], first_wrong: int | None) -> list[int]:
 def feedback(trajectory: Trajectory) -> list[str]:
     """What the environment told the agent, as advice lines (no gold actions in them)."""
     lines: list[str] = []
-    calls = {c.id: c.name for m in trajectory.messages for c in m.tool_calls}
-    for m in trajectory.messages:
-        if m.role == "tool" and m.error:
-            name = calls.get(m.tool_call_id or "", "a tool")
+    calls = {c.id: c.name for m in trajectory.messages if m.role == "assistant"
+             for c in m.tool_calls}  # fmt: skip
+    for m in trajectory.messages:  # the user's own tools (a phone) are not the agent's doing
+        if m.role == "tool" and m.error and m.tool_call_id in calls:
+            name = calls[m.tool_call_id]
             lines.append(f"{name} failed with {(m.content or '').strip()[:120]!r}.")
     if trajectory.malformed_turns:
         lines.append("Some turns were not a valid tool call: call exactly one tool per turn.")

@@ -24,13 +24,15 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
+from sentinel.agents.proposer import MUTATOR
 from sentinel.envs.registry import load, named
 from sentinel.orchestrator.streams import Stream
 from sentinel.process import start_child, stop_child
 from sentinel.report import Artifacts, build_report, problems
-from sentinel.schemas import RolloutGroup, TrainStepReport
+from sentinel.schemas import RolloutGroup, TaskProposal, TrainStepReport, ValidationResult
 from sentinel.training.batch import UNINFORMATIVE
 
 RUN_TIMEOUT_S = 1500
@@ -158,3 +160,81 @@ def trainer_fates(run_dir: Path) -> dict[str, str]:
     for report in Artifacts(run_dir).read(Stream.TRAIN_REPORTS, TrainStepReport):
         fates |= dict.fromkeys(report.trained_groups, "trained") | report.dropped_groups
     return fates
+
+
+def domain_config(tmp_path: Path, policy_url: str, domain: str) -> Path:
+    """The failure-driven loop on `domain`, small: the Proposer's LLM writes grounded tasks
+    (the Controller works from its signals, so the server serves the Solver and Proposer)."""
+    path = config(tmp_path, policy_url)
+    settings = yaml.safe_load(path.read_text())
+    settings["env"] = {"kind": "tau2", "domain": domain}
+    settings["rollout"] |= {"max_agent_turns": 2, "lean_prompt": True}
+    settings["loop"] |= {
+        "max_groups": 40,
+        "group_size": 2,
+        "max_inflight": 1,
+        "targeted_ratio": 1.0,
+        "eval_tasks": 1,
+        "eval_trials": 1,
+    }
+    settings["proposer"] = {"use_llm": True, "tasks_per_pattern": 1, "mutation_after": 0}
+    settings["llm"]["proposer"] |= {"timeout_s": 600}
+    settings["workers"] |= {"soft_time_limit_s": 400, "time_limit_s": 420}
+    path.write_text(yaml.safe_dump(settings))
+    return path  # fmt: skip
+
+
+def grounded_accepted(run_dir: Path) -> set[str]:
+    """Ids of accepted tasks that the Proposer's LLM wrote on grounded entities."""
+    if not (run_dir / "artifacts").is_dir():  # the recorder has not started yet
+        return set()
+    a = Artifacts(run_dir)
+    written = {p.id: p.task.id for p in a.read(Stream.PROPOSALS, TaskProposal)
+               if p.proposer_model != MUTATOR}  # fmt: skip
+    verdicts = a.read(Stream.VALIDATIONS, ValidationResult)
+    return {written[v.proposal_id] for v in verdicts if v.accepted and v.proposal_id in written}
+
+
+def trained_on(run_dir: Path, task_ids: set[str]) -> dict[str, str]:
+    """The trainer's verdict on each group rolled out on one of `task_ids`."""
+    if not task_ids:
+        return {}
+    fates = trainer_fates(run_dir)
+    on = [g for g in groups(run_dir) if g.task_id in task_ids]
+    return {g.id: fates[g.id] for g in on if g.id in fates}
+
+
+@pytest.mark.parametrize("domain", ["airline", "telecom"])
+def test_up_runs_the_failure_driven_loop_on_another_domain(
+    tmp_path: Path, policy_url: str, domain: str
+) -> None:
+    """On a domain other than retail: patterns from the Solver's failures, tasks the
+    Proposer's LLM writes on grounded entities accepted by the validator, and groups rolled
+    out on them reaching the trainer (trained, or filtered as GRPO filters groups without
+    reward variance). The loop runs until then and is stopped as an operator would."""
+    path = domain_config(tmp_path, policy_url, domain)
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json",
+            "up"]  # fmt: skip
+    up = start_child(argv, tmp_path / "up.log")
+    try:
+        wait_for(
+            "a group on a grounded task, back from the trainer",
+            lambda: trained_on(run_dir, grounded_accepted(run_dir)), up, RUN_TIMEOUT_S,
+        )  # fmt: skip
+        up.send_signal(signal.SIGTERM)
+        up.wait(120)
+    finally:
+        stop_child(up)
+        print((tmp_path / "up.log").read_text()[-3000:])
+    assert up.returncode == 0
+    seeds = {t.id for t in load(named(domain)).tasks("train")}
+    in_flight = "never trained nor dropped"  # dispatched before the stop: no fate yet
+    assert [p for p in problems(run_dir, seeds) if in_flight not in p] == []
+    report = build_report(run_dir)
+    print(report.model_dump_json(indent=1))
+    assert report.patterns, "no error pattern from the Solver's failures"
+    fates = trained_on(run_dir, grounded_accepted(run_dir))
+    print(f"groups on grounded tasks: {fates}")
+    assert all(f in ("trained", UNINFORMATIVE) for f in fates.values())
+    assert (report.train_steps > 0) == any(f == "trained" for f in trainer_fates(run_dir).values())

@@ -95,7 +95,7 @@ async def measure_domain(
 async def measure(redis_url: str, llm_url: str, budget: int) -> dict[str, object]:
     settings = Settings(redis_url=redis_url)
     bus = Bus(connect(redis_url, settings), settings.bus)
-    client = OpenAIChatClient(LLMEndpoint(base_url=llm_url))
+    client = OpenAIChatClient(LLMEndpoint(base_url=llm_url, timeout_s=600))  # a busy CPU
     figures: dict[str, object] = {}
     with Progress(transient=True) as progress:
         for name in DOMAINS:

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from typer.main import get_command
 from typer.testing import CliRunner
 
 from sentinel.cli import app
+from sentinel.config import Settings
 
 runner = CliRunner()
 
@@ -59,3 +61,42 @@ def test_report_on_a_directory_that_is_not_a_run_says_so(tmp_path: Path) -> None
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
     assert "artifacts/ directory: is it a run?" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_up_outlives_a_redis_timeout_in_its_progress_bar(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A starved Redis (seconds without an answer) once took the whole stack down through
+    the progress bar's poll; the bar now waits for the next second, the run goes on."""
+    from sentinel.cli import runs
+    from sentinel.orchestrator import loop
+
+    real, calls = loop.loop_progress, []
+
+    async def starved(*args: object) -> loop.Progress:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RedisTimeoutError("Timeout reading from 127.0.0.1")
+        return await real(*args)  # type: ignore[arg-type]
+
+    class Stack:
+        """The supervisor's surface: its components stay up for four polls."""
+
+        polls = 0
+        stopped = False
+
+        def start_all(self) -> None: ...
+
+        def poll(self) -> bool:
+            self.polls += 1
+            return self.polls > 4
+
+        def stop_all(self) -> None:
+            self.stopped = True
+
+    monkeypatch.setattr(loop, "loop_progress", starved)
+    stack = Stack()
+    await runs._supervise(settings, stack)  # type: ignore[arg-type]
+    assert len(calls) >= 3  # failed twice, then read again
+    assert stack.stopped

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 import typer
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import Progress
 
@@ -197,10 +198,14 @@ async def _supervise(settings: Settings, supervisor: Supervisor) -> None:
                 rollouts = bar.add_task("rollout groups back", total=budget)
                 trained = bar.add_task("accounted by the trainer", total=budget)
                 while not supervisor.poll():
-                    progress = await loop_progress(bus.redis, settings.bus.prefix)
+                    await anyio.sleep(1.0)
+                    try:  # the bar only: a slow or restarting Redis must not end the run
+                        progress = await loop_progress(bus.redis, settings.bus.prefix)
+                    except (RedisError, OSError) as error:
+                        log.warning("no loop progress this second", error=repr(error))
+                        continue
                     bar.update(rollouts, completed=progress.returned)
                     bar.update(trained, completed=progress.accounted)
-                    await anyio.sleep(1.0)
             out.print(render_table(await take_snapshot(bus)))
             tg.cancel_scope.cancel()
     finally:

@@ -3,8 +3,9 @@
 The flow follows tau2-bench's orchestrator: the agent greets, the user answers, and then the
 agent either calls a tool (the environment answers, the agent goes again) or talks (the user
 answers). It ends when the user sends a stop token, the agent says ###STOP### (in the
-`guided` format; tau2's own agent never ends a conversation), a budget runs out, the context is full, the endpoint fails, or a tool call runs past its limits; every
-ending has its termination reason, and the trajectory is scored by tau2's rules.
+`guided` format; tau2's own agent never ends a conversation), a budget runs out, the
+context is full, the endpoint fails, or a tool call runs past its limits; every ending has
+its termination reason, and the trajectory is scored by tau2's rules.
 
 The environment is never in this process: episodes live in limited children
 (`envs.episodes.EnvPool`), so a hostile tool call (retail's `calculate` on `9**9**9`) is

@@ -30,6 +30,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from sentinel import jsonl
 from sentinel.agents.explorer import Explorer, is_failure
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.reflector import Reflector
@@ -62,8 +63,7 @@ async def failures(made: RolloutRunner, tasks: list[Task], path: Path) -> list[T
     """The fixed set: read from `path`, or rolled out once (two tries per task) and kept."""
     kept = anyio.Path(path)
     if await kept.exists():
-        lines = (await kept.read_text()).splitlines()
-        return [Trajectory.model_validate_json(x) for x in lines]
+        return [Trajectory.model_validate_json(x) for x in jsonl.lines(path)]
     found: list[Trajectory] = []
 
     async def one(task: Task) -> None:

@@ -22,6 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sentinel import jsonl
 from sentinel.config import load_settings
 from sentinel.report import build_report
 from sentinel.schemas import RolloutGroup
@@ -51,7 +52,7 @@ def run(config: Path, mode: str, groups: int, workdir: Path) -> Path:
 
 def informative_fraction(run_dir: Path, partial_credit: float) -> float:
     path = run_dir / "artifacts" / "rollout_groups.jsonl"
-    groups = [RolloutGroup.model_validate_json(x) for x in path.read_text().splitlines()]
+    groups = [RolloutGroup.model_validate_json(x) for x in jsonl.lines(path)]
     kept = [g for g in groups if not g.dropped and g.purpose == "train"]  # not held-out trials
     return sum(g.informative(partial_credit) for g in kept) / max(len(kept), 1)
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from sentinel.orchestrator.streams import CARRIES, Stream
 from sentinel.report import build_report, problems, render_report
 from sentinel.schemas import (
+    ChatMessage,
     EvalReport,
     Message,
     Origin,
@@ -100,6 +101,21 @@ def test_a_torn_line_is_skipped(tmp_path: Path) -> None:
     with (tmp_path / "artifacts" / "rollout_groups.jsonl").open("a") as f:
         f.write('{"id": "g-torn", "task_')
     assert build_report(tmp_path).groups == 2
+
+
+def test_sampled_unicode_line_breaks_do_not_cut_a_recorded_message(tmp_path: Path) -> None:
+    """JSON leaves U+2028, U+0085 and the like unescaped; `str.splitlines` would split there
+    (a CI run lost a group to one U+2028 in a SmolLM2 turn)."""
+    record(tmp_path)
+    breaks = "\u2028 \u2029 \x85 \x0b \x0c"
+    odd = group("retail-0", [0.0, 1.0], 3)
+    first = odd.trajectories[0]
+    said = ChatMessage(role="assistant", content=f"one{breaks}two")
+    odd.trajectories[0] = first.model_copy(update={"messages": [*first.messages, said]})
+    write(tmp_path, Stream.ROLLOUT_GROUPS, odd)
+    write(tmp_path, Stream.TRAIN_REPORTS, report(2, ["g-retail-0-3"]))
+    assert problems(tmp_path, {"retail-0"}) == []
+    assert build_report(tmp_path).groups == 3
 
 
 def test_leafe_figures_sum_the_groups_explorations_and_the_sft_steps(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from sentinel import jsonl
 from sentinel.agents.proposer import MUTATOR
 from sentinel.envs.registry import load, named
 from sentinel.orchestrator.streams import Stream
@@ -72,8 +73,7 @@ def pids(run_dir: Path) -> dict[str, int]:
 
 
 def lines(run_dir: Path, stream: str) -> int:
-    path = run_dir / "artifacts" / f"{stream}.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return len(jsonl.lines(run_dir / "artifacts" / f"{stream}.jsonl"))
 
 
 def wait_for(what: str, check: object, up: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -22,6 +22,7 @@ import anyio
 from pydantic import BaseModel
 from rich.table import Table
 
+from sentinel import jsonl
 from sentinel.metrics import pass_table
 from sentinel.schemas import EvalReport, RolloutGroup, Task, TerminationReason, Trajectory
 
@@ -52,13 +53,7 @@ class TrialResult(BaseModel):
 
 
 def load_results(path: Path) -> list[TrialResult]:
-    if not path.exists():
-        return []
-    results = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            results.append(TrialResult.model_validate_json(line))
-    return results
+    return [TrialResult.model_validate_json(line) for line in jsonl.lines(path)]
 
 
 def final_results(results: list[TrialResult]) -> list[TrialResult]:

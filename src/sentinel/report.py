@@ -20,6 +20,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from rich.table import Table
 
+from sentinel import jsonl
 from sentinel.config import ConfigError, load_settings
 from sentinel.orchestrator.recorder import artifacts_dir
 from sentinel.orchestrator.streams import CARRIES, Stream
@@ -96,15 +97,12 @@ class Artifacts:
 
     def read(self, stream: Stream, model: type[M]) -> list[M]:
         assert CARRIES[stream] is model
-        path = self.directory / f"{stream.value}.jsonl"
-        if not path.exists():
-            return []
         latest: dict[str, M] = {}
-        for line in path.read_text().splitlines():
+        for line in jsonl.lines(self.directory / f"{stream.value}.jsonl"):
             try:
                 message = model.model_validate_json(line)
             except ValidationError:  # a line torn by a crash or a full disk
-                self.torn += bool(line.strip())
+                self.torn += 1
                 continue
             latest[message.key()] = message
         return list(latest.values())

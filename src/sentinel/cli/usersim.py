@@ -12,6 +12,7 @@ from typing import Annotated
 import anyio
 import typer
 
+from sentinel import jsonl
 from sentinel.agents.llm import LLMError, OpenAIChatClient
 from sentinel.cli.base import fail, out, settings_of
 from sentinel.config import Settings
@@ -117,5 +118,4 @@ def _proposed(path: Path | None) -> list[Task]:
     """Accepted proposed tasks, one JSON `Task` per line; test-split tasks are refused later."""
     if path is None:
         return []
-    lines = path.read_text().splitlines()
-    return [Task.model_validate_json(line) for line in lines if line.strip()]
+    return [Task.model_validate_json(line) for line in jsonl.lines(path)]

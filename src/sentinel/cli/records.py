@@ -32,6 +32,9 @@ def report(
     check: Annotated[
         bool, typer.Option(help="Also check the record is whole; exit 1 if not.")
     ] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the run's charts to this page.")
+    ] = None,
 ) -> None:
     """Summarise a run from its record: patterns and their trend over policy versions, tasks
     proposed and accepted, rollouts, train steps, policy versions and held-out pass^k."""
@@ -42,6 +45,10 @@ def report(
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     out.print_json(summary.model_dump_json()) if as_json else out.print(render_report(summary))
+    if html is not None:
+        from sentinel.report_html import write_html
+
+        write_html(run_dir, html)
     if check:
         from sentinel.envs.registry import load
 

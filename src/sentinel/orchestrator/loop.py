@@ -44,6 +44,7 @@ from sentinel.orchestrator.dispatch import ValidationDispatcher
 from sentinel.orchestrator.inflight import Flights
 from sentinel.orchestrator.recorder import Recorder
 from sentinel.orchestrator.streams import Stream
+from sentinel.report import Artifacts
 from sentinel.schemas import (
     Envelope,
     ErrorPattern,
@@ -54,6 +55,7 @@ from sentinel.schemas import (
     Task,
     TrainStepReport,
 )
+from sentinel.tracking import RunTracker, open_tracker
 
 log = get_logger(__name__)
 
@@ -361,7 +363,18 @@ class Loop:
             await self.publish_general_patterns()
         for flights in (self.flights, self.eval_flights):  # what a crash left unsent
             await flights.send_unsent()
-        recorder = Recorder(self.bus, self.settings.run_dir)
+        tracker = RunTracker(open_tracker(self.settings, "orchestrator"))
+        try:
+            await self._run_all(stop, tracker)
+        finally:
+            tracker.tracker.close()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _run_all(self, stop: anyio.Event, tracker: RunTracker) -> None:
+        if (self.settings.run_dir / "artifacts").is_dir():  # a restart: continue the counts
+            tracker.seed(Artifacts(self.settings.run_dir))
+        recorder = Recorder(self.bus, self.settings.run_dir, tracker.observe)
         dispatcher = ValidationDispatcher(self.bus, self.celery)
         async with anyio.create_task_group() as tg:
             tg.start_soon(recorder.run, stop)
@@ -376,5 +389,3 @@ class Loop:
             tg.start_soon(self.evaluations, stop)
             await self.schedule(stop)
             stop.set()
-        if self.failure is not None:
-            raise self.failure

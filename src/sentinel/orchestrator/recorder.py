@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -45,8 +46,11 @@ def _open_for_append(path: Path) -> IO[str]:
 
 
 class Recorder:
-    def __init__(self, bus: Bus, run_dir: Path) -> None:
+    def __init__(
+        self, bus: Bus, run_dir: Path, observe: Callable[[Message], None] = lambda _: None
+    ) -> None:
         self.bus = bus
+        self.observe = observe  # each message once written (the tracker: curves)
         self.directory = artifacts_dir(run_dir)
         self.files: dict[Stream, IO[str]] = {}
         self.error: RunDirError | None = None
@@ -79,6 +83,7 @@ class Recorder:
             self.error = error
             stop.set()
             raise
+        self.observe(envelope.payload)
 
     async def run(self, stop: anyio.Event | None = None) -> None:
         """Record every stream until `stop`; raises RunDirError if the disk gives out."""

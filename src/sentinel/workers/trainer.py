@@ -26,6 +26,7 @@ from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import Envelope, RolloutGroup, TrainStepReport
+from sentinel.tracking import Tracker, batch_rewards, open_tracker, scalars_of
 from sentinel.training.policy import Policy
 from sentinel.training.publisher import PublishError, WeightPublisher
 
@@ -51,6 +52,7 @@ class TrainerWorker:
         self._unreleased: list[anyio.Event] = []
         self._dirty = False  # weights changed since the last checkpoint
         self._arrived = anyio.Event()
+        self.tracker: Tracker | None = None  # opened by `run`: the curves of the steps
 
     def resume(self) -> None:
         """Load the newest complete checkpoint, if any."""
@@ -86,16 +88,20 @@ class TrainerWorker:
         for report in self._last_reports:  # keyed: harmless if published already
             await self.bus.publish(Stream.TRAIN_REPORTS, report)
         self._idle_since = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(consumer.run, stop)
-            while stop is None or not stop.is_set():
-                with anyio.move_on_after(1.0):
-                    await self._arrived.wait()
-                self._arrived = anyio.Event()
-                if self._due(per_step):
-                    await self.step(self._pending[:per_step])
-                    del self._pending[:per_step]
-            tg.cancel_scope.cancel()
+        self.tracker = open_tracker(self.settings, "trainer")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consumer.run, stop)
+                while stop is None or not stop.is_set():
+                    with anyio.move_on_after(1.0):
+                        await self._arrived.wait()
+                    self._arrived = anyio.Event()
+                    if self._due(per_step):
+                        await self.step(self._pending[:per_step])
+                        del self._pending[:per_step]
+                tg.cancel_scope.cancel()
+        finally:
+            self.tracker.close()
 
     def _due(self, per_step: int) -> bool:
         """A full batch, or a partial one that waited `flush_after_s` (the run's tail)."""
@@ -119,6 +125,7 @@ class TrainerWorker:
             self._dirty = False
         for report in reports:
             log.info("train step", **report.model_dump(mode="json", exclude={"created_at"}))
+            self._track(report, groups)
         if self._crossed(before, self.settings.trainer.publish_every):
             await self._publish()  # before the reports: whoever reads them can find the policy
         for report in reports:
@@ -142,6 +149,12 @@ class TrainerWorker:
         if training != "grpo" and corrections:
             reports.append(await anyio.to_thread.run_sync(self.policy.sft_step, corrections))
         return reports
+
+    def _track(self, report: TrainStepReport, groups: list[RolloutGroup]) -> None:
+        if self.tracker is not None:
+            for point in [*scalars_of(report), batch_rewards(report, groups)]:
+                if point is not None:
+                    self.tracker.scalars(point)
 
     def _unused(self, groups: list[RolloutGroup], reason: str) -> TrainStepReport:
         return TrainStepReport(

@@ -438,3 +438,23 @@ async def test_the_proposer_turns_any_bad_draft_into_a_schema_verdict(
     [reason] = verdict.reasons
     assert reason.code == RejectionCode.SCHEMA
     assert reason.detail.startswith(("TaskDraft: ", "Task: ")), reason.detail
+
+
+@FAST
+@given(name=TOOLS, arguments=OBJECTS, cut=st.integers(min_value=1), data=st.data())
+def test_a_call_cut_at_max_tokens_is_kept_only_when_its_json_closed(
+    solver: Solver, name: str, arguments: dict[str, Any], cut: int, data: st.DataObject
+) -> None:
+    """Cut inside or before `</tool_call>`: the call the JSON names. Cut inside the JSON:
+    malformed, never a guess."""
+    body = json.dumps({"name": name, "arguments": arguments})
+    text = f"<tool_call>\n{body}\n</tool_call>"
+    end = len(text) - 1 - (cut % (len(text) - 1))  # anywhere before the last character
+    message, problem = solver.interpret(Completion(content=text[:end], finish_reason="length"))
+    closed = end >= text.index(body) + len(body)
+    valid = name != RESPOND or isinstance(arguments.get("content"), str)
+    assert (problem is None) == (closed and valid), (text[:end][-60:], problem)
+    if problem is None and name != RESPOND:
+        assert message.tool_calls[0].arguments == arguments
+    stopped = Completion(content=text[:end], finish_reason="stop")  # not cut: not salvaged
+    assert solver.interpret(stopped)[0].tool_calls == []

@@ -65,6 +65,29 @@ def parse_completion(text: str, finish_reason: str | None, call_prefix: str) -> 
     )
 
 
+def salvage_cut_call(completion: Completion, call_id: str) -> Completion:
+    """A completion cut at max_tokens after its one Hermes call's JSON closed, but before or
+    inside the closing tag, as that call: the model's choice is whole, only the tag is
+    missing. Anything else (two calls, JSON left open, text after it) comes back as it was."""
+    text = completion.content
+    if completion.tool_calls or completion.finish_reason != "length" or not text:
+        return completion
+    before, opened, after = text.partition(CALL_OPEN)
+    body = after.strip()
+    if not opened or CALL_OPEN in body:
+        return completion
+    cut = next(k for k in range(len(CALL_CLOSE) - 1, -1, -1) if body.endswith(CALL_CLOSE[:k]))
+    try:
+        value = from_json(check_json(body[: len(body) - cut].strip(), "a tool call"),
+                          allow_inf_nan=False)  # fmt: skip
+    except ValueError:
+        return completion
+    call = _call(value, "arguments", call_id)
+    if call is None:
+        return completion
+    return completion.model_copy(update={"content": before.strip() or None, "tool_calls": [call]})
+
+
 def _guided_calls(text: str, prefix: str) -> list[RawToolCall] | None:
     """The calls of a guided answer (a JSON array of {name, parameters}); None if it is not one."""
     stripped = text.strip()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from sentinel.agents.llm import (
     parse_arguments,
     storable,
 )
+from sentinel.agents.parsing import salvage_cut_call
 from sentinel.config import RolloutSettings
 from sentinel.schemas import ChatMessage, ToolCall, TurnTokens
 
@@ -167,6 +169,7 @@ class Solver:
 
     def interpret(self, completion: Completion) -> tuple[ChatMessage, str | None]:
         """The turn a completion stands for, and why it is malformed (None: it is usable)."""
+        completion = salvage_cut_call(completion, f"cut-{uuid.uuid4().hex[:12]}")
         return self._guided(completion) if self.guided else self._tau2(completion)
 
     def _guided(self, completion: Completion) -> tuple[ChatMessage, str | None]:

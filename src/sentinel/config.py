@@ -149,11 +149,20 @@ def require_keys(*endpoints: LLMEndpoint | None) -> None:
         raise MissingKey("\n".join(dict.fromkeys(missing)))
 
 
+class AgentEndpoint(LLMEndpoint):
+    """The Controller's and Proposer's endpoint: through litellm, any provider it knows, as
+    `<provider>/<model>` with base_url as its api_base ("": the provider's own); or the
+    openai SDK. The others stay LLMEndpoint: they need the SDK (token ids, logprobs)."""
+
+    client: Literal["litellm", "openai"] = "litellm"
+    provider: str = Field("openai", pattern=r"^[a-z0-9_-]+$")  # openai: any compatible server
+
+
 class LLMSettings(Section):
     policy: LLMEndpoint = LLMEndpoint()
     user_sim: LLMEndpoint = LLMEndpoint()
-    controller: LLMEndpoint = LLMEndpoint()
-    proposer: LLMEndpoint = LLMEndpoint()
+    controller: AgentEndpoint = AgentEndpoint()
+    proposer: AgentEndpoint = AgentEndpoint()
     reflector: LLMEndpoint = LLMEndpoint()  # LEAFE's experience summaries
 
 

@@ -24,6 +24,7 @@ Format = Literal["auto", "json", "console"]
 # Variables whose values are secrets wherever they appear in a log line.
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|CREDENTIAL", re.I)
 _MIN_SECRET = 6  # shorter values ("EMPTY", "1") would mask ordinary words
+_json_lines = False  # what configure_logging chose, for `up`'s live view (sentinel.live)
 
 
 def configure_logging(
@@ -35,7 +36,8 @@ def configure_logging(
 ) -> None:
     """Route structlog and the standard library through one stderr handler. `secret_env`:
     more variables whose values never appear in a line (the endpoints' api_key_env)."""
-    json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    global _json_lines
+    json_lines = _json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -69,6 +71,11 @@ def configure_logging(
     root.setLevel(level)
     if process:
         structlog.contextvars.bind_contextvars(process=process)
+
+
+def logs_are_json() -> bool:
+    """Whether this process logs JSON lines (--log-format json, or auto off a TTY)."""
+    return _json_lines
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

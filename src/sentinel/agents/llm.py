@@ -15,7 +15,7 @@ import openai
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import from_json
 
-from sentinel.config import LLMEndpoint
+from sentinel.config import AgentEndpoint, LLMEndpoint
 
 Messages = list[dict[str, Any]]
 
@@ -144,13 +144,8 @@ class OpenAIChatClient:
             request["extra_body"] = {**request.get("extra_body", {}), "cache_salt": self.cache_salt}
         try:
             response = await self._client.chat.completions.create(**request)
-        except openai.BadRequestError as error:
-            text = str(error).lower()
-            if "context length" in text or "maximum model length" in text:
-                raise ContextLengthExceeded(str(error)) from error
-            raise LLMError(f"{self.endpoint.base_url} refused the request: {error}") from error
         except openai.OpenAIError as error:
-            raise LLMError(f"{self.endpoint.base_url} failed: {error}") from error
+            raise llm_error(error, self.endpoint.base_url) from error
         return _completion(response, record_tokens)
 
     async def generate(
@@ -176,13 +171,8 @@ class OpenAIChatClient:
                 model=self.model, prompt=prompt_ids, max_tokens=max_tokens,
                 temperature=temperature, logprobs=0, extra_body=extra,
             )  # fmt: skip
-        except openai.BadRequestError as error:
-            text = str(error).lower()
-            if "context length" in text or "maximum model length" in text:
-                raise ContextLengthExceeded(str(error)) from error
-            raise LLMError(f"{self.endpoint.base_url} refused the request: {error}") from error
         except openai.OpenAIError as error:
-            raise LLMError(f"{self.endpoint.base_url} failed: {error}") from error
+            raise llm_error(error, self.endpoint.base_url) from error
         if not response.choices:
             raise LLMError("the endpoint returned no choices")
         choice = response.choices[0]
@@ -226,6 +216,31 @@ class OpenAIChatClient:
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise LLMError(f"{root}/tokenize answered without token ids")
         return tokens
+
+
+class ClosableChatClient(ChatClient, Protocol):
+    async def aclose(self) -> None: ...
+
+
+def open_chat_client(endpoint: LLMEndpoint) -> ClosableChatClient:
+    """The client an agent's endpoint names (`client`): litellm (any provider) or the
+    openai SDK; a plain LLMEndpoint is always the openai SDK."""
+    if isinstance(endpoint, AgentEndpoint) and endpoint.client == "litellm":
+        from sentinel.agents.litellm_client import LiteLLMChatClient  # heavy: only if used
+
+        return LiteLLMChatClient(endpoint)
+    return OpenAIChatClient(endpoint)
+
+
+def llm_error(error: openai.OpenAIError, where: str) -> LLMError:
+    """The LLMError for an SDK's error after its retries; both routes raise the same ones
+    (litellm's exceptions subclass openai's)."""
+    if isinstance(error, openai.BadRequestError):
+        text = str(error).lower()
+        if "context length" in text or "maximum model length" in text:
+            return ContextLengthExceeded(str(error))
+        return LLMError(f"{where} refused the request: {error}")
+    return LLMError(f"{where} failed: {error}")
 
 
 def _completion(response: Any, record_tokens: bool) -> Completion:

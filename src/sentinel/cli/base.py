@@ -29,7 +29,7 @@ from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisUnavailable, resolve_url
 
 if TYPE_CHECKING:  # heavy (tau2, litellm, torch): imported by the commands that need them
-    from sentinel.agents.llm import OpenAIChatClient
+    from sentinel.agents.llm import ClosableChatClient
 
 
 app = typer.Typer(
@@ -150,11 +150,12 @@ NoLLMOption = Annotated[
 @asynccontextmanager
 async def agent_client(
     endpoint: LLMEndpoint, enabled: bool
-) -> AsyncIterator[OpenAIChatClient | None]:
-    """An agent's LLM client (None with --no-llm), closed before the event loop ends."""
-    from sentinel.agents.llm import OpenAIChatClient
+) -> AsyncIterator[ClosableChatClient | None]:
+    """An agent's LLM client (None with --no-llm), closed before the event loop ends: the
+    openai SDK or litellm, as `endpoint.client` says."""
+    from sentinel.agents.llm import open_chat_client
 
-    client = OpenAIChatClient(endpoint) if enabled else None
+    client = open_chat_client(endpoint) if enabled else None
     try:
         yield client
     finally:

@@ -35,13 +35,14 @@ async def main(run_dir: Path, url: str, prefix: str) -> None:
         Component("steady", ["import time; time.sleep(120)"]),
         Component("flaky", ["import time; time.sleep(0.5); raise SystemExit(1)"]),
     ]
-    supervisor = Demo(children, run_dir, run_dir / "config.yaml", max_restarts=2)
+    # three restarts (backoffs of 1, 2 and 5 s): "restarting" stays up long enough to be seen
+    supervisor = Demo(children, run_dir, run_dir / "config.yaml", max_restarts=3)
     bus = Bus(connect(url, settings), settings.bus)
     await bus.redis.sadd(f"{prefix}:loop:returned", "g1", "g2", "g3")
     supervisor.start_all()
     try:
         await watch(settings, supervisor, bus)
-    except RunFailed as error:  # flaky's third exit: the run's end, as in `up`
+    except RunFailed as error:  # flaky's fourth exit: the run's end, as in `up`
         summary_console().print(f"run failed: {error}")
     finally:
         supervisor.stop_all()

@@ -87,6 +87,21 @@ def test_the_panel_shows_every_figure_within_80_columns() -> None:
     assert " 17 " in next(line for line in text.splitlines() if "rollout_groups" in line)
 
 
+def test_the_panel_shows_the_most_behind_queues_and_counts_the_rest() -> None:
+    many = snapshot()
+    template = many.streams[0]
+    for i in range(12):  # caught-up groups, then one far behind
+        group = template.groups[0].model_copy(update={"group": f"g{i}", "lag": 0, "pending": 0})
+        many.streams.append(template.model_copy(update={"stream": f"s{i}", "groups": [group]}))
+    behind = template.groups[0].model_copy(update={"group": "late", "lag": 99})
+    many.streams.append(template.model_copy(update={"stream": "z", "groups": [behind]}))
+    text = recorded(render(LiveFigures(budget=4, elapsed_s=1.0, queues=many)))
+    assert "z/late" in text
+    assert "rollout_groups/trainer" in text
+    assert "+6 more (0 behind)" in text  # 14 groups, 8 shown
+    assert len(text.splitlines()) <= 24
+
+
 def test_the_panel_before_any_figure_and_when_redis_is_slow() -> None:
     empty = LiveFigures(budget=None, elapsed_s=0.0, stale="Redis did not answer")
     text = recorded(render(empty))
@@ -242,11 +257,11 @@ def test_the_live_view_on_a_real_terminal(tmp_path: Path, redis_url: str) -> Non
         during = tmux.wait_for("groups 3/10", "restarting in", "held-out v1: pass^1 0.500")
         assert "steady" in during
         assert "running" in during
-        end = tmux.wait_for("run failed: flaky exited 3 times")
+        end = tmux.wait_for("run failed: flaky exited 4 times")
     finally:
         tmux.close()
     lines_fit(end)
     flaky = [line for line in end.splitlines() if line.startswith("│  flaky")][-1]
     assert "exited 1" in flaky  # the last panel shows how the run ended
-    assert flaky.rstrip(" │").endswith("2")  # and its restarts
+    assert flaky.rstrip(" │").endswith("3")  # and its restarts
     assert "component exited; restarting" in end  # console logs above the panel

@@ -42,6 +42,7 @@ log = get_logger(__name__)
 
 SUMMARY_WIDTH = 80  # the closing summary fits a default terminal, and a pipe's reader
 RATE_WINDOW_S = 60.0  # rollouts/s over the last minute: recent, yet not one group's jitter
+PANEL_QUEUES = 8  # queue rows in the panel, the most behind first: it fits 40 lines
 SLOW_EVERY_S = 5.0  # queue snapshots and evaluations: more Redis round trips, change slowly
 
 
@@ -207,25 +208,32 @@ def render_components(components: list[ComponentView]) -> Table:
     return table
 
 
-def render_lags(snapshot: QueueSnapshot | None) -> Table:
+def render_lags(snapshot: QueueSnapshot | None, limit: int | None = None) -> Table:
     """Per stream and consumer group: entries not yet read (lag), read and not acknowledged
-    (pending), and the oldest pending one's age. Narrow: four columns."""
+    (pending), and the oldest pending one's age. Narrow: four columns. `limit`: only the
+    most behind groups (the panel must fit a terminal's height), the rest counted."""
     table = Table(title="queues", title_justify="left", expand=False, box=None)
     for name in ("stream/group", "lag", "pending", "oldest"):
         table.add_column(name, justify="left" if name == "stream/group" else "right")
-    for stream in snapshot.streams if snapshot else []:
-        for group in stream.groups:
-            age = group.oldest_pending_age_s
-            table.add_row(
-                f"{stream.stream}/{group.group}", str(group.lag), str(group.pending),
-                "-" if age is None else f"{age:.0f}s",
-            )  # fmt: skip
+    rows = [(s.stream, g) for s in (snapshot.streams if snapshot else []) for g in s.groups]
+    if limit is not None:
+        rows.sort(key=lambda row: row[1].lag + row[1].pending, reverse=True)
+    for stream, group in rows[:limit]:
+        age = group.oldest_pending_age_s
+        table.add_row(
+            f"{stream}/{group.group}", str(group.lag), str(group.pending),
+            "-" if age is None else f"{age:.0f}s",
+        )  # fmt: skip
+    if hidden := rows[limit:] if limit is not None else []:
+        behind = sum(1 for _, g in hidden if g.lag or g.pending)
+        table.add_row(Text(f"+{len(hidden)} more ({behind} behind)", style="dim"))
     return table
 
 
 def render(f: LiveFigures) -> Panel:
     """The whole panel; components and queues side by side where they fit (Columns)."""
-    sides = Columns([render_components(f.components), render_lags(f.queues)], padding=(0, 4))
+    lags = render_lags(f.queues, limit=PANEL_QUEUES)
+    sides = Columns([render_components(f.components), lags], padding=(0, 4))
     subtitle = f"[yellow]stale: {f.stale}[/]" if f.stale else None
     body = Group(render_headline(f), render_held_out(f.held_out), Text(""), sides)
     return Panel(body, title="sentinel up", subtitle=subtitle, title_align="left")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sentinel.agents.llm import Generation, OpenAIChatClient
+from sentinel.agents.llm import DISALLOWED_LOGPROB, Generation, OpenAIChatClient, forced
 from sentinel.agents.parsing import parse_completion, split_reasoning
 from sentinel.agents.solver import Solver
 from sentinel.agents.transcript import Template, Transcript, guided_schema, sample_turn
@@ -23,7 +23,7 @@ from sentinel.config import RolloutSettings
 from sentinel.envs.base import Environment
 from sentinel.schemas import ChatMessage
 from sentinel.schemas.trajectory import SampledSpan, Segment, Trajectory
-from sentinel.training.batch import Sample, pack
+from sentinel.training.batch import Sample, learnable, pack
 from sentinel.training.grpo import collate, policy_logprobs
 from tests import factories
 
@@ -192,11 +192,6 @@ async def test_new_messages_render_without_the_templates_default_system_prompt(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    reason="under the regex grammar, SmolLM2's reasoning tokens can all be near-certain, "
-    "so counted as forced and left out of the loss (issue 16)",
-    strict=False,
-)
 async def test_thinking_turns_are_sampled_kept_in_the_sequence_and_trained(
     mock: Environment, llm: Callable[..., OpenAIChatClient], model: torch.nn.Module
 ) -> None:
@@ -213,9 +208,10 @@ async def test_thinking_turns_are_sampled_kept_in_the_sequence_and_trained(
     [(ids, mask, _, _)] = pack(trajectory)
     trained = await detokenize(client, [i for i, m in zip(ids, mask, strict=True) if m][:2])
     assert trained.replace(" ", "").isalpha()  # [a-z ]: reasoning tokens carry loss
-    # after each forced "<think>" (3 tokens), the reasoning: a token the model was near-sure
-    # of counts as forced, so look at every turn's first three, not one turn's
-    assert any(any(mask[t.start + 3 : t.start + 6]) for t in segment.turns)
+    for span in segment.turns:  # the grammar's verdict, not a logprob threshold
+        assert span.forced is not None
+        assert mask[span.start : span.end] == learnable(span.logprobs, span.forced)
+        assert span.forced[0] == 0, "the turn's opening '<' is the only token allowed"
     trainer, vllm = scored(model, trajectory)  # under the regex's grammar, as guided turns
     assert bool((trainer <= vllm + FLOAT32_NOISE).all())
 
@@ -301,6 +297,54 @@ def test_one_rollout_is_one_row_with_loss_on_its_sampled_unforced_tokens() -> No
     trajectory.tokens.append(Segment(token_ids=[1, 2, 3], turns=[]))
     assert len(pack(trajectory)) == 2
     assert trajectory.splits == 1
+
+
+def test_the_grammars_forced_tokens_and_only_they_carry_no_loss() -> None:
+    """A near-certain free choice (-1e-6) keeps its loss when the grammar's verdict is known;
+    a record from before it was kept falls back to the logprob threshold."""
+    logprobs = [0.0, -1e-6, 0.0, -2.0]
+    known = SampledSpan(message_index=2, start=0, logprobs=logprobs, forced=[0, 2])
+    old = SampledSpan(message_index=2, start=0, logprobs=logprobs)
+    trajectory = factories.trajectory(0)
+    for span, expected in ((known, [False, True, False, True]), (old, [False, False, False, True])):
+        trajectory.tokens = [Segment(token_ids=[5, 6, 7, 8], turns=[span])]
+        [(_, mask, _, _)] = pack(trajectory)
+        assert mask == expected
+    with pytest.raises(ValueError, match="not increasing"):
+        SampledSpan(message_index=2, start=0, logprobs=[0.0, 0.0], forced=[1, 1])
+    with pytest.raises(ValueError, match="not increasing"):
+        SampledSpan(message_index=2, start=0, logprobs=[0.0], forced=[1])
+
+
+def test_forced_means_logprob_zero_with_every_listed_rival_masked() -> None:
+    masked = DISALLOWED_LOGPROB
+    rivals = [[masked], [-12.2], [], [masked, -3.0], [masked]]
+    assert forced([0.0, 0.0, 0.0, 0.0, -1e-7], rivals) == [0, 2]
+    assert forced([0.0, -1.0], [[], []]) is None  # no candidates listed: not known
+
+
+@pytest.mark.anyio
+async def test_vllm_marks_the_tokens_its_grammar_forced(
+    llm: Callable[..., OpenAIChatClient],
+) -> None:
+    """Against the real server: under a regex, the first "<" (no other token starts
+    "<think>") and the end of text after "yes" are forced; a free [a-z] token never is."""
+    client = llm()
+    prompt = await client.tokenize([{"role": "user", "content": "Think, then say yes."}])
+    generation = await client.generate(
+        prompt, max_tokens=24, temperature=1.0, regex="<think>[a-z]{1,6}</think>yes"
+    )
+    assert generation.forced is not None
+    assert generation.forced[0] == 0
+    assert generation.forced[-1] == len(generation.token_ids) - 1
+    texts = [await detokenize(client, [i]) for i in generation.token_ids]
+    inside = "".join(texts).index("</think>")
+    position = 0
+    for index, text in enumerate(texts):
+        if len("<think>") <= position < inside and text.isalpha():  # the free reasoning
+            assert index not in generation.forced, (texts, generation.forced)
+        position += len(text)
+    assert all(generation.logprobs[i] == 0.0 for i in generation.forced)
 
 
 def test_a_trajectory_without_tokens_from_before_still_reads() -> None:

@@ -24,6 +24,10 @@ Messages = list[dict[str, Any]]
 # minutes, recursion or memory. Generous enough for a strong model's longest answer.
 MAX_OUTPUT_CHARS = 100_000
 MAX_JSON_DEPTH = 32
+# Candidates asked for beside each sampled token: with one rival, a token the grammar forced
+# shows as logprob 0 against vLLM's stand-in for -inf (JSON has no -inf).
+ALTERNATIVES = 2
+DISALLOWED_LOGPROB = -9999.0
 PROBLEM_CHARS = 300  # a reason quotes at most this much of what the model wrote
 
 
@@ -64,6 +68,7 @@ class Completion(BaseModel):
     prompt_token_ids: list[int] = Field(default_factory=list)
     completion_token_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] = Field(default_factory=list)
+    forced: list[int] | None = None  # completion positions the grammar allowed alone
     reasoning: str | None = None  # a thinking model's <think> block, parsed from the text
 
 
@@ -73,6 +78,7 @@ class Generation(BaseModel):
     text: str
     token_ids: list[int]
     logprobs: list[float]  # behaviour logprob of each sampled token
+    forced: list[int] | None = None  # positions the grammar allowed alone (see `forced`)
     finish_reason: str | None = None
 
 
@@ -139,7 +145,8 @@ class OpenAIChatClient:
                 "json_schema": {"name": "output", "schema": json_schema},
             }
         if record_tokens:
-            request |= {"logprobs": True, "extra_body": {"return_token_ids": True}}
+            request |= {"logprobs": True, "top_logprobs": ALTERNATIVES}
+            request["extra_body"] = {"return_token_ids": True}
         if self.cache_salt is not None:
             request["extra_body"] = {**request.get("extra_body", {}), "cache_salt": self.cache_salt}
         try:
@@ -169,7 +176,7 @@ class OpenAIChatClient:
         try:
             response = await self._client.completions.create(
                 model=self.model, prompt=prompt_ids, max_tokens=max_tokens,
-                temperature=temperature, logprobs=0, extra_body=extra,
+                temperature=temperature, logprobs=ALTERNATIVES, extra_body=extra,
             )  # fmt: skip
         except openai.OpenAIError as error:
             raise llm_error(error, self.endpoint.base_url) from error
@@ -184,9 +191,16 @@ class OpenAIChatClient:
             raise LLMError(
                 f"{self.endpoint.base_url} returned no token ids or logprobs (not vLLM?)"
             )
+        listed = choice.logprobs.top_logprobs or [] if choice.logprobs else []
+        tokens = choice.logprobs.tokens or [] if choice.logprobs else []
+        tops = [
+            [v for k, v in (top or {}).items() if k != token]
+            for token, top in zip(tokens, listed, strict=False)  # unequal: `forced` says None
+        ]
         return Generation(
-            text=choice.text, token_ids=ids, logprobs=logprobs, finish_reason=choice.finish_reason
-        )
+            text=choice.text, token_ids=ids, logprobs=logprobs, finish_reason=choice.finish_reason,
+            forced=forced(logprobs, tops),
+        )  # fmt: skip
 
     async def tokenize(
         self,
@@ -261,7 +275,24 @@ def _completion(response: Any, record_tokens: bool) -> Completion:
         completion.completion_token_ids = list(getattr(choice, "token_ids", None) or [])
         content = choice.logprobs.content if choice.logprobs else None
         completion.logprobs = [float(t.logprob) for t in content or []]
+        tops = [
+            [a.logprob for a in t.top_logprobs or [] if a.token != t.token] for t in content or []
+        ]
+        completion.forced = forced(completion.logprobs, tops)
     return completion
+
+
+def forced(logprobs: list[float], alternatives: list[list[float]]) -> list[int] | None:
+    """The positions whose sampled token the grammar allowed alone: it has logprob 0 and
+    every other candidate the server listed was masked (a near-certain token the model chose
+    freely still has finite rivals, so it keeps its loss). None when the server listed no
+    candidates (not vLLM, or an old one): the trainer then judges by logprob."""
+    if len(alternatives) != len(logprobs) or not any(alternatives):
+        return None
+    return [
+        i for i, (lp, others) in enumerate(zip(logprobs, alternatives, strict=True))
+        if lp == 0.0 and all(o <= DISALLOWED_LOGPROB for o in others)
+    ]  # fmt: skip
 
 
 def check_text(text: str, what: str = "output") -> str:

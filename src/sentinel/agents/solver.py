@@ -278,6 +278,7 @@ def _tokens(completion: Completion, message_index: int, temperature: float) -> T
         logprobs=completion.logprobs,
         finish_reason=completion.finish_reason,
         temperature=temperature,
+        forced=completion.forced,
     )
 
 

@@ -147,6 +147,7 @@ class Transcript:
             SampledSpan(
                 message_index=message_index, start=len(segment.token_ids),
                 logprobs=generation.logprobs, finish_reason=generation.finish_reason,
+                forced=generation.forced,
             )
         )  # fmt: skip
         segment.token_ids.extend(generation.token_ids)

@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 
+def _check_forced(forced: list[int] | None, count: int) -> None:
+    """Grammar-forced positions: increasing, inside the sampled tokens. None: not known (a
+    record from before they were kept; the trainer then judges by logprob)."""
+    if forced and (forced[0] < 0 or forced[-1] >= count or forced != sorted(set(forced))):
+        raise ValueError(f"forced positions {forced[:8]} are not increasing within {count}")
+
+
 class TurnTokens(Strict):
     """One sampled assistant turn, exactly as the server saw and produced it."""
 
@@ -33,6 +40,7 @@ class TurnTokens(Strict):
     logprobs: list[float]  # behaviour logprob of each completion token, at `temperature`
     finish_reason: str | None = None
     temperature: float = 1.0  # sampled at: the trainer scores the tokens at it too
+    forced: list[int] | None = None  # completion positions the grammar allowed alone
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
@@ -40,6 +48,7 @@ class TurnTokens(Strict):
             raise ValueError(
                 f"{len(self.logprobs)} logprobs for {len(self.completion_token_ids)} tokens"
             )
+        _check_forced(self.forced, len(self.logprobs))
         return self
 
 
@@ -50,6 +59,12 @@ class SampledSpan(Strict):
     start: int = Field(ge=0)
     logprobs: list[float]  # behaviour logprob of each sampled token, at the segment's temperature
     finish_reason: str | None = None
+    forced: list[int] | None = None  # span positions the grammar allowed alone
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        _check_forced(self.forced, len(self.logprobs))
+        return self
 
     @property
     def end(self) -> int:

@@ -6,7 +6,7 @@ with loss on the spans the policy sampled. An older trajectory carries each turn
 prompt and completion instead (`turns`); its turns are packed into one sequence when each
 turn's prompt extends the previous sequence token for token, else they become separate
 sequences. Either way nothing is re-tokenized, only the policy's sampled tokens carry loss,
-and of those only the ones the grammar did not force (see FORCED_LOGPROB). Each loss
+and of those only the ones the grammar did not force (see `learnable`). Each loss
 token gets a weight such that the weighted sum over the whole step is the
 chosen aggregation, so gradient accumulation over any split of the batch gives one answer.
 """
@@ -22,9 +22,9 @@ from sentinel.schemas import RolloutGroup, Trajectory
 from sentinel.schemas.trajectory import Segment
 
 EPS = 1e-6
-# A sampled token with behaviour logprob above this was forced: under guided decoding vLLM
-# reports logprobs after the grammar mask, and a token the grammar allowed alone has
-# probability 1 under the sampling policy, so it carries no learning signal.
+# Records from before the server's candidates were kept name no forced positions: there a
+# sampled token with behaviour logprob above this counts as forced (a near-certain free
+# choice too, which is why new records carry the grammar's own verdict).
 FORCED_LOGPROB = -1e-4
 UNINFORMATIVE = "uninformative: every reward equal"
 
@@ -95,9 +95,21 @@ def pack(trajectory: Trajectory) -> list[Packed]:
         mask.extend([False] * len(extra))
         behaviour.extend([0.0] * len(extra))
         ids.extend(completion)
-        mask.extend(lp < FORCED_LOGPROB for lp in turn.logprobs)
+        mask.extend(learnable(turn.logprobs, turn.forced))
         behaviour.extend(turn.logprobs)
     return sequences
+
+
+def learnable(logprobs: list[float], forced: list[int] | None) -> list[bool]:
+    """Which sampled tokens carry loss: all but those the grammar allowed alone. Under
+    guided decoding vLLM reports logprobs after the grammar's mask, so a forced token has
+    probability 1 under the sampling policy and no learning signal."""
+    if forced is None:
+        return [lp < FORCED_LOGPROB for lp in logprobs]
+    mask = [True] * len(logprobs)
+    for i in forced:
+        mask[i] = False
+    return mask
 
 
 def _segment(segment: Segment) -> Packed:
@@ -105,7 +117,7 @@ def _segment(segment: Segment) -> Packed:
     count = len(segment.token_ids)
     mask, behaviour = [False] * count, [0.0] * count
     for span in segment.turns:
-        mask[span.start : span.end] = [lp < FORCED_LOGPROB for lp in span.logprobs]
+        mask[span.start : span.end] = learnable(span.logprobs, span.forced)
         behaviour[span.start : span.end] = span.logprobs
     return Packed(list(segment.token_ids), mask, behaviour, segment.temperature)
 

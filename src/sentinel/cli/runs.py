@@ -21,7 +21,6 @@ from sentinel.config import (
 )
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.monitor import (
-    render_table,
     run_monitor,
     take_snapshot,
 )
@@ -187,30 +186,40 @@ def _components(settings: Settings) -> list[Component]:
 
 
 async def _supervise(settings: Settings, supervisor: Supervisor) -> None:
-    from sentinel.orchestrator.loop import loop_progress
+    from sentinel.live import live_view_wanted, render_lags, summary_console, watch
 
-    budget = settings.loop.max_groups
     try:
         await anyio.to_thread.run_sync(supervisor.start_all)
         async with open_bus(settings) as bus, anyio.create_task_group() as tg:
             tg.start_soon(_keep_monitoring, bus, settings)
-            with Progress(console=Console(stderr=True), transient=True) as bar:
-                rollouts = bar.add_task("rollout groups back", total=budget)
-                trained = bar.add_task("accounted by the trainer", total=budget)
-                while not supervisor.poll():
-                    await anyio.sleep(1.0)
-                    try:  # the bar only: a slow or restarting Redis must not end the run
-                        progress = await loop_progress(bus.redis, settings.bus.prefix)
-                    except (RedisError, OSError) as error:
-                        log.warning("no loop progress this second", error=repr(error))
-                        continue
-                    bar.update(rollouts, completed=progress.returned)
-                    bar.update(trained, completed=progress.accounted)
-            out.print(render_table(await take_snapshot(bus)))
+            if live_view_wanted():  # a person at a terminal; JSON logs stay as they are
+                await watch(settings, supervisor, bus)
+            else:
+                await _poll_with_bars(settings, supervisor, bus)
+            summary_console().print(render_lags(await take_snapshot(bus)))
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(supervisor.stop_all)
+
+
+async def _poll_with_bars(settings: Settings, supervisor: Supervisor, bus: Bus) -> None:
+    """Off a terminal: restarts and the end of the run, with plain progress bars."""
+    from sentinel.orchestrator.loop import loop_progress
+
+    budget = settings.loop.max_groups
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        rollouts = bar.add_task("rollout groups back", total=budget)
+        trained = bar.add_task("accounted by the trainer", total=budget)
+        while not supervisor.poll():
+            await anyio.sleep(1.0)
+            try:  # the bar only: a slow or restarting Redis must not end the run
+                progress = await loop_progress(bus.redis, settings.bus.prefix)
+            except (RedisError, OSError) as error:
+                log.warning("no loop progress this second", error=repr(error))
+                continue
+            bar.update(rollouts, completed=progress.returned)
+            bar.update(trained, completed=progress.accounted)
 
 
 async def _keep_monitoring(bus: Bus, settings: Settings) -> None:
@@ -225,6 +234,7 @@ async def _keep_monitoring(bus: Bus, settings: Settings) -> None:
 
 
 def _print_report(run_dir: Path) -> None:
+    from sentinel.live import summary_console
     from sentinel.report import build_report, render_report
 
     try:
@@ -232,4 +242,4 @@ def _print_report(run_dir: Path) -> None:
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     (run_dir / "report.json").write_text(report.model_dump_json(indent=2))
-    out.print(render_report(report))
+    summary_console().print(render_report(report))  # 80 columns: cells wrap, never cut

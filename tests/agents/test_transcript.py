@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sentinel.agents.llm import DISALLOWED_LOGPROB, Generation, OpenAIChatClient, forced
 from sentinel.agents.parsing import parse_completion, split_reasoning
@@ -24,6 +24,7 @@ from sentinel.envs.base import Environment
 from sentinel.schemas import ChatMessage
 from sentinel.schemas.trajectory import SampledSpan, Segment, Trajectory
 from sentinel.training.batch import Sample, learnable, pack
+from sentinel.training.grammar import GrammarReplay, mask_logits
 from sentinel.training.grpo import collate, policy_logprobs
 from tests import factories
 
@@ -157,6 +158,50 @@ async def test_guided_turns_grow_one_sequence_whose_logprobs_only_the_grammar_ra
     trajectory.tokens = transcript.segments
     trainer, vllm = scored(model, trajectory)
     assert bool((trainer <= vllm + FLOAT32_NOISE).all())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("regex", [None, THINKING], ids=["tool-schema", "thinking-regex"])
+async def test_with_the_grammar_replayed_the_trainer_scores_every_guided_token_as_vllm_did(
+    mock: Environment,
+    llm: Callable[..., OpenAIChatClient],
+    model: torch.nn.Module,
+    model_dir: Path,
+    regex: str | None,
+) -> None:
+    """The trainer masks its logits with each turn's grammar (xgrammar, as vLLM compiles
+    it): then every sampled token's logprob, forced or free, equals vLLM's. Fails if the
+    grammar is not replayed (the masked mass makes vLLM's higher)."""
+    client = llm()
+    solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
+    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    await converse(solver, transcript, turns=2, regex=regex)
+    [segment] = transcript.segments
+    assert len(segment.grammars) == 1
+    assert all(span.grammar == 0 for span in segment.turns)
+    replay = GrammarReplay(AutoTokenizer.from_pretrained(model_dir),
+                           model.config.vocab_size, stop_tokens(model))  # fmt: skip
+    ids = torch.tensor([segment.token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float() / segment.temperature
+    unmasked_gap = 0.0
+    for span in segment.turns:
+        sampled = segment.token_ids[span.start : span.end]
+        masks = replay.bitmasks(segment.grammars[0], sampled)
+        assert masks is not None, "the grammar refused a token the server sampled under it"
+        rows = logits[span.start - 1 : span.end - 1]  # logits at t score the token at t + 1
+        target = torch.tensor(sampled)[:, None]
+        ours = torch.log_softmax(mask_logits(rows, masks), -1).gather(1, target)[:, 0]
+        vllm = torch.tensor(span.logprobs)
+        assert float((ours - vllm).abs().max()) < FLOAT32_NOISE
+        free = torch.log_softmax(rows, -1).gather(1, target)[:, 0]
+        unmasked_gap = max(unmasked_gap, float((vllm - free).max()))
+    assert unmasked_gap > FLOAT32_NOISE  # without the replay, they would not match
+
+
+def stop_tokens(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return sorted({*(eos if isinstance(eos, list) else [eos])} - {None})
 
 
 @pytest.mark.anyio

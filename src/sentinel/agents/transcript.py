@@ -28,13 +28,14 @@ at sampling and at training alike: earlier turns' reasoning is kept, never strip
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sentinel.agents.llm import Generation, Messages
 from sentinel.agents.parsing import parse_completion
 from sentinel.schemas import ChatMessage
-from sentinel.schemas.trajectory import SampledSpan, Segment
+from sentinel.schemas.trajectory import Grammar, SampledSpan, Segment
 
 DUMMY: Messages = [{"role": "system", "content": "."}, {"role": "user", "content": "."}]
 
@@ -140,14 +141,20 @@ class Transcript:
         self._rendered = len(rendered)
         return list(self.segments[-1].token_ids)
 
-    def record(self, generation: Generation, message_index: int) -> None:
-        """The sampled turn, appended as policy tokens; it stands for one rendered message."""
+    def record(
+        self, generation: Generation, message_index: int, grammar: Grammar | None = None
+    ) -> None:
+        """The sampled turn, appended as policy tokens; it stands for one rendered message.
+        A guided turn names its grammar, kept once per segment."""
         segment = self.segments[-1]
+        if grammar is not None and grammar not in segment.grammars:
+            segment.grammars.append(grammar)
         segment.turns.append(
             SampledSpan(
                 message_index=message_index, start=len(segment.token_ids),
                 logprobs=generation.logprobs, finish_reason=generation.finish_reason,
                 forced=generation.forced,
+                grammar=None if grammar is None else segment.grammars.index(grammar),
             )
         )  # fmt: skip
         segment.token_ids.extend(generation.token_ids)
@@ -202,6 +209,13 @@ class Interpreter(Protocol):
     def interpret(self, completion: Any) -> tuple[ChatMessage, str | None]: ...
 
 
+def grammar_of(json_schema: dict[str, Any] | None, regex: str | None) -> Grammar | None:
+    """The grammar as vLLM compiles it: a schema as the JSON text of the request."""
+    if json_schema is not None:
+        return Grammar(kind="json", spec=json.dumps(json_schema))
+    return None if regex is None else Grammar(kind="regex", spec=regex)
+
+
 async def sample_turn(
     solver: Interpreter,
     transcript: Transcript,
@@ -219,7 +233,7 @@ async def sample_turn(
         prompt, max_tokens=max_tokens, temperature=transcript.temperature,
         json_schema=json_schema, regex=regex,
     )  # fmt: skip
-    transcript.record(generation, len(history))
+    transcript.record(generation, len(history), grammar_of(json_schema, regex))
     completion = parse_completion(generation.text, generation.finish_reason, f"call-{len(history)}")
     message, problem = solver.interpret(completion)
     return Sampled(message=message, malformed=problem, reasoning=completion.reasoning)

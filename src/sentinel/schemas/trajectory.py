@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -60,6 +60,7 @@ class SampledSpan(Strict):
     logprobs: list[float]  # behaviour logprob of each sampled token, at the segment's temperature
     finish_reason: str | None = None
     forced: list[int] | None = None  # span positions the grammar allowed alone
+    grammar: int | None = None  # its index in the segment's `grammars`; None: sampled freely
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
@@ -71,6 +72,14 @@ class SampledSpan(Strict):
         return self.start + len(self.logprobs)
 
 
+class Grammar(Strict):
+    """What a guided turn was sampled under (vLLM's structured outputs): a JSON schema, as
+    the JSON text sent, or a regex. The trainer replays it to mask its logits as vLLM did."""
+
+    kind: Literal["json", "regex"]
+    spec: str = Field(max_length=1_000_000)
+
+
 class Segment(Strict):
     """Token-in/token-out: a stretch of a rollout as one sequence that only grew. Each turn's
     prompt was every token before its span; the tokens between spans are the junctions and
@@ -80,6 +89,7 @@ class Segment(Strict):
     token_ids: list[int]
     turns: list[SampledSpan]
     temperature: float = 1.0
+    grammars: list[Grammar] = Field(default_factory=list)  # each once: spans name them
 
     @model_validator(mode="after")
     def _spans_inside(self) -> Self:
@@ -90,6 +100,8 @@ class Segment(Strict):
                     f"turn at [{span.start}, {span.end}) overlaps, is empty or lies outside "
                     f"{len(self.token_ids)} tokens"
                 )
+            if span.grammar is not None and not 0 <= span.grammar < len(self.grammars):
+                raise ValueError(f"turn at {span.start} names grammar {span.grammar}, not kept")
             end = span.end
         return self
 

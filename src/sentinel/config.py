@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -267,8 +268,20 @@ class TrainerSettings(Section):
     micro_batch_tokens: int = Field(2048, ge=64)
     share_prefix: bool = True  # a group's common prompt runs once per micro-batch (exact)
     gradient_checkpointing: bool = False  # recompute activations: for long tau2 prompts
+    # Scores groups into advantages and weighs tokens: a name in training.algorithms'
+    # registry (grpo | rloo | dr_grpo). advantage_scale and loss_aggregation are GRPO's;
+    # RLOO takes loss_aggregation; Dr. GRPO neither (no std, a constant length normaliser).
+    algorithm: str = "grpo"
     advantage_scale: Literal["group", "batch", "none"] = "group"
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    dr_grpo_max_tokens: int = Field(4096, ge=1)  # Dr. GRPO's normaliser: loss tokens budget
+    # Optimizer updates per step: the batch split into this many mini-batches (by trajectory),
+    # each trained once against the policy before the step, so later updates clip. 1: one.
+    updates_per_batch: int = Field(1, ge=1)
+    # True: clip around the trainer's policy before the step (recomputed), weighed by the
+    # truncated behaviour -> proximal ratio (tis_cap), as AReaL's decoupled PPO. False: plain
+    # PPO around the server's behaviour logprobs (no recompute, no TIS).
+    decoupled: bool = True
     epsilon_low: float = Field(0.2, ge=0)
     epsilon_high: float = Field(0.28, ge=0)  # DAPO's clip-higher
     tis_cap: float | None = Field(2.0, gt=0)  # truncated importance sampling; None: off
@@ -284,6 +297,17 @@ class TrainerSettings(Section):
     adapter_dir: Path | None = None  # where vLLM reads adapters; None: <run_dir>/adapters
     publish_endpoints: list[str] = Field(default_factory=list)  # empty: llm.policy.base_url
     seed: int = 0
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # Imported here: the registry's module imports this one.
+        from sentinel.training.algorithms import ALGORITHMS
+
+        if name not in ALGORITHMS:
+            known = ", ".join(sorted(ALGORITHMS))
+            raise ValueError(f"unknown algorithm {name!r}; registered: {known}")
+        return name
 
 
 class ControllerSettings(Section):

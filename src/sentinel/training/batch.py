@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from statistics import fmean, pstdev
+from statistics import fmean
 from typing import Literal, NamedTuple
 
 from sentinel.schemas import RolloutGroup, Trajectory
 from sentinel.schemas.trajectory import Segment
+from sentinel.training.algorithms import GRPO, Algorithm
 
-EPS = 1e-6
 # Records from before the server's candidates were kept name no forced positions: there a
 # sampled token with behaviour logprob above this counts as forced (a near-certain free
 # choice too, which is why new records carry the grammar's own verdict).
@@ -127,21 +127,9 @@ def advantages(
     scale: Literal["group", "batch", "none"],
     partial_credit: float = 0.0,
 ) -> dict[str, float]:
-    """Trajectory-level r - mean(group), optionally divided by the group's or batch's std."""
-    raw: dict[str, float] = {}
-    group_std: dict[str, float] = {}
-    for group in groups:
-        rewards = group.shaped_rewards(partial_credit)
-        mean, std = fmean(rewards), pstdev(rewards)
-        for trajectory, reward in zip(group.trajectories, rewards, strict=True):
-            raw[trajectory.id] = reward - mean
-            group_std[trajectory.id] = std
-    if scale == "group":
-        return {t: a / (group_std[t] + EPS) for t, a in raw.items()}
-    if scale == "batch" and len(raw) > 1:
-        std = pstdev(raw.values())
-        return {t: a / (std + EPS) for t, a in raw.items()}
-    return raw
+    """GRPO's trajectory-level r - mean(group), optionally divided by the group's or batch's
+    std (training.algorithms has the others)."""
+    return GRPO(scale).advantages(groups, partial_credit)
 
 
 def build_batch(
@@ -152,7 +140,11 @@ def build_batch(
     scale: Literal["group", "batch", "none"],
     aggregation: Literal["token_mean", "sequence_mean"],
     partial_credit: float = 0.0,
+    algorithm: Algorithm | None = None,
 ) -> GRPOBatch:
+    """The step's samples; `algorithm` scores and weighs them (None: GRPO by scale and
+    aggregation)."""
+    algorithm = algorithm or GRPO(scale, aggregation)
     batch = GRPOBatch(samples=[], groups=len(groups))
     kept: list[RolloutGroup] = []
     for group in groups:
@@ -164,19 +156,16 @@ def build_batch(
             kept.append(group)
     batch.trained = [g.id for g in kept]
     batch.rewards = [r for g in kept for r in g.shaped_rewards(partial_credit)]
-    advantage = advantages(kept, scale, partial_credit)
+    advantage = algorithm.advantages(kept, partial_credit)
     packed = {t.id: pack(t) for g in kept for t in g.trajectories}
     trajectories = [
         t for g in kept for t in g.trajectories if any(any(p.mask) for p in packed[t.id])
     ]
-    total_tokens = sum(sum(p.mask) for seqs in packed.values() for p in seqs)
+    weights = algorithm.weights(
+        {t.id: sum(sum(p.mask) for p in packed[t.id]) for t in trajectories}
+    )
     for trajectory in trajectories:
-        own_tokens = sum(sum(p.mask) for p in packed[trajectory.id])
-        weight = (
-            1.0 / total_tokens
-            if aggregation == "token_mean"
-            else 1.0 / (own_tokens * len(trajectories))
-        )
+        weight = weights[trajectory.id]
         for ids, mask, behaviour, temperature in packed[trajectory.id]:
             sample = Sample(
                 ids, mask, behaviour, advantage[trajectory.id], weight, trajectory.id,

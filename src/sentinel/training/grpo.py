@@ -1,7 +1,9 @@
-"""The GRPO objective on padded token tensors.
+"""The policy-gradient objective on padded token tensors (every algorithm's: see
+training.algorithms for the advantages and weights).
 
 Per loss token t with advantage A (the trajectory's), trainer logprob log p, the trainer's
-logprob before this step log p_old, and the server's behaviour logprob log mu:
+logprob before this step's first update log p_old (the proximal policy), and the server's
+behaviour logprob log mu:
 
     ratio = exp(log p - log p_old)
     pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
@@ -12,7 +14,10 @@ logprob before this step log p_old, and the server's behaviour logprob log mu:
 `weight` comes from the batch builder and encodes the aggregation (token-mean or
 sequence-mean over the whole step), so micro-batches simply add up. TIS corrects for the
 server sampling from slightly different weights than the trainer holds (bf16 kernels, a policy
-a few versions old), as in TRL's `vllm_importance_sampling_correction`.
+a few versions old), as in TRL's `vllm_importance_sampling_correction`. With one update per
+step p_old is p itself (detached: the ratio is 1); with several, p_old is recomputed before the
+first and held, so later updates clip: AReaL's decoupled PPO, TIS being its truncated
+behaviour -> proximal weight. `reference` picks p_old, or mu for plain (coupled) PPO.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Tensors:
     advantages: torch.Tensor  # [B, 1]
     weights: torch.Tensor  # [B, 1] per loss token
     temperatures: torch.Tensor  # [B, 1] each row's sampling temperature
+    # [B, T-1] the trainer's logprobs before the step's first update (several updates only)
+    proximal: torch.Tensor | None = None
 
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors:
@@ -140,10 +147,12 @@ Loss = Callable[[torch.Tensor, Tensors], tuple[torch.Tensor, "LossStats"]]
 def rows(batch: Tensors, index: slice) -> Tensors:
     """Some rows of a micro-batch, without the padding they do not need."""
     width = int(batch.attention_mask[index].sum(1).max())
+    proximal = batch.proximal
     return Tensors(
         batch.input_ids[index, :width], batch.attention_mask[index, :width],
         batch.loss_mask[index, : width - 1], batch.behaviour[index, : width - 1],
         batch.advantages[index], batch.weights[index], batch.temperatures[index],
+        None if proximal is None else proximal[index, : width - 1],
     )  # fmt: skip
 
 
@@ -200,6 +209,14 @@ class LossStats:
     mismatch_kl: float  # k3 estimate of KL(server || trainer) on the sampled tokens
     tis_mean: float
     tokens: int
+
+
+def reference(logp: torch.Tensor, batch: Tensors, decoupled: bool = True) -> torch.Tensor:
+    """The logprobs the ratio is taken against: the proximal policy's (decoupled; the live
+    ones, detached, when none were recomputed) or the server's behaviour logprobs."""
+    if not decoupled:
+        return batch.behaviour
+    return logp.detach() if batch.proximal is None else batch.proximal
 
 
 def grpo_loss(

@@ -1,5 +1,12 @@
 """The trainable policy: a causal LM with a LoRA adapter (or full weights), its optimizer,
-GRPO steps, and checkpoints that a restarted trainer resumes from.
+policy-gradient steps (the algorithm `trainer.algorithm` names), SFT steps, and checkpoints
+that a restarted trainer resumes from.
+
+A step trains on one batch of groups. With `trainer.updates_per_batch` = k > 1 the batch's
+trajectories are split into k mini-batches (in order, so a group mostly stays together),
+each re-weighed by the algorithm and trained once, one optimizer step each, against the
+policy's logprobs before the first (recomputed once): the ratio departs from 1 and the clip
+acts. The step still counts once (step, version, checkpoints, publishing, one report).
 
 The same code runs on CPU in tests (float32) and on a GPU in the cluster (bfloat16); only
 `trainer.device` and the model directory change.
@@ -10,7 +17,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sentinel.config import TrainerSettings
 from sentinel.logs import get_logger
 from sentinel.schemas import RolloutGroup, SFTExample, TrainStepReport
+from sentinel.training.algorithms import algorithm
 from sentinel.training.batch import Sample, build_batch, micro_batches
 from sentinel.training.grpo import (
     Loss,
@@ -31,6 +41,7 @@ from sentinel.training.grpo import (
     collate,
     grpo_loss,
     policy_logprobs,
+    reference,
 )
 from sentinel.training.sft import TemplateError, default_template, sft_loss, tokenize, weigh
 
@@ -70,9 +81,13 @@ class Policy:
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
+        self.algorithm = algorithm(settings)
+        # Plain PPO's ratio is against the server's logprobs already: no TIS on top.
+        tis_cap = settings.tis_cap if settings.decoupled else None
         self.loss_config = LossConfig(
-            settings.epsilon_low, settings.epsilon_high, settings.tis_cap, settings.kl_beta
+            settings.epsilon_low, settings.epsilon_high, tis_cap, settings.kl_beta
         )
+        self.last_updates: list[LossStats] = []  # the last step's, one per optimizer update
         self.step = 0
         self.version = 0  # the policy version the current weights are
 
@@ -84,19 +99,21 @@ class Policy:
         )  # fmt: skip
 
     def grpo_step(self, groups: Sequence[RolloutGroup]) -> TrainStepReport:
-        """One optimizer step on `groups`; no update if every group was filtered or stale."""
+        """One step on `groups` (`updates_per_batch` optimizer updates); no update if every
+        group was filtered or stale."""
         started = time.monotonic()
         s = self.settings
         batch = build_batch(
             groups, current_version=self.version, max_staleness=s.max_staleness,
             scale=s.advantage_scale, aggregation=s.loss_aggregation,
-            partial_credit=s.partial_credit,
+            partial_credit=s.partial_credit, algorithm=self.algorithm,
         )  # fmt: skip
 
         def loss(logp: torch.Tensor, rows: Tensors) -> tuple[torch.Tensor, LossStats]:
-            return grpo_loss(logp, logp.detach(), rows, self.loss_config, self._ref(rows))
+            old = reference(logp, rows, s.decoupled)
+            return grpo_loss(logp, old, rows, self.loss_config, self._ref(rows))
 
-        totals = self._train(batch.samples, loss)
+        totals = self._train(self._mini_batches(batch.samples), loss)
         return TrainStepReport(
             **self._figures(totals, started), mean_reward=batch.mean_reward, groups=batch.groups,
             filtered_groups=batch.filtered_groups, stale_groups=batch.stale_groups,
@@ -115,29 +132,78 @@ class Policy:
                 log.warning("SFT example skipped", example=example.id, error=str(error))
         samples = [s for s in samples if any(s.loss_mask)]
         weigh(samples)
-        totals = self._train(samples, sft_loss)
+        totals = self._train([samples], sft_loss)
         return TrainStepReport(
             **self._figures(totals, started), mode="sft", groups=0, examples=len(samples)
         )
 
-    def _train(self, samples: Sequence[Sample], loss: Loss) -> dict[str, float]:
-        """Accumulate the gradient over micro-batches and step (if there was anything)."""
+    def _mini_batches(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        """`updates_per_batch` slices of the trajectories, in order, each weighed as a step of
+        its own; one (the samples as built) when there is one update."""
+        count = self.settings.updates_per_batch
+        if count == 1:
+            return [list(samples)]
+        ids = list(dict.fromkeys(sample.trajectory_id for sample in samples))
+        minis: list[list[Sample]] = []
+        for index in range(count):
+            chosen = set(ids[index * len(ids) // count : (index + 1) * len(ids) // count])
+            mini = [sample for sample in samples if sample.trajectory_id in chosen]
+            tokens: Counter[str] = Counter()
+            for sample in mini:
+                tokens[sample.trajectory_id] += sum(sample.loss_mask)
+            weights = self.algorithm.weights(tokens)
+            if mini:
+                minis.append([replace(s, weight=weights[s.trajectory_id]) for s in mini])
+        return minis
+
+    def _train(self, minis: Sequence[Sequence[Sample]], loss: Loss) -> dict[str, float]:
+        """One optimizer update per mini-batch, accumulating its gradient over micro-batches;
+        the step counts once if anything was trained."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0}
         s = self.settings
-        for micro in micro_batches(samples, s.micro_batch_tokens, s.share_prefix):
-            for stats in self._backward(collate(micro, self.pad_id, self.device), loss):
-                totals["loss"] += stats.loss
-                totals["clip"] += stats.clip_fraction * stats.tokens
-                totals["kl"] += stats.mismatch_kl * stats.tokens
-                totals["tokens"] += stats.tokens
-        if samples:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-            self.optimizer.step()
+        prepared = [
+            [collate(m, self.pad_id, self.device) for m in self._micro(mini)]
+            for mini in minis
+            if mini
+        ]
+        if len(prepared) > 1 and s.decoupled:
+            self._proximal([t for update in prepared for t in update])
+        totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0}
+        self.last_updates = [self._update(update, loss, totals) for update in prepared]
+        totals["loss"] /= max(len(prepared), 1)  # each update's loss is its own aggregate
+        if prepared:
             self.step += 1
             self.version += 1
         return totals
+
+    def _micro(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        return micro_batches(samples, self.settings.micro_batch_tokens, self.settings.share_prefix)
+
+    def _update(self, micros: list[Tensors], loss: Loss, totals: dict[str, float]) -> LossStats:
+        """Accumulate the gradient over `micros` and take one optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        own = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tis": 0.0, "tokens": 0.0}
+        for tensors in micros:
+            for stats in self._backward(tensors, loss):
+                for figures in (own, totals):
+                    figures["loss"] += stats.loss
+                    figures["clip"] += stats.clip_fraction * stats.tokens
+                    figures["kl"] += stats.mismatch_kl * stats.tokens
+                    figures["tis"] = figures.get("tis", 0.0) + stats.tis_mean * stats.tokens
+                    figures["tokens"] += stats.tokens
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        self.optimizer.step()
+        tokens = own["tokens"] or 1
+        return LossStats(
+            own["loss"], own["clip"] / tokens, own["kl"] / tokens, own["tis"] / tokens,
+            int(own["tokens"]),
+        )  # fmt: skip
+
+    def _proximal(self, micros: list[Tensors]) -> None:
+        """The policy's logprobs before the first update, held for the ratio of every one."""
+        with torch.no_grad():
+            for tensors in micros:
+                tensors.proximal = policy_logprobs(self.model, tensors)
 
     def _figures(self, totals: dict[str, float], started: float) -> dict[str, Any]:
         tokens, duration = int(totals["tokens"]), time.monotonic() - started

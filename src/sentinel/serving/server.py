@@ -93,7 +93,7 @@ def ensure_policy_server(settings: Settings) -> Iterator[str]:
         raise ServerUnavailable(f"the policy endpoint {policy.base_url} does not answer")
     from sentinel.serving.model import prepare_model
 
-    model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir)
+    model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir, settings.serve.model)
     serve = settings.serve.model_copy(update={"port": port})
     key = os.environ.get(policy.api_key_env) or None
     with VLLMServer(serve, model_dir, settings.run_dir, api_key=key) as server:

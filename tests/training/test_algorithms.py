@@ -139,9 +139,13 @@ def test_one_update_per_step_is_the_single_step_as_before(tiny_dir: Path) -> Non
         assert torch.equal(got, want), name
 
 
-def test_later_updates_of_a_step_clip_against_the_policy_before_it(tiny_dir: Path) -> None:
-    policy = Policy(settings(updates_per_batch=2, epsilon_low=0.01, epsilon_high=0.01), tiny_dir)
-    report = policy.grpo_step(groups())
+@pytest.mark.parametrize("share_prefix", [False, True])  # True: rows of the proximal sliced
+def test_later_updates_of_a_step_clip_against_the_policy_before_it(
+    tiny_dir: Path, share_prefix: bool
+) -> None:
+    clip = {"epsilon_low": 0.01, "epsilon_high": 0.01}
+    policy = Policy(settings(updates_per_batch=2, share_prefix=share_prefix, **clip), tiny_dir)
+    report = policy.grpo_step(groups(shared=6))
     first, second = policy.last_updates
     assert first.clip_fraction == 0.0  # the proximal policy is the one being trained: ratio 1
     assert second.clip_fraction > 0  # one update later the ratio moved past 1 +- 0.01

@@ -33,6 +33,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.solver import Solver
 from sentinel.config import (
+    LOCAL_KEY_ENV,
     LLMEndpoint,
     PolicyModel,
     RolloutSettings,
@@ -89,7 +90,8 @@ async def measure(url: str, adapter: Path | None, requests: int, max_tokens: int
     figures["batch"] = await turns.batch(requests, first=2)
     if adapter is None:
         return figures
-    await load_adapter(url, "bench-lora", adapter)
+    headers = LLMEndpoint(base_url=url).auth_headers()
+    await load_adapter(url, "bench-lora", adapter, headers=headers)
     await turns.batch(1, model="bench-lora")  # its own prefix cache: pay the cold prefill once
     figures["lora_batch"] = await turns.batch(requests, model="bench-lora", first=2)
     return figures
@@ -102,6 +104,7 @@ def smollm2(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for name, serve in PROFILES.items():
         with VLLMServer(serve.model_copy(update={"port": 0}), model_dir, tmp / name) as s:
+            os.environ[LOCAL_KEY_ENV] = s.api_key  # the clients' key: each server has its own
             results[name] = anyio.run(measure, s.url, adapter, args.requests, args.max_tokens)
         print(name, json.dumps(results[name]), flush=True)
     base, ours = results["vllm-default"], results["sentinel"]
@@ -120,12 +123,14 @@ def larger(model: PolicyModel, args: argparse.Namespace, tmp: Path) -> dict[str,
     started = time.perf_counter()
     model_dir = prepare_model(Settings().cache_dir, model)
     prepare_s = round(time.perf_counter() - started, 1)  # ~0 once converted
-    serve = ServeSettings(model=model, port=0, kv_cache_gb=2)  # 2 GB: ~85k tokens on 0.5B
+    # 2 GB of KV cache: ~85k tokens on 0.5B, ~37k on 1.5B (float32), leaving memory for weights
+    serve = ServeSettings(model=model, port=0, kv_cache_gb=2, dtype=args.dtype)
     started = time.perf_counter()
     with VLLMServer(serve, model_dir, tmp / model) as s:
+        os.environ[LOCAL_KEY_ENV] = s.api_key
         start_s = round(time.perf_counter() - started, 1)
         result = anyio.run(measure, s.url, None, args.requests, args.max_tokens)
-    result = {"prepare_s": prepare_s, "server_start_s": start_s, **result}
+    result = {"dtype": args.dtype, "prepare_s": prepare_s, "server_start_s": start_s, **result}
     print(model, json.dumps(result), flush=True)
     return {f"{model}_{key}": value for key, value in result.items()}
 
@@ -138,6 +143,12 @@ def main() -> None:
         "--models",
         default="smollm2-135m",
         help=f"comma-separated, of {', '.join(get_args(PolicyModel))}",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the larger models' serve.dtype (bfloat16: native with AVX512-BF16/AMX only)",
     )
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]

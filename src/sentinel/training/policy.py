@@ -139,7 +139,7 @@ class Policy:
 
     def _mini_batches(self, samples: Sequence[Sample]) -> list[list[Sample]]:
         """`updates_per_batch` slices of the trajectories, in order, each weighed as a step of
-        its own; one (the samples as built) when there is one update."""
+        its own (fewer with fewer trajectories); the samples as built for one update."""
         count = self.settings.updates_per_batch
         if count == 1:
             return [list(samples)]

@@ -427,6 +427,19 @@ class LoopSettings(Section):
     # is found by its lease: workers.lease_s)
     inflight_timeout_s: float = Field(3600.0, gt=0)
     max_dropped_in_row: int = Field(8, ge=1)  # consecutive dropped groups that stop the loop
+    # sft: `sentinel sft` (agent SFT on tool-grounded dialogues, EigenData) before RL starts
+    warm_start: Literal["none", "sft"] = "none"
+
+
+class SFTSettings(Section):
+    """Agent SFT before RL (`sentinel sft`, `loop.warm_start: sft`): TRL's SFTTrainer on
+    dialogues synthesised from the train tasks' gold actions; LoRA or full as `trainer` says."""
+
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)  # dialogues per optimizer step
+    max_tasks: int | None = Field(None, ge=1)  # of the train tasks; None: all
+    max_length: int | None = Field(None, ge=64)  # tokens per dialogue; None: never cut
 
 
 class UserSimSettings(Section):
@@ -486,6 +499,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     loop: LoopSettings = LoopSettings()
     usersim: UserSimSettings = UserSimSettings()
+    sft: SFTSettings = SFTSettings()
     tracking: TrackingSettings = TrackingSettings()
     env: EnvSettings = EnvSettings()  # the environment of the loop (`envs.load`)
 

@@ -7,7 +7,7 @@ its commands on import, in the order `--help` lists them.
 from sentinel.cli.base import app
 
 # isort: off
-from sentinel.cli import services, runs, stages, records, usersim  # noqa: F401 (registers)
+from sentinel.cli import services, runs, stages, records, sft, usersim  # noqa: F401 (registers)
 # isort: on
 
 app.add_typer(usersim.usersim_app, name="usersim")

@@ -132,6 +132,7 @@ def up(
     workers as supervised child processes (restarted if they die; logs in <run_dir>/logs),
     with the queue monitor. A bounded run (loop.max_groups) ends with a summary; Ctrl-C stops
     everything, and running `up` again on the same run_dir resumes."""
+    from sentinel.cli.sft import warm_start_before_rl
     from sentinel.supervisor import RunFailed, Supervisor
 
     settings = settings_of(ctx)
@@ -148,6 +149,7 @@ def up(
             settings = settings.model_copy(update={"redis_url": url})
             config = write_config(settings)
             secrets = {"SENTINEL_REDIS_URL": url}  # not in config.yaml if it has a password
+            warm_start_before_rl(settings, config, secrets)  # loop.warm_start: sft
             supervisor = Supervisor(_components(settings), settings.run_dir, config, env=secrets)
             log.info(
                 "stack up", redis=redact(url), policy=policy_url, run_dir=str(settings.run_dir)

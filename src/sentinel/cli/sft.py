@@ -6,6 +6,7 @@ Registered by `sentinel.cli` on import; the logic is `sentinel.training.warm_sta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ async def _train_and_publish(
     from sentinel.orchestrator.streams import Stream
     from sentinel.serving.model import ModelUnavailable, prepare_model
     from sentinel.training.policy import Policy
-    from sentinel.training.publisher import LoRAPublisher, PublishError
+    from sentinel.training.publisher import LoRAPublisher, PublishError, served_name
     from sentinel.training.warm_start import WarmStartResult, checkpoints_dir, fine_tune, publish
 
     t = settings.trainer
@@ -125,8 +126,12 @@ async def _train_and_publish(
     policy = await anyio.to_thread.run_sync(Policy, t, model_dir)
     directory = settings.run_dir / "warm_start"
     fit = await anyio.to_thread.run_sync(fine_tune, policy, rows, settings, directory / "trl")
+    adapters = t.adapter_dir or settings.run_dir / "adapters"
+    # An earlier attempt that failed to publish left its weights there, unannounced and never
+    # sampled (no checkpoint yet): the publisher would refuse other weights under its name.
+    shutil.rmtree(adapters / served_name(1), ignore_errors=True)
     publisher = LoRAPublisher(  # as the trainer's (cli.stages.trainer)
-        t.adapter_dir or settings.run_dir / "adapters",
+        adapters,
         t.publish_endpoints or [settings.llm.policy.base_url],
         settings.serve.served_model_name,
         headers=settings.llm.policy.auth_headers(),

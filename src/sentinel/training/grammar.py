@@ -11,6 +11,7 @@ trainer's tokenizer, which is the served one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a turn, as vLLM gathers them: the tokenizer's end of text and
+    the generation config's."""
+    eos = model.generation_config.eos_token_id
+    stops = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id}
+    return sorted(s for s in stops if s is not None)
+
+
 class GrammarReplay:
     """Token bitmasks of a sampled span under its grammar, on one tokenizer."""
 
@@ -32,6 +41,7 @@ class GrammarReplay:
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
         )
+        self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
@@ -67,3 +77,28 @@ def mask_logits(logits: torch.Tensor, bitmasks: torch.Tensor) -> torch.Tensor:
     masked = logits.clone()
     xgr.apply_token_bitmask_inplace(masked, bitmasks.to(logits.device))
     return masked
+
+
+def unpacked(bitmasks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """xgrammar's int32 bitmask rows as booleans over the vocabulary: [N, vocab_size]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmasks.device)
+    bits = (bitmasks.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmasks.shape[0], -1)[:, :vocab_size].bool()
+
+
+def allowed_rows(
+    rows: Sequence[tuple[list[int], list[bool], list[tuple[int, int, Grammar]]]],
+    replay: GrammarReplay,
+) -> torch.Tensor:
+    """The tokens allowed at each loss position of `rows` (input ids, loss mask, guided
+    spans), in the order the trainer gathers its loss positions (row by row, left to right):
+    a guided turn's grammar where one applies, every token elsewhere. [N, vocab_size]."""
+    allowed: list[torch.Tensor] = []
+    for ids, loss_mask, guided in rows:
+        row = torch.ones(len(ids), replay.vocab_size, dtype=torch.bool)
+        for start, end, grammar in guided:
+            masks = replay.bitmasks(grammar, ids[start:end])
+            if masks is not None:  # else scored unmasked (logged): no worse than before
+                row[start:end] = unpacked(masks, replay.vocab_size)
+        allowed.append(row[torch.tensor(loss_mask, dtype=torch.bool)])
+    return torch.cat(allowed)

@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from sentinel.training.batch import Sample
+from sentinel.training.grammar import GrammarReplay, allowed_rows
 
 GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
 
@@ -55,10 +56,19 @@ class Tensors:
     temperatures: torch.Tensor  # [B, 1] each row's sampling temperature
     # [B, T-1] the trainer's logprobs before the step's first update (several updates only)
     proximal: torch.Tensor | None = None
+    # [loss tokens, V] bool: what the grammar allowed at each loss position (guided turns)
+    allowed: torch.Tensor | None = None
 
 
-def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors:
+def collate(
+    samples: list[Sample], pad_id: int, device: torch.device, replay: GrammarReplay | None = None
+) -> Tensors:
+    """Samples as padded tensors; with a `replay`, guided turns' grammars as masks."""
     width = max(len(s.input_ids) for s in samples)
+    allowed = None
+    if replay is not None and any(s.guided for s in samples):
+        guided = [(s.input_ids, s.loss_mask, s.guided) for s in samples]
+        allowed = allowed_rows(guided, replay).to(device)
 
     def padded(rows: list[list[float]] | list[list[int]] | list[list[bool]], fill: float) -> list:  # type: ignore[type-arg]
         return [list(r) + [fill] * (width - len(r)) for r in rows]
@@ -75,6 +85,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> Tensors
         advantages=torch.tensor([[s.advantage] for s in samples]).float().to(device),
         weights=torch.tensor([[s.weight] for s in samples]).float().to(device),
         temperatures=torch.tensor([[_temperature(s.temperature)] for s in samples]).to(device),
+        allowed=allowed,
     )
 
 
@@ -124,6 +135,8 @@ def _logprobs(
     loss_mask = batch.loss_mask[:, split:]
     logits = base.lm_head(out.last_hidden_state[:, :-1][loss_mask]).float()
     logits = logits / batch.temperatures.expand_as(loss_mask)[loss_mask].unsqueeze(-1)
+    if batch.allowed is not None:  # as vLLM sampled: the grammar's refusals at -inf
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
     targets = batch.input_ids[:, split + 1 :][loss_mask]
     picked = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(batch.loss_mask.shape, dtype=torch.float32, device=picked.device)
@@ -147,12 +160,15 @@ Loss = Callable[[torch.Tensor, Tensors], tuple[torch.Tensor, "LossStats"]]
 def rows(batch: Tensors, index: slice) -> Tensors:
     """Some rows of a micro-batch, without the padding they do not need."""
     width = int(batch.attention_mask[index].sum(1).max())
-    proximal = batch.proximal
+    proximal, allowed = batch.proximal, batch.allowed
+    if allowed is not None:  # its rows are loss positions, row after row
+        before = int(batch.loss_mask[: index.start].sum()) if index.start else 0
+        allowed = allowed[before : before + int(batch.loss_mask[index].sum())]
     return Tensors(
         batch.input_ids[index, :width], batch.attention_mask[index, :width],
         batch.loss_mask[index, : width - 1], batch.behaviour[index, : width - 1],
         batch.advantages[index], batch.weights[index], batch.temperatures[index],
-        None if proximal is None else proximal[index, : width - 1],
+        None if proximal is None else proximal[index, : width - 1], allowed,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from sentinel.logs import get_logger
 from sentinel.schemas import RolloutGroup, SFTExample, TrainStepReport
 from sentinel.training.algorithms import algorithm
 from sentinel.training.batch import Sample, build_batch, micro_batches
+from sentinel.training.grammar import GrammarReplay, stop_tokens
 from sentinel.training.grpo import (
     Loss,
     LossConfig,
@@ -88,6 +89,7 @@ class Policy:
             settings.epsilon_low, settings.epsilon_high, tis_cap, settings.kl_beta
         )
         self.last_updates: list[LossStats] = []  # the last step's, one per optimizer update
+        self._grammars: GrammarReplay | None = None
         self.step = 0
         self.version = 0  # the policy version the current weights are
 
@@ -162,7 +164,7 @@ class Policy:
         self.model.train()
         s = self.settings
         prepared = [
-            [collate(m, self.pad_id, self.device) for m in self._micro(mini)]
+            [collate(m, self.pad_id, self.device, self._replay(m)) for m in self._micro(mini)]
             for mini in minis
             if mini
         ]
@@ -175,6 +177,18 @@ class Policy:
             self.step += 1
             self.version += 1
         return totals
+
+    def _replay(self, samples: Sequence[Sample]) -> GrammarReplay | None:
+        """The grammar replay, built on the first guided sample (compiling xgrammar's
+        tokenizer tables takes a moment, and free-format runs never need it)."""
+        if not any(s.guided for s in samples):
+            return None
+        if self._grammars is None:
+            model: Any = self.model
+            vocab = int(model.get_output_embeddings().out_features)
+            stops = stop_tokens(model, self.tokenizer)
+            self._grammars = GrammarReplay(self.tokenizer, vocab, stops)
+        return self._grammars
 
     def _micro(self, samples: Sequence[Sample]) -> list[list[Sample]]:
         return micro_batches(samples, self.settings.micro_batch_tokens, self.settings.share_prefix)

@@ -1,11 +1,12 @@
 """`sentinel report RUN --html FILE` over a hand-made record: a self-contained page with the
-six charts, rendered by headless Chromium (the charts are drawn, not a blank page)."""
+seven charts, rendered by headless Chromium (the charts are drawn, not a blank page)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from plotly.offline import get_plotlyjs
 from typer.testing import CliRunner
 
 from sentinel.cli import app
+from sentinel.orchestrator.monitor import QUEUES_FILE, GroupFigures, QueueSnapshot, StreamFigures
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import EvalReport, Exploration, RolloutGroup, ValidationResult
 from tests.factories import examples, group
@@ -45,6 +47,18 @@ def richer_record(run_dir: Path) -> None:
     )  # fmt: skip
     template = next(m for m in examples() if isinstance(m, EvalReport))
     write(run_dir, Stream.EVALUATIONS, template.model_copy(update={"policy_version": 2}))
+    with (run_dir / QUEUES_FILE).open("w") as file:  # as `up`'s monitor records them
+        for second, lag in enumerate([0, 3, 1]):
+            file.write(snapshot(second, lag).model_dump_json() + "\n")
+        file.write('{"at": "2026-01-01T00:00:0')  # torn by a crash: skipped
+
+
+def snapshot(second: int, lag: int) -> QueueSnapshot:
+    groups = [GroupFigures(group=g, consumers=1, pending=0, lag=n, oldest_pending_age_s=None,
+                           totals={}) for g, n in (("trainer", lag), ("recorder", 0))]  # fmt: skip
+    stream = StreamFigures(stream="rollout_groups", length=lag, published=9, dead_letters=0,
+                           dead_letters_dropped=0, groups=groups)  # fmt: skip
+    return QueueSnapshot(at=datetime(2026, 1, 1, 0, 0, second, tzinfo=UTC), streams=[stream])
 
 
 def render(tmp_path: Path) -> tuple[Path, str]:
@@ -55,15 +69,17 @@ def render(tmp_path: Path) -> tuple[Path, str]:
     return page, page.read_text()
 
 
-def test_the_page_is_self_contained_with_six_charts(tmp_path: Path) -> None:
+def test_the_page_is_self_contained_with_seven_charts(tmp_path: Path) -> None:
     _, text = render(tmp_path)
-    assert text.count('class="plotly-graph-div"') == 6
+    assert text.count('class="plotly-graph-div"') == 7
     shell = text.replace(get_plotlyjs(), "")  # the page around the inlined plotly.js
     assert "src=" not in shell  # nothing fetched
     assert "<link" not in shell
     for title in ("pass^k", "Reward per train step", "Pattern shares", "acceptance",
-                  "Trainer idle", "LEAFE"):  # fmt: skip
+                  "Trainer idle", "Queue lag", "LEAFE"):  # fmt: skip
         assert title in text
+    assert "rollout_groups \\u002f trainer" in text  # the group that lagged (JSON-escaped)
+    assert "rollout_groups \\u002f recorder" not in text  # never behind: left out
     assert "no LEAFE exploration" not in text
     assert "no held-out evaluation" not in text
 

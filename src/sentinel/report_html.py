@@ -1,9 +1,10 @@
 """`sentinel report RUN --html FILE`: the run's curves on one self-contained page.
 
 Built from the recorded JSONL alone (`Artifacts`), with plotly.js inlined once, so the page
-fetches nothing and opens offline. Six charts: held-out pass^k per policy version with 95%
+fetches nothing and opens offline. Seven charts: held-out pass^k per policy version with 95%
 intervals over tasks, reward per train step, pattern shares across versions, acceptance and
-rejection reasons over time, the trainer's idle time and the groups' wait, and LEAFE.
+rejection reasons over time, the trainer's idle time and the groups' wait, every queue's lag
+over time (the snapshots `up` records), and LEAFE.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
+from pydantic import ValidationError
 
+from sentinel import jsonl
 from sentinel.evaluation import final_results, group_results
 from sentinel.metrics import pass_hat_k, succeeded
+from sentinel.orchestrator.monitor import QUEUES_FILE, QueueSnapshot
 from sentinel.orchestrator.streams import Stream
 from sentinel.report import Artifacts, RunReport, build_report
 from sentinel.schemas import (
@@ -45,6 +49,7 @@ def render_html(run_dir: Path) -> str:
         _patterns(summary),
         _acceptance(a.read(Stream.VALIDATIONS, ValidationResult)),
         _lags(reports, groups),
+        _queues(run_dir),
         _leafe(reports, groups),
     ]
     config = {"responsive": True, "displayModeBar": False}  # it hid the titles
@@ -187,6 +192,30 @@ def _lags(reports: list[TrainStepReport], groups: list[RolloutGroup]) -> go.Figu
     figure.add_bar(x=steps, y=[r.wait_s for r in batches], name="trainer idle (s)")
     figure.add_scatter(x=steps, y=lag, name="group wait in queue (s)", mode="lines+markers")
     return figure if batches else _empty(figure, "no train report recorded")
+
+
+def _queues(run_dir: Path, most: int = 8) -> go.Figure:
+    """Each consumer group's lag (entries published, not yet read) over the run, from the
+    queue monitor's recorded snapshots; the `most` groups that ever lagged furthest."""
+    figure = _figure("Queue lag per stream and consumer group", "time (UTC)", "entries behind")
+    series: dict[str, list[tuple[object, int]]] = defaultdict(list)
+    for line in jsonl.lines(run_dir / QUEUES_FILE):
+        try:
+            snapshot = QueueSnapshot.model_validate_json(line)
+        except ValidationError:  # a line torn by a crash
+            continue
+        for stream in snapshot.streams:
+            for group in stream.groups:
+                series[f"{stream.stream} / {group.group}"].append((snapshot.at, group.lag))
+    lagging = sorted((n for n in series if any(lag for _, lag in series[n])),
+                     key=lambda n: -max(lag for _, lag in series[n]))[:most]  # fmt: skip
+    for name in lagging:
+        at, lag = zip(*series[name], strict=True)
+        figure.add_scatter(x=list(at), y=list(lag), name=name, mode="lines")
+    if lagging:
+        return figure
+    why = "no queue ever lagged" if series else f"no {QUEUES_FILE} (recorded by `sentinel up`)"
+    return _empty(figure, why)
 
 
 def _leafe(reports: list[TrainStepReport], groups: list[RolloutGroup]) -> go.Figure:

@@ -2,16 +2,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
 from typer.testing import CliRunner
 
+from sentinel import jsonl
 from sentinel.cli import app
 from sentinel.config import Settings
 from sentinel.logs import configure_logging
 from sentinel.orchestrator.bus import Bus, Reject, connect
 from sentinel.orchestrator.monitor import (
+    QUEUES_FILE,
+    QueueSnapshot,
     _group_figures,
     log_snapshot,
     run_monitor,
@@ -163,3 +167,15 @@ async def test_the_monitor_creates_the_declared_groups_so_their_lag_shows(bus: B
         GROUPS[Stream.ROLLOUT_GROUPS], 1
     )
     assert stream.length == 1
+
+
+@pytest.mark.anyio
+async def test_the_monitor_records_its_snapshots_for_the_report(bus: Bus, tmp_path: Path) -> None:
+    await bus.publish_many(Stream.ROLLOUT_GROUPS, [factories.group("retail-0", [1.0, 0.0])])
+    record = tmp_path / QUEUES_FILE
+    with anyio.move_on_after(0.5):
+        await run_monitor(Bus(bus.redis, bus.settings), 0.1, record=record)
+    snapshots = [QueueSnapshot.model_validate_json(x) for x in jsonl.lines(record)]
+    assert len(snapshots) >= 2
+    lags = {(s.stream, g.group): g.lag for s in snapshots[-1].streams for g in s.groups}
+    assert lags[(Stream.ROLLOUT_GROUPS.value, "trainer")] == 1

@@ -21,6 +21,7 @@ from sentinel.config import (
 )
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.monitor import (
+    QUEUES_FILE,
     run_monitor,
     take_snapshot,
 )
@@ -229,7 +230,10 @@ async def _keep_monitoring(bus: Bus, settings: Settings) -> None:
     the run down with it."""
     while True:
         try:
-            await run_monitor(bus, settings.monitor.interval_s, trim=settings.monitor.trim)
+            await run_monitor(
+                bus, settings.monitor.interval_s, trim=settings.monitor.trim,
+                record=settings.run_dir / QUEUES_FILE,
+            )  # fmt: skip
         except Exception as error:
             log.exception("queue monitor failed; restarting", error=repr(error))
             await anyio.sleep(settings.monitor.interval_s)

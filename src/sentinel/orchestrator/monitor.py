@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import cast
 
 import anyio
@@ -43,9 +44,12 @@ class StreamFigures(BaseModel):
     groups: list[GroupFigures]
 
 
+QUEUES_FILE = "queues.jsonl"  # in the run directory: `up`'s snapshots, one per line
+
+
 class QueueSnapshot(BaseModel):
     at: datetime
-    monotonic: float
+    monotonic: float = 0.0  # this process's clock: not recorded
     streams: list[StreamFigures]
 
 
@@ -130,8 +134,11 @@ def log_snapshot(snapshot: QueueSnapshot) -> None:
             log.info("queue", **base, **group.model_dump(exclude={"totals"}), **group.totals)
 
 
-async def run_monitor(bus: Bus, interval_s: float, *, trim: bool = True) -> None:
-    """Log queue figures every `interval_s` seconds, trimming fully acknowledged entries.
+async def run_monitor(
+    bus: Bus, interval_s: float, *, trim: bool = True, record: Path | None = None
+) -> None:
+    """Log queue figures every `interval_s` seconds, trimming fully acknowledged entries;
+    with `record`, also append each snapshot to that JSONL file (the HTML report's lags).
 
     Declared groups are created first, so that their lag shows before their consumers start.
     """
@@ -144,6 +151,9 @@ async def run_monitor(bus: Bus, interval_s: float, *, trim: bool = True) -> None
                 await bus.trim(stream.stream)
         current = with_rates(await take_snapshot(bus), previous)
         log_snapshot(current)
+        if record is not None:
+            with record.open("a") as file:
+                file.write(current.model_dump_json(exclude={"monotonic"}) + "\n")
         previous = current
 
 

@@ -3,8 +3,11 @@
 Each component runs as its own `sentinel` subcommand, exactly as a Kubernetes Deployment runs
 it, with JSON logs in `<run_dir>/logs/<name>.log`. A component that dies (a crash, kill -9)
 is restarted with backoff, up to `max_restarts` times. The orchestrator decides when the run
-is over: its clean exit ends a bounded run, and a non-zero exit (it stopped with a reason) is
-the run's failure. `<run_dir>/pids.json` names each component's current process.
+is over: its clean exit ends a bounded run, and an exit with a reason (the loop stopped, a bad
+config, the run directory or Redis unusable) is the run's failure. An orchestrator that
+crashes (an uncaught error, such as a Redis read timing out on a starved machine) is
+restarted like any component: it resumes from Redis. `<run_dir>/pids.json` names each
+component's current process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ log = get_logger(__name__)
 
 ORCHESTRATOR = "orchestrator"
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+CRASHED = 1  # Python's exit code after an uncaught error; every stop with a reason has its own
+LOOP_STOPPED = 5  # the orchestrator's exit when the loop stops with a reason (LoopStopped)
 
 
 class RunFailed(Exception):
@@ -103,7 +108,7 @@ class Supervisor:
         component.history.append(code)
         if component.name == ORCHESTRATOR and code == 0:
             return True
-        if component.name == ORCHESTRATOR and code > 0:
+        if component.name == ORCHESTRATOR and code > 0 and code != CRASHED:
             raise RunFailed(f"the orchestrator stopped the run: {self.last_error(component)}")
         if component.restarts >= self.max_restarts:
             raise RunFailed(

@@ -316,6 +316,37 @@ async def test_redis_restart_with_aof_loses_no_acknowledged_message(tmp_path: Pa
     assert recorder.handled == Counter({t.id: 1 for t in tasks})
 
 
+@pytest.mark.anyio
+async def test_a_consumer_outlives_a_redis_that_stops_answering(tmp_path: Path) -> None:
+    """Redis frozen (SIGSTOP) past the client's socket timeout, as a starved CI machine
+    once did: the read times out, the consumer reads again, and loses nothing."""
+    settings = Settings(
+        redis_url="redis://unused:1", redis_socket_timeout_s=0.5,
+        bus=BusSettings(block_ms=100, claim_idle_ms=600),
+    )  # fmt: skip
+    recorder = Recorder()
+    with RedisServer(tmp_path / "redis") as server:
+        bus = Bus(connect(server.url, settings), settings.bus)
+        await bus.publish("tasks", factories.task(0))
+        stop = anyio.Event()
+        with anyio.fail_after(30), structlog.testing.capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: bus.consume("tasks", "g", "c1", Task, recorder, stop=stop))
+                while len(recorder.handled) < 1:
+                    await anyio.sleep(0.05)
+                assert server.process is not None
+                server.process.send_signal(signal.SIGSTOP)
+                await anyio.sleep(2.0)  # four socket timeouts
+                server.process.send_signal(signal.SIGCONT)
+                await bus.publish("tasks", factories.task(1))
+                while len(recorder.handled) < 2:
+                    await anyio.sleep(0.05)
+                stop.set()
+        await bus.aclose()
+    assert recorder.handled == Counter({"retail-0": 1, "retail-1": 1})
+    assert any(e["event"] == "redis did not answer; reading again" for e in logs)
+
+
 async def test_a_slow_handler_does_not_hold_back_later_messages(bus: Bus) -> None:
     await bus.publish("tasks", factories.task(0))
     slow_started, release = anyio.Event(), anyio.Event()

@@ -24,6 +24,7 @@ from sentinel.config import (
 )
 from sentinel.orchestrator.redis_server import RedisUnavailable, resolve_url
 from sentinel.serving.model import ModelUnavailable, prepare_model
+from sentinel.supervisor import LOOP_STOPPED
 
 
 @app.command()
@@ -184,8 +185,8 @@ def orchestrator(ctx: typer.Context) -> None:
         write_config(settings)
         run_until_signal(work)
     except LoopStopped as error:
-        fail(f"the loop stopped: {error}", code=1)
+        fail(f"the loop stopped: {error}", code=LOOP_STOPPED)
     except FidelityTooLow as error:
-        fail(f"RL not started: {error}", code=1)
+        fail(f"RL not started: {error}", code=LOOP_STOPPED)
     except (RunDirError, OSError) as error:
         fail(str(error), code=4)

@@ -37,7 +37,9 @@ from typing import Generic, TypeVar, cast
 import anyio
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sentinel.config import BusSettings, Settings
 from sentinel.logs import get_logger
@@ -465,7 +467,14 @@ class Consumer(Generic[M]):
             async with anyio.create_task_group() as handlers:
                 while stop is None or not stop.is_set():
                     await self._room.wait()
-                    batch = await self._fetch(self._room.free)
+                    try:
+                        batch = await self._fetch(self._room.free)
+                    except (RedisTimeoutError, RedisConnectionError) as error:
+                        # a starved or restarting Redis: unacknowledged entries wait in the
+                        # group, so reading again later loses nothing
+                        self.log.warning("redis did not answer; reading again", error=repr(error))
+                        await anyio.sleep(self.settings.block_ms / 1000)
+                        continue
                     if batch is not None:
                         self._room.take(batch.size)
                         handlers.start_soon(self._handle_batch, batch)
@@ -681,5 +690,10 @@ class Consumer(Generic[M]):
             if not self._in_flight:
                 continue
             args = [self.key, self.group, self.name, *self._in_flight]
-            if lost := await self.bus.renew_script(keys=[], args=args):
+            try:
+                lost = await self.bus.renew_script(keys=[], args=args)
+            except (RedisTimeoutError, RedisConnectionError) as error:  # renewed next time
+                self.log.warning("redis did not answer a lease renewal", error=repr(error))
+                continue
+            if lost:
                 self.log.warning("lost leases to another consumer", count=lost)

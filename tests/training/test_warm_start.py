@@ -30,6 +30,7 @@ from sentinel.training.warm_start import (
     synthesise,
     training_template,
 )
+from tests.training.test_sft import masked_runs
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +117,8 @@ def test_assistant_only_masks_cover_exactly_the_assistant_turns(
     check_renders(tokenizer, rows, served, training)  # the same text as served
     for row in rows:
         ids, mask = assistant_masks(tokenizer, row, training)
-        runs: list[list[int]] = []
-        for i, (token, on) in enumerate(zip(ids, mask, strict=True)):
-            if on:
-                if i == 0 or not mask[i - 1]:
-                    runs.append([])
-                runs[-1].append(token)
         expected = _sampled_texts(tokenizer, row["messages"], json.loads(row["tools"]))
-        assert [tokenizer.decode(run) for run in runs] == expected
+        assert masked_runs(ids, mask, tokenizer) == expected
         assert all(text.endswith("<|im_end|>") for text in expected)
 
 

@@ -24,6 +24,7 @@ from sentinel.training.grpo import (
     policy_logprobs,
     shared_prefix,
 )
+from sentinel.training.policy import map_large_allocations
 from tests import factories
 
 VOCAB = 64
@@ -158,6 +159,28 @@ def test_loss_and_gradients_match_the_reference(
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
         torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_shared_prefix_stays_exact_under_gradient_checkpointing() -> None:
+    """HF's checkpointing drops a layer's cache: the chunks must still attend the prefix."""
+    data = groups(shared=12)
+    model = tiny_model()
+    expected = reference(model, data, "token_mean")
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    got = ours(model, data, "token_mean", 10_000, chunk=0)
+    assert got == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-7)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)  # restored
+
+
+def test_large_allocations_are_mapped_on_glibc() -> None:
+    assert map_large_allocations()
 
 
 def test_zero_variance_and_stale_groups_contribute_nothing() -> None:

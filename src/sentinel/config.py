@@ -296,6 +296,9 @@ class TrainerSettings(Section):
     # A failed rollout's reward becomes partial_credit x its share of gold actions done:
     # weak models then get group variance to learn from. 0: tau2's binary reward (the papers').
     partial_credit: float = Field(0.0, ge=0, lt=1)
+    # True: a failure the user simulator caused leaves its group before the advantages, so
+    # the agent is not pushed away from what a broken user made fail (see controller's).
+    exclude_simulator_faults: bool = False
     flush_after_s: float = Field(60.0, gt=0)  # step on fewer groups once one waited this long
     checkpoint_every: int = Field(1, ge=1)
     publish_every: int = Field(1, ge=1)
@@ -323,6 +326,10 @@ class ControllerSettings(Section):
     max_tokens: int = Field(384, ge=16)  # per diagnosis
     temperature: float = Field(0.0, ge=0)
     max_prompt_chars: int = Field(12_000, ge=1000)  # of the trajectory shown to the LLM
+    # A failure the user simulator caused (`usersim.rules.simulator_fault`: a role flip) is
+    # always counted; true keeps it out of diagnoses and patterns. False in the CPU profile:
+    # SmolLM2 as the user flips roles in nearly every failure, so nothing would be left.
+    exclude_simulator_faults: bool = False
     merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
     max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
     publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis

@@ -38,6 +38,7 @@ from sentinel.schemas import (
     Trajectory,
     ValidationResult,
 )
+from sentinel.usersim.rules import simulator_fault
 
 M = TypeVar("M", bound=Message)
 
@@ -72,6 +73,8 @@ class RunReport(BaseModel):
     top_rejections: dict[str, int]
     tasks_by_origin: dict[str, int]
     rollouts: int
+    failures: int = 0  # failed rollouts (held-out evaluation's not among them)
+    simulator_faults: dict[str, int] = {}  # failures blamed on the user simulator: why -> count
     groups: int
     dropped_groups: int
     drop_reasons: dict[str, int] = {}  # the most common reasons groups were dropped
@@ -136,6 +139,8 @@ def build_report(run_dir: Path) -> RunReport:
             Counter(t.provenance.origin.value for t in a.read(Stream.TASKS, Task))
         ),
         rollouts=len(trajectories),
+        failures=sum(not t.succeeded for t in trajectories),
+        simulator_faults=_simulator_faults(trajectories),
         groups=len(groups),
         dropped_groups=sum(g.dropped is not None for g in groups),
         drop_reasons=dict(Counter(g.dropped for g in groups if g.dropped).most_common(5)),
@@ -150,6 +155,15 @@ def build_report(run_dir: Path) -> RunReport:
         eval_infra_errors={e.policy_version or 0: e.infra_errors for e in evals},
         leafe=_leafe(groups, reports),
     )
+
+
+def _simulator_faults(trajectories: list[Trajectory]) -> dict[str, int]:
+    """Failures the user simulator caused, by the kind of fault (its reason's rule)."""
+    kinds: Counter[str] = Counter()
+    for trajectory in trajectories:
+        if fault := simulator_fault(trajectory):
+            kinds[fault.split(": ", 2)[1]] += 1
+    return dict(kinds.most_common())
 
 
 def _training_groups(a: Artifacts) -> list[RolloutGroup]:
@@ -253,6 +267,12 @@ def _problems(a: Artifacts, seed_ids: set[str]) -> Iterator[str]:
     yield from (f"train report names unknown group {g}" for g in fate.keys() - groups.keys())
 
 
+def _faults(report: RunReport) -> str:
+    blamed = sum(report.simulator_faults.values())
+    kinds = ", ".join(f"{kind} {n}" for kind, n in report.simulator_faults.items())
+    return f"{report.failures}, {blamed}" + (f" ({kinds})" if kinds else "")
+
+
 def render_report(report: RunReport) -> Table:
     table = Table(title=f"run {report.run_dir}", show_header=False)
     rejections = ", ".join(f"{c} {n}" for c, n in report.top_rejections.items()) or "-"
@@ -265,6 +285,7 @@ def render_report(report: RunReport) -> Table:
         ("rollouts (groups, dropped, informative)",
          f"{report.rollouts} ({report.groups}, {report.dropped_groups}, "
          f"{report.informative_groups})"),
+        ("failed rollouts, user simulator's fault", _faults(report)),
         ("train steps (GRPO)", str(report.train_steps)),
         ("policy versions", ", ".join(map(str, report.policy_versions))),
     ]  # fmt: skip

@@ -4,6 +4,7 @@ them."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import Envelope, FailureCategory, FailureDiagnosis, Trajectory
 
 pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[2]
 ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48, concurrency=8)
 
 
@@ -110,6 +112,24 @@ async def test_successes_and_infra_errors_are_not_diagnosed(
     consumer = bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle)
     assert await consumer.poll() == 1
     assert await bus.redis.xlen(bus.keys.stream(Stream.DIAGNOSES)) == 0
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+async def test_a_failure_the_user_simulator_caused_stays_out_of_patterns_when_asked(
+    mock: Environment, bus: Bus, exclude: bool
+) -> None:
+    """A recorded failure whose user spoke as the agent (tests/usersim/data), on a mock task."""
+    recorded = (ROOT / "tests" / "usersim" / "data" / "recorded_failures.jsonl").read_text()
+    failure = Trajectory.model_validate_json(recorded.splitlines()[0])
+    failure = failure.model_copy(update={"task_id": mock.tasks("train")[0].id})
+    settings = ControllerSettings(use_llm=False, exclude_simulator_faults=exclude)
+    agent = controller(mock, bus, None, settings)
+    await bus.publish(Stream.TRAJECTORIES, failure)
+    consumer = bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle)
+    assert await consumer.poll() == 1
+    diagnosed = await bus.redis.xlen(bus.keys.stream(Stream.DIAGNOSES))
+    assert diagnosed == (0 if exclude else 1)
+    assert len(await agent.library.all()) == (0 if exclude else 1)
 
 
 class Garbage:

@@ -46,6 +46,7 @@ from sentinel.schemas import (
     TerminationReason,
     Trajectory,
 )
+from sentinel.usersim.rules import simulator_fault
 
 log = get_logger(__name__)
 
@@ -236,6 +237,13 @@ class Controller:
         trajectory = envelope.payload
         if trajectory.succeeded or trajectory.termination == TerminationReason.INFRA_ERROR:
             return  # a success teaches nothing here; an infra error is not the Solver's fault
+        if fault := simulator_fault(trajectory):
+            excluded = self.settings.exclude_simulator_faults
+            log.info(
+                "user simulator blamed", trajectory=trajectory.id, why=fault, excluded=excluded
+            )
+            if excluded:
+                return
         task = await self.pool.get(trajectory.task_id)
         if task is None:
             raise Reject(f"unknown task {trajectory.task_id!r}: not a seed nor in the pool")

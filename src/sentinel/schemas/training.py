@@ -88,6 +88,7 @@ class TrainStepReport(Message):
     groups: int
     filtered_groups: int = 0
     stale_groups: int = 0
+    simulator_faults: int = 0  # failed trajectories left out: the user simulator's fault
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
     tokens: int

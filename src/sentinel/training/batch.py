@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple
 from sentinel.schemas import RolloutGroup, Trajectory
 from sentinel.schemas.trajectory import Grammar, Segment
 from sentinel.training.algorithms import GRPO, Algorithm
+from sentinel.usersim.rules import simulator_fault
 
 # Records from before the server's candidates were kept name no forced positions: there a
 # sampled token with behaviour logprob above this counts as forced (a near-certain free
@@ -51,6 +52,7 @@ class GRPOBatch:
     groups: int  # groups received
     filtered_groups: int = 0  # zero reward variance: nothing to learn
     stale_groups: int = 0  # produced by a policy older than max_staleness
+    simulator_faults: int = 0  # failed trajectories the user simulator caused, left out
     rewards: list[float] = field(default_factory=list)  # of the groups kept
     trained: list[str] = field(default_factory=list)  # ids of the groups kept
     dropped: dict[str, str] = field(default_factory=dict)  # group id -> why it was left out
@@ -155,13 +157,17 @@ def build_batch(
     aggregation: Literal["token_mean", "sequence_mean"],
     partial_credit: float = 0.0,
     algorithm: Algorithm | None = None,
+    exclude_simulator_faults: bool = False,
 ) -> GRPOBatch:
     """The step's samples; `algorithm` scores and weighs them (None: GRPO by scale and
-    aggregation)."""
+    aggregation). With `exclude_simulator_faults`, failures the user simulator caused leave
+    their groups first (a group left without reward variance is then filtered)."""
     algorithm = algorithm or GRPO(scale, aggregation)
     batch = GRPOBatch(samples=[], groups=len(groups))
     kept: list[RolloutGroup] = []
     for group in groups:
+        if exclude_simulator_faults:
+            group = _without_simulator_faults(group, batch)
         if reason := _dropped(group, current_version, max_staleness, partial_credit):
             batch.dropped[group.id] = reason
             batch.stale_groups += reason.startswith("stale")
@@ -189,6 +195,13 @@ def build_batch(
             )  # fmt: skip
             batch.samples.append(sample)
     return batch
+
+
+def _without_simulator_faults(group: RolloutGroup, batch: GRPOBatch) -> RolloutGroup:
+    """The group without its simulator-blamed failures, counted on the batch."""
+    kept = [t for t in group.trajectories if simulator_fault(t) is None]
+    batch.simulator_faults += len(group.trajectories) - len(kept)
+    return group.model_copy(update={"trajectories": kept})
 
 
 def _dropped(

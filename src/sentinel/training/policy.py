@@ -132,6 +132,7 @@ class Policy:
             groups, current_version=self.version, max_staleness=s.max_staleness,
             scale=s.advantage_scale, aggregation=s.loss_aggregation,
             partial_credit=s.partial_credit, algorithm=self.algorithm,
+            exclude_simulator_faults=s.exclude_simulator_faults,
         )  # fmt: skip
 
         def loss(logp: torch.Tensor, rows: Tensors) -> tuple[torch.Tensor, LossStats]:
@@ -142,6 +143,7 @@ class Policy:
         return TrainStepReport(
             **self._figures(totals, started), mean_reward=batch.mean_reward, groups=batch.groups,
             filtered_groups=batch.filtered_groups, stale_groups=batch.stale_groups,
+            simulator_faults=batch.simulator_faults,
             trained_groups=batch.trained, dropped_groups=batch.dropped,
         )  # fmt: skip
 

@@ -34,6 +34,7 @@ from sentinel.logs import get_logger
 from sentinel.schemas import ChatMessage, Task
 from sentinel.schemas.message import utc_now
 from sentinel.usersim.dialogues import STOP, Dialogue, Stage, script
+from sentinel.usersim.rules import role_flip, well_formed, words
 from sentinel.usersim.scenario import Scenario
 
 if TYPE_CHECKING:
@@ -51,66 +52,15 @@ CHECKS: tuple[Check, ...] = (
 )  # fmt: skip
 STAGES: tuple[Stage, ...] = ("greeting", "withhold", "identify", "confirm", "close")
 LEAK_WORDS = 8  # a shared run of this many words counts as reciting the instructions
-MAX_CHARS = 600  # a user turn longer than this is not a customer's chat message
-
-AGENT_PHRASES = re.compile(
-    r"how (?:can|may) i (?:help|assist)|is there anything else i can"
-    r"|i(?:'ve| have) (?:cancell?ed|processed|updated|modified|exchanged|returned|refunded"
-    r"|found your|located your)|let me (?:check|look up|pull up|verify)"
-    r"|(?:could|can) you (?:please )?(?:provide|confirm|verify) your"
-    r"|thank you for (?:contacting|reaching out)|i can help you with|please hold on while"
-    r"|i'?m (?:a|your) customer (?:service|support)|i'?m here to (?:help|assist)"
-    r"|(?:happy|glad) to (?:help|assist) you|if you have any (?:more |other )?questions",
-    re.I,
-)
-ROLE_TAG = re.compile(
-    r"<\|im_(?:start|end)\|>|<tool_call>|^\s*(?:user|customer|agent|assistant|system)\s*:",
-    re.I | re.M,
-)
-TOOL_SYNTAX = re.compile(r'^\s*[\[{]|"(?:name|arguments)"\s*:|\w+\(\w+\s*=', re.M)
-
-
-# Each rule returns None when the turn passes, else why it fails.
-
-
-def well_formed(text: str) -> str | None:
-    if not text.strip():
-        return "empty turn"
-    if len(text) > MAX_CHARS:
-        return f"{len(text)} characters (limit {MAX_CHARS})"
-    if match := ROLE_TAG.search(text) or TOOL_SYNTAX.search(text):
-        return f"role tag or tool-call syntax: {match.group(0).strip()!r}"
-    return _repetition(text)
-
-
-def _repetition(text: str) -> str | None:
-    """A sentence said twice: the degenerate loop small models fall into."""
-    seen: set[str] = set()
-    for sentence in re.split(r"(?<=[.!?])\s+", text):
-        key = " ".join(_words(sentence))
-        if len(key.split()) >= 4 and key in seen:
-            return f"repeats itself: {sentence.strip()!r}"
-        seen.add(key)
-    return None
-
-
-def role_flip(text: str) -> str | None:
-    if match := AGENT_PHRASES.search(text):
-        return f"speaks as the agent: {match.group(0)!r}"
-    return None
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9#@._'-]+", text.lower())
 
 
 def verbatim_leak(text: str, instructions: str, n: int = LEAK_WORDS) -> str | None:
-    source = _words(instructions)
+    source = words(instructions)
     shared = {tuple(source[i : i + n]) for i in range(len(source) - n + 1)}
-    words = _words(text)
-    for i in range(len(words) - n + 1):
-        if tuple(words[i : i + n]) in shared:
-            return f"recites the instructions: {' '.join(words[i : i + n])!r}"
+    said = words(text)
+    for i in range(len(said) - n + 1):
+        if tuple(said[i : i + n]) in shared:
+            return f"recites the instructions: {' '.join(said[i : i + n])!r}"
     return None
 
 

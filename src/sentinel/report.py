@@ -73,7 +73,7 @@ class RunReport(BaseModel):
     top_rejections: dict[str, int]
     tasks_by_origin: dict[str, int]
     rollouts: int
-    failures: int = 0  # failed rollouts (held-out evaluation's not among them)
+    failures: int = 0  # failed rollouts recorded
     simulator_faults: dict[str, int] = {}  # failures blamed on the user simulator: why -> count
     groups: int
     dropped_groups: int

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from sentinel.training.batch import Sample
+from sentinel.training.distributed import share
 from sentinel.training.grammar import GrammarReplay, allowed_rows
 
 GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon
@@ -175,8 +176,18 @@ def rows(batch: Tensors, index: slice) -> Tensors:
     )  # fmt: skip
 
 
+def silenced(batch: Tensors) -> Tensors:
+    """The rows with zero weight: they run (and take part in collectives) but train nothing."""
+    return replace(batch, weights=torch.zeros_like(batch.weights))
+
+
 def backward_sharing_prefix(
-    model: torch.nn.Module, batch: Tensors, loss: Loss, chunk_tokens: int
+    model: torch.nn.Module,
+    batch: Tensors,
+    loss: Loss,
+    chunk_tokens: int,
+    rank: int = 0,
+    size: int = 1,
 ) -> list[LossStats]:
     """Backpropagate `loss` over the batch with the rows' common prefix run once (a rollout
     group's system prompt and tools: thousands of tokens).
@@ -186,7 +197,9 @@ def backward_sharing_prefix(
     least one row) as detached leaves; each chunk's forward and backward frees its own
     activations and leaves its gradient on the leaves, which finally flows back through the
     prefix once. Exact, and memory-bounded by the chunk and a hidden state per prefix layer.
-    Without a common prefix the chunks simply run whole."""
+    Without a common prefix the chunks simply run whole. Among `size` trainers, every rank
+    runs the prefix and its share of the chunks (`distributed.share`: padded with zero
+    weight), the figures of its own."""
     split = shared_prefix(batch) if batch.input_ids.shape[0] > 1 else 0
     split = split if split >= 2 else 0
     base = _base(model)
@@ -194,16 +207,16 @@ def backward_sharing_prefix(
         computed = prefix_kv(base.model, batch.input_ids[:1, :split]) if split else []
         leaves = [t.detach().requires_grad_() for t in computed]
         stats: list[LossStats] = []
-        for index in _chunks(batch, split, chunk_tokens):
-            chunk = rows(batch, index)
+        for index, real in share(_chunks(batch, split, chunk_tokens), rank, size):
+            chunk = rows(batch, index) if real else silenced(rows(batch, index))
             logp = _logprobs(base, chunk, split, leaves if split else None)
             value, chunk_stats = loss(logp, chunk)
             value.backward()  # type: ignore[no-untyped-call]
-            stats.append(chunk_stats)
+            stats += [chunk_stats] if real else []
         grads = [
             (t, leaf.grad)
             for t, leaf in zip(computed, leaves, strict=True)
-            if leaf.grad is not None
+            if leaf.grad is not None and t.requires_grad  # frozen layers (LoRA) need none
         ]
         if grads:  # the prefix's layers are recomputed here, one at a time
             torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])

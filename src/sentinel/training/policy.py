@@ -34,6 +34,16 @@ from sentinel.logs import get_logger
 from sentinel.schemas import RolloutGroup, SFTExample, TrainStepReport
 from sentinel.training.algorithms import algorithm
 from sentinel.training.batch import Sample, build_batch, micro_batches
+from sentinel.training.distributed import (
+    World,
+    full_optimizer,
+    full_weights,
+    load_optimizer,
+    load_weights,
+    release,
+    shard,
+    share,
+)
 from sentinel.training.grammar import GrammarReplay, stop_tokens
 from sentinel.training.grpo import (
     Loss,
@@ -45,6 +55,7 @@ from sentinel.training.grpo import (
     grpo_loss,
     policy_logprobs,
     reference,
+    silenced,
 )
 from sentinel.training.sft import TemplateError, default_template, sft_loss, tokenize, weigh
 
@@ -80,11 +91,16 @@ def map_large_allocations() -> bool:
 
 
 class Policy:
-    def __init__(self, settings: TrainerSettings, model_dir: Path) -> None:
+    def __init__(
+        self, settings: TrainerSettings, model_dir: Path, world: World | None = None
+    ) -> None:
+        """`world`: this process among torchrun's trainers (sharded with FSDP2 when more than
+        one); None: a world of one on `trainer.device`."""
         map_large_allocations()
         self.settings = settings
         self.model_dir = model_dir
-        self.device = pick_device(settings.device)
+        self.world = world or World(device=pick_device(settings.device))
+        self.device = self.world.device
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(settings.seed)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -95,6 +111,8 @@ class Policy:
             )
         if not settings.full_finetune:
             model = get_peft_model(model, self.lora_config())
+        if self.world.sharded:
+            shard(model, self.world)
         self.model: torch.nn.Module = model
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
@@ -222,14 +240,21 @@ class Policy:
         """Accumulate the gradient over `micros` and take one optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         own = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tis": 0.0, "tokens": 0.0}
-        for tensors in micros:
-            for stats in self._backward(tensors, loss):
-                for figures in (own, totals):
-                    figures["loss"] += stats.loss
-                    figures["clip"] += stats.clip_fraction * stats.tokens
-                    figures["kl"] += stats.mismatch_kl * stats.tokens
-                    figures["tis"] = figures.get("tis", 0.0) + stats.tis_mean * stats.tokens
-                    figures["tokens"] += stats.tokens
+        # Shared prefixes: every rank runs every group's, and its share of the rows after it.
+        every = [(tensors, True) for tensors in micros]
+        mine = every if self.settings.share_prefix else share(micros, *self._rank)
+        for tensors, real in mine:
+            for stats in self._backward(tensors, loss, real):
+                own["loss"] += stats.loss
+                own["clip"] += stats.clip_fraction * stats.tokens
+                own["kl"] += stats.mismatch_kl * stats.tokens
+                own["tis"] += stats.tis_mean * stats.tokens
+                own["tokens"] += stats.tokens
+        own = self.world.sum(own)  # each rank trained its share: the step's figures
+        for key, value in own.items():
+            totals[key] = totals.get(key, 0.0) + value
+        if self.world.sharded:
+            release(self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         self.optimizer.step()
         tokens = own["tokens"] or 1
@@ -254,14 +279,20 @@ class Policy:
             "duration_s": duration,
         }  # fmt: skip
 
-    def _backward(self, tensors: Tensors, loss: Loss) -> list[LossStats]:
-        """Accumulate the micro-batch's gradient; its loss figures (one per chunk)."""
+    @property
+    def _rank(self) -> tuple[int, int]:
+        return self.world.rank, self.world.size
+
+    def _backward(self, tensors: Tensors, loss: Loss, real: bool = True) -> list[LossStats]:
+        """Accumulate the micro-batch's gradient; its loss figures (one per chunk). Not `real`:
+        padding, run with zero weight for FSDP's collectives, its figures left out."""
         if self.settings.share_prefix:  # on CPU a row at a time: attention is not fused there
             chunk = 0 if self.device.type == "cpu" else self.settings.micro_batch_tokens
-            return backward_sharing_prefix(self.model, tensors, loss, chunk)
+            return backward_sharing_prefix(self.model, tensors, loss, chunk, *self._rank)
+        tensors = tensors if real else silenced(tensors)
         value, stats = loss(policy_logprobs(self.model, tensors), tensors)
         value.backward()  # type: ignore[no-untyped-call]
-        return [stats]
+        return [stats] if real else []
 
     def _ref(self, tensors: object) -> torch.Tensor | None:
         """Reference logprobs (the base model: adapter disabled) when KL is on."""
@@ -271,38 +302,70 @@ class Policy:
             return policy_logprobs(self.model, tensors)  # type: ignore[arg-type]
 
     def save_adapter(self, directory: Path) -> Path:
-        """The weights vLLM loads: a peft adapter directory (or full weights)."""
-        staging = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)  # type: ignore[operator]
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
+        """The weights vLLM loads: a peft adapter directory (or full weights). Sharded, every
+        rank calls it (the weights are gathered) and rank 0 writes."""
+        weights = full_weights(self.model) if self.world.sharded else None
+        if self.world.main:
+            staging = directory.with_name(directory.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            self._save_model(staging, weights)
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+        self.world.barrier()
         return directory.resolve()
 
     def checkpoint(self, directory: Path, extra: dict[str, object]) -> None:
-        """Adapter, optimizer and counters, written atomically."""
-        staging = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging / "model")  # type: ignore[operator]
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-        state = {"step": self.step, "version": self.version, **extra}
-        (staging / STATE).write_text(json.dumps(state))
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
+        """Adapter, optimizer and counters, written atomically; unsharded, so that any world
+        size resumes from it (the optimizer's state by parameter name). Sharded, every rank
+        calls it and rank 0 writes."""
+        weights = full_weights(self.model) if self.world.sharded else None
+        optimizer = full_optimizer(self.model, self.optimizer)
+        if self.world.main:
+            staging = directory.with_name(directory.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            self._save_model(staging / "model", weights)
+            torch.save(optimizer, staging / "optimizer.pt")
+            state = {"step": self.step, "version": self.version, **extra}
+            (staging / STATE).write_text(json.dumps(state))
+            shutil.rmtree(directory, ignore_errors=True)
+            staging.rename(directory)
+        self.world.barrier()
+
+    def _save_model(self, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        """save_pretrained, of the gathered `weights` when sharded."""
+        model: Any = self.model
+        if weights is None:
+            model.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, state_dict=weights)
 
     def restore(self, directory: Path) -> dict[str, object]:
         state: dict[str, object] = json.loads((directory / STATE).read_text())
-        if isinstance(self.model, PeftModel):
+        if self.world.sharded:
+            load_weights(self.model, self._saved_weights(directory / "model"))
+        elif isinstance(self.model, PeftModel):
             self.model.load_adapter(
                 str(directory / "model"), adapter_name="default", is_trainable=True
             )
         else:
             weights = AutoModelForCausalLM.from_pretrained(directory / "model").state_dict()
             self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        saved = torch.load(directory / "optimizer.pt", weights_only=True)
+        load_optimizer(self.model, self.optimizer, saved)
         self.step = int(state["step"])  # type: ignore[call-overload]
         self.version = int(state["version"])  # type: ignore[call-overload]
         return state
+
+    def _saved_weights(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The trained weights of a checkpoint, by this model's parameter names (read into an
+        unsharded copy on CPU: a sharded model cannot load them itself)."""
+        if isinstance(self.model, PeftModel):
+            base = AutoModelForCausalLM.from_pretrained(self.model_dir)
+            copy: Any = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
+        else:
+            copy = AutoModelForCausalLM.from_pretrained(directory)
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in copy.state_dict().items() if k in names}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -220,6 +220,32 @@ async def test_long_handler_keeps_its_lease(bus: Bus) -> None:
     assert runs == Counter({"retail-0": 1})
 
 
+async def test_a_starved_lease_is_not_reclaimed_by_its_own_consumer(bus: Bus) -> None:
+    """Its renewals starved (a trainer on a loaded CPU), a consumer's sweep finds its own
+    running entry idle: it must not start it a second time (once trained a group twice)."""
+    await bus.publish("tasks", factories.task(0))
+    runs = Counter[str]()
+
+    async def slow(envelope: Envelope[Task]) -> None:
+        runs[envelope.key] += 1
+        await anyio.sleep(2.5)  # four claim windows of 600 ms, with no renewal
+
+    consumer = bus.consumer("tasks", "g", Task, slow, "starved")
+
+    async def starved() -> None:  # the renewal task never gets to run
+        await anyio.sleep_forever()
+
+    consumer._keep_leases = starved  # type: ignore[method-assign]
+    stop = anyio.Event()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer.run, stop)
+            while not runs or (await bus.redis.xpending(bus.keys.stream("tasks"), "g"))["pending"]:
+                await anyio.sleep(0.1)
+            stop.set()
+    assert runs == Counter({"retail-0": 1})
+
+
 async def test_group_deleted_under_a_consumer_is_recreated(bus: Bus) -> None:
     recorder = Recorder()
     await bus.publish("tasks", factories.task(0))

@@ -534,6 +534,9 @@ class Consumer(Generic[M]):
         if self._cursor == SWEEP_START:
             jitter = random.uniform(0.75, 1.25)
             self._next_sweep = time.monotonic() + jitter * self.settings.claim_idle_ms / 4000
+        # Our own running entries, idle because their renewals starved (a loaded CPU): the
+        # claim just renewed them, and their handlers are still on them.
+        claimed = [entry for entry in claimed if entry[0] not in self._in_flight]
         if not claimed:
             return None
         ids = [entry_id for entry_id, _ in claimed]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -212,4 +213,33 @@ async def test_leafe_modes_train_the_groups_corrections_and_account_for_every_gr
     assert sft.policy_version == policy.version == (2 if training == "interleaved" else 1)
     versions = await bus.redis.xrevrange(bus.keys.stream(Stream.POLICY_VERSIONS), count=1)
     assert Envelope.from_wire(versions[0][1], PolicyVersion).payload.version == policy.version
+    await bus.aclose()
+
+
+async def test_a_group_delivered_again_while_it_waits_is_trained_once(
+    settings: Settings,
+    policy_url: str,
+    policy_headers: dict[str, str],
+    model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Two deliveries of one group (a sweep, a republish) before its step: one training."""
+    settings = settings.model_copy(
+        update={"trainer": settings.trainer.model_copy(update={"groups_per_step": 2})}
+    )
+    bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
+    publisher = LoRAPublisher(tmp_path / "adapters", [policy_url], "smol", headers=policy_headers)
+    worker = TrainerWorker(settings, bus, Policy(settings.trainer, model_dir), publisher)
+    first, second = synthetic_groups(2)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run, stop)
+        with anyio.fail_after(300):
+            async with anyio.create_task_group() as deliveries:
+                for group in (first, first, second):
+                    deliveries.start_soon(worker.handle, Envelope.wrap(group))
+                    await anyio.lowlevel.checkpoint()
+        stop.set()
+    assert worker.policy.step == 1
+    assert sorted(worker._last_reports[0].trained_groups) == sorted([first.id, second.id])
     await bus.aclose()

@@ -74,6 +74,11 @@ class TrainerWorker:
         if group.id in self.trained:
             log.info("group already trained; acknowledging", group=group.id)
             return
+        for waiting, done, _ in self._pending:  # delivered again while it waits or trains
+            if waiting.id == group.id:
+                log.info("group already pending; acknowledged with it", group=group.id)
+                await done.wait()
+                return
         done = anyio.Event()
         self._pending.append((group, done, time.monotonic()))
         self._arrived.set()

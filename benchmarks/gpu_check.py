@@ -13,7 +13,8 @@ behaviour logprobs near the policy's own.
 - **Checked:** the device (`--device`, CUDA by default), bfloat16 weights as the trainer loads
   them on a GPU, the shared prompt run once and the rows after it in chunks of
   `--chunk-tokens` (`grpo.backward_sharing_prefix`, the trainer's GPU path), and, with `--fsdp`
-  the model sharded by FSDP2 (`fully_shard`) in a world of one process.
+  (default on CUDA), the model sharded by FSDP2 as the trainer shards it
+  (`distributed.shard`) in a world of one process.
 
 Compared per update: the loss (relative difference) and every parameter's gradient (cosine
 similarity and relative norm difference against the reference). bfloat16 keeps about three
@@ -172,19 +173,17 @@ def compare(
 
 
 def sharded(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2 over one process: each decoder layer, then the root (as the trainer shards)."""
+    """FSDP2 in a world of one process, sharded as the trainer shards (`distributed.shard`)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+
+    from sentinel.training.distributed import World, shard
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
-    inner: Any = model
-    for layer in inner.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29512"),
+                            ("RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+            os.environ.setdefault(name, value)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    shard(model, World(0, 1, device))
     return model
 
 
@@ -226,7 +225,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=cuda)
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (Qwen3-4B: 36)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths: the CPU self-check")
     parser.add_argument("--rows", type=int, default=8)

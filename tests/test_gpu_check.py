@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 TINY = ["--tiny", "--device", "cpu", "--dtype", "float32", "--rows", "4", "--prompt", "48"]
 
@@ -22,9 +24,11 @@ def check(*extra: str) -> dict[str, object]:
     return figures
 
 
-def test_the_cpu_float32_run_matches_its_reference_in_chunks() -> None:
-    figures = check("--chunk-tokens", "20", "--no-fsdp")  # a row per chunk after the prompt
+@pytest.mark.parametrize("fsdp", ["--no-fsdp", "--fsdp"])  # FSDP2 on gloo, a world of one
+def test_the_cpu_float32_run_matches_its_reference_in_chunks(fsdp: str) -> None:
+    figures = check("--chunk-tokens", "20", fsdp)  # a row per chunk after the prompt
     assert figures["ok"] is True
+    assert figures["fsdp"] is (fsdp == "--fsdp")
     for update in ("grpo", "sft"):
         result = figures[update]
         assert isinstance(result, dict)

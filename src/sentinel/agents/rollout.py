@@ -8,7 +8,7 @@ context is full, the endpoint fails, or a tool call runs past its limits; every 
 its termination reason, and the trajectory is scored by tau2's rules.
 
 The environment is never in this process: episodes live in limited children
-(`envs.episodes.EnvPool`), so a hostile tool call (retail's `calculate` on `9**9**9`) is
+(`envs.episodes.EnvPool`), so a hostile tool call (a calculator tool on `9**9**9`) is
 stopped at `rollout.tool_timeout_s` and ends its rollout with `tool_timeout`, while this event
 loop, and the other rollouts on it, go on. tau2's reward is computed there too.
 """
@@ -49,8 +49,9 @@ from sentinel.training.publisher import cache_salt
 log = get_logger(__name__)
 
 GREETING = "Hi! How can I help you today?"
-# Tool calls the user may make (telecom's phone) before it says something to the agent: a
-# simulator that only calls tools ends the rollout with max_steps, as tau2's step budget would.
+# Tool calls a user with tools of its own (a phone) may make before it says something to the
+# agent: a simulator that only calls tools ends the rollout with max_steps, as tau2's step
+# budget would.
 MAX_USER_TOOL_ROUNDS = 10
 
 
@@ -198,7 +199,7 @@ class RolloutRunner:
         prefix's calls are replayed in an environment child, under the same limits. Raises
         `EnvFailure` if that fails; close the state's episode when done."""
         prefix = trajectory.messages[:step]
-        calls = [  # the user's calls too (telecom's phone), in order: both sides' state
+        calls = [  # the user's calls too (a user's own tools), in order: both sides' state
             c for m in prefix if m.role in ("assistant", "user") and not m.error
             for c in m.tool_calls
         ]  # fmt: skip

@@ -11,8 +11,8 @@ trajectory's messages; None for something that never happened) and a precise det
   belongs to another user than the task's.
 - WRONG_TOOL: an unknown tool, or a write the task's gold actions never use.
 - POLICY_VIOLATION: a write on an entity whose status at that moment its domain's state rules
-  forbid (`DomainPack.rules`, the table the grounder reads too: retail's cancel needs a
-  pending order; a write that changes a status makes "only once per order" follow), and a
+  forbid (`DomainPack.rules`, the table the grounder reads too: say, a cancel that needs
+  a pending order; a write that changes a status makes "only once per order" follow), and a
   transfer to a human when the gold has none.
 - MISSING_CONFIRMATION: a write without a user message saying yes since the previous write.
 - MISSING_COMMUNICATION, UNFINISHED, MALFORMED_OUTPUT: from the reward, the termination and

@@ -7,7 +7,7 @@ order: the user's turns are the scripted ones the user model learns from
 write, the goodbye with ###STOP###); the agent's are the task's gold actions, executed in a
 fresh episode so every tool result is the environment's own output, with the reads before
 the confirmation of the write they lead to. A dialogue whose replay does not earn reward 1
-(what a scripted user cannot do: telecom's phone) is dropped and counted, so only verified
+(what a scripted user cannot do: a user's own tools) is dropped and counted, so only verified
 conversations teach. Test-split tasks are refused.
 
 Rendering. The Solver renders each dialogue exactly as it prompts the server

@@ -7,6 +7,7 @@ rank 0 writes the step's figures and every parameter's full gradient, and a chec
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,24 @@ def main(model_dir: Path, out: Path) -> None:
             if world.main:
                 state = {"weights": weights, "optimizer": optimizer, "step": trained.step}
                 torch.save(state, out / f"state-{name}{suffix}.pt")
+    lead_and_follow(model_dir, out, world)
     dist.destroy_process_group()
+
+
+def lead_and_follow(model_dir: Path, out: Path, world: World) -> None:
+    """The trainer under torchrun: rank 0 steps, checkpoints and saves the adapter; the
+    others follow each call; each rank then writes its counters."""
+    policy = Policy(settings(False, True), model_dir, world)
+    if world.main:
+        policy.lead()
+        policy.grpo_step(groups(shared=12))
+        policy.checkpoint(out / "led-checkpoint", {"note": "led"})
+        policy.save_adapter(out / "led-adapter")
+        policy.dismiss()
+    else:
+        policy.follow()
+    counters = {"step": policy.step, "version": policy.version}
+    (out / f"led-rank{world.rank}.json").write_text(json.dumps(counters))
 
 
 if __name__ == "__main__":

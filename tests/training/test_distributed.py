@@ -4,6 +4,7 @@ checkpoint of two ranks resumed by one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,12 @@ def test_one_process_resumes_its_own_checkpoint_and_an_old_one(
         for index, moments in theirs["state"].items():
             for moment, value in moments.items():
                 assert torch.equal(ours["state"][index][moment], value), (index, moment)
+
+
+def test_rank_0_leads_and_the_others_follow(ranks: Path) -> None:
+    """Each collective call rank 0 makes (a step, a checkpoint, an adapter) is made by rank 1
+    too, then rank 1 is dismissed: the trainer under torchrun (`sentinel trainer`)."""
+    counters = [json.loads((ranks / f"led-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert counters == [{"step": 1, "version": 1}] * 2
+    assert (ranks / "led-checkpoint" / "optimizer.pt").is_file()
+    assert (ranks / "led-adapter" / "adapter_config.json").is_file()

@@ -3,6 +3,8 @@ workers and the orchestrator (each a child of `up`, and a Deployment in Kubernet
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import typer
 
@@ -31,19 +33,33 @@ from sentinel.supervisor import LOOP_STOPPED
 def trainer(ctx: typer.Context) -> None:
     """Consume rollout groups, run GRPO steps (and SFT steps on LEAFE's corrections, by
     loop.training), checkpoint, and publish each new policy as a LoRA adapter to the vLLM
-    endpoints (then to the `policy_versions` stream)."""
+    endpoints (then to the `policy_versions` stream).
+
+    Under `torchrun --nproc-per-node N -m sentinel trainer` the N processes shard the model
+    (FSDP2): rank 0 reads the groups and publishes; the others make each step, checkpoint and
+    adapter save with it (`Policy.follow`)."""
+    from sentinel.training.distributed import World
     from sentinel.training.policy import Policy
     from sentinel.training.publisher import LoRAPublisher
     from sentinel.workers.trainer import TrainerWorker
 
     settings = settings_of(ctx)
     t = settings.trainer
-    try:
-        model_dir = t.model_dir or prepare_model(settings.cache_dir, settings.serve.model)
+    world = World.from_env(t.device)
+    model_dir = t.model_dir
+    try:  # rank 0 converts the model once; the others then read its cache
+        if model_dir is None and world.main:
+            model_dir = _model(settings)
+        world.barrier()
+        model_dir = model_dir or _model(settings)
     except ModelUnavailable as error:
         fail(str(error), code=3)
+    policy = Policy(t, model_dir, world)
+    if not world.main:
+        policy.follow()
+        return
+    policy.lead()
     require_keys_or_exit(settings.llm.policy)  # the servers' key, for loading adapters
-    policy = Policy(t, model_dir)
     publisher = LoRAPublisher(
         t.adapter_dir or settings.run_dir / "adapters",
         t.publish_endpoints or [settings.llm.policy.base_url],
@@ -59,7 +75,14 @@ def trainer(ctx: typer.Context) -> None:
             await anyio.to_thread.run_sync(worker.resume)
             await worker.run()
 
-    run_until_signal(work)
+    try:
+        run_until_signal(work)
+    finally:
+        policy.dismiss()
+
+
+def _model(settings: Settings) -> Path:
+    return prepare_model(settings.cache_dir, settings.serve.model)
 
 
 @app.command()

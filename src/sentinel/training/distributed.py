@@ -36,6 +36,8 @@ T = TypeVar("T")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 CPU = torch.device("cpu")
 Figures = dict[str, float]
+Call = tuple[str, tuple[Any, ...]]  # a Policy method's name and positional arguments
+STOP = "stop"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,18 @@ class World:
     def barrier(self) -> None:
         if self.sharded:
             dist.barrier()
+
+    def announce(self, call: Call) -> None:
+        """Rank 0 tells the other ranks the collective call it is about to make."""
+        if self.sharded:
+            dist.broadcast_object_list([call], src=0)
+
+    def receive(self) -> Call:
+        """The call rank 0 announced next (a follower's wait)."""
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        name, args = box[0]
+        return str(name), tuple(args)
 
 
 def share(items: Sequence[T], rank: int, size: int) -> list[tuple[T, bool]]:

@@ -20,10 +20,10 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -35,6 +35,7 @@ from sentinel.schemas import RolloutGroup, SFTExample, TrainStepReport
 from sentinel.training.algorithms import algorithm
 from sentinel.training.batch import Sample, build_batch, micro_batches
 from sentinel.training.distributed import (
+    STOP,
     World,
     full_optimizer,
     full_weights,
@@ -62,6 +63,9 @@ from sentinel.training.sft import TemplateError, default_template, sft_loss, tok
 log = get_logger(__name__)
 
 STATE = "trainer_state.json"
+COLLECTIVE = frozenset({"grpo_step", "sft_step", "save_adapter", "checkpoint", "restore"})
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -88,6 +92,21 @@ def map_large_allocations() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE))
+
+
+def collective(method: Callable[Concatenate[Policy, P], R]) -> Callable[Concatenate[Policy, P], R]:
+    """A call every trainer process makes together (sharded: FSDP's collectives): a leading
+    rank 0 announces it, with its arguments, to the ranks waiting in `Policy.follow`."""
+
+    def announced(policy: Policy, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if kwargs:
+            raise TypeError(f"{method.__name__}: pass arguments by position (they are broadcast)")
+        if policy.leading:
+            policy.world.announce((method.__name__, args))
+        return method(policy, *args, **kwargs)
+
+    announced.__name__, announced.__doc__ = method.__name__, method.__doc__
+    return announced
 
 
 class Policy:
@@ -131,6 +150,7 @@ class Policy:
         )
         self.last_updates: list[LossStats] = []  # the last step's, one per optimizer update
         self._grammars: GrammarReplay | None = None
+        self.leading = False  # announcing collective calls to followers (`lead`)
         self.step = 0
         self.version = 0  # the policy version the current weights are
 
@@ -141,6 +161,27 @@ class Policy:
             lora_dropout=0.0, task_type="CAUSAL_LM",
         )  # fmt: skip
 
+    def follow(self) -> None:
+        """Ranks other than 0 under torchrun: make each collective call rank 0 announces
+        (steps, checkpoints, adapters, restores) until it dismisses them."""
+        while (call := self.world.receive())[0] != STOP:
+            name, args = call
+            if name not in COLLECTIVE:
+                raise RuntimeError(f"rank 0 announced {name!r}, not a collective call")
+            getattr(self, name)(*args)
+
+    def lead(self) -> None:
+        """Rank 0 of a sharded world: announce each collective call from now on, for ranks in
+        `follow` (the trainer); without it, every rank makes the calls itself."""
+        self.leading = self.world.sharded and self.world.main
+
+    def dismiss(self) -> None:
+        """Rank 0: let the following ranks return (the trainer stops)."""
+        if self.leading:
+            self.world.announce((STOP, ()))
+            self.leading = False
+
+    @collective
     def grpo_step(self, groups: Sequence[RolloutGroup]) -> TrainStepReport:
         """One step on `groups` (`updates_per_batch` optimizer updates); no update if every
         group was filtered or stale."""
@@ -165,6 +206,7 @@ class Policy:
             trained_groups=batch.trained, dropped_groups=batch.dropped,
         )  # fmt: skip
 
+    @collective
     def sft_step(self, examples: Sequence[SFTExample]) -> TrainStepReport:
         """One optimizer step of token-mean NLL on the examples' trained tokens (LEAFE's
         corrections, the user model's turns). An example the template cannot mask is skipped."""
@@ -301,6 +343,7 @@ class Policy:
         with torch.no_grad(), self.model.disable_adapter():
             return policy_logprobs(self.model, tensors)  # type: ignore[arg-type]
 
+    @collective
     def save_adapter(self, directory: Path) -> Path:
         """The weights vLLM loads: a peft adapter directory (or full weights). Sharded, every
         rank calls it (the weights are gathered) and rank 0 writes."""
@@ -314,6 +357,7 @@ class Policy:
         self.world.barrier()
         return directory.resolve()
 
+    @collective
     def checkpoint(self, directory: Path, extra: dict[str, object]) -> None:
         """Adapter, optimizer and counters, written atomically; unsharded, so that any world
         size resumes from it (the optimizer's state by parameter name). Sharded, every rank
@@ -339,6 +383,7 @@ class Policy:
         else:
             model.save_pretrained(directory, state_dict=weights)
 
+    @collective
     def restore(self, directory: Path) -> dict[str, object]:
         state: dict[str, object] = json.loads((directory / STATE).read_text())
         if self.world.sharded:

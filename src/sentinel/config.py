@@ -259,6 +259,10 @@ class TrainerSettings(Section):
     model_dir: Path | None = None  # None: the local SmolLM2 checkpoint
     chat_template: Path | None = None  # SFT renders with it; None: the one `sentinel serve` uses
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's CPU threads; None: one per core. Beside a busy vLLM-CPU on the same cores, 1:
+    # two OpenMP teams on two cores stall at every barrier (measured on 2 CPUs: a step's
+    # 154 tok/s alone fell to 11 tok/s with 2 threads, 57 with 1; vLLM halved either way).
+    cpu_threads: int | None = Field(None, ge=1)
     full_finetune: bool = False
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)

@@ -26,7 +26,7 @@ from sentinel.schemas import Envelope, FailureCategory, FailureDiagnosis, Trajec
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
-ROLLOUTS = RolloutSettings(max_agent_turns=4, max_tokens=96, user_max_tokens=48, concurrency=8)
+ROLLOUTS = RolloutSettings(max_agent_turns=3, max_tokens=64, user_max_tokens=32, concurrency=8)
 
 
 @pytest.fixture(scope="module")

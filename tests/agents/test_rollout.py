@@ -20,7 +20,7 @@ from sentinel.schemas import ChatMessage, TerminationReason, ToolCall, Trajector
 from tests.ticking import ticking
 
 pytestmark = pytest.mark.anyio
-SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=96, user_max_tokens=48, concurrency=8)
+SETTINGS = RolloutSettings(max_agent_turns=3, max_tokens=64, user_max_tokens=32, concurrency=8)
 
 
 def runner(

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from sentinel.agents.llm import OpenAIChatClient
+from sentinel.config import TrainerSettings
 from sentinel.schemas import RolloutGroup, TurnTokens
 from sentinel.training.batch import Sample, build_batch, micro_batches, pack
 from sentinel.training.grpo import (
@@ -24,7 +25,7 @@ from sentinel.training.grpo import (
     policy_logprobs,
     shared_prefix,
 )
-from sentinel.training.policy import map_large_allocations
+from sentinel.training.policy import Policy, map_large_allocations
 from tests import factories
 
 VOCAB = 64
@@ -181,6 +182,15 @@ def test_the_shared_prefix_stays_exact_under_gradient_checkpointing() -> None:
 
 def test_large_allocations_are_mapped_on_glibc() -> None:
     assert map_large_allocations()
+
+
+def test_a_cpu_trainer_keeps_to_its_threads(model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        Policy(TrainerSettings(device="cpu", cpu_threads=1), model_dir)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_zero_variance_and_stale_groups_contribute_nothing() -> None:

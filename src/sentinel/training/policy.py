@@ -120,6 +120,8 @@ class Policy:
         self.model_dir = model_dir
         self.world = world or World(device=pick_device(settings.device))
         self.device = self.world.device
+        if self.device.type == "cpu" and settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(settings.seed)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

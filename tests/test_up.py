@@ -192,8 +192,9 @@ def domain_config(tmp_path: Path, policy_url: str, domain: str) -> Path:
     settings = yaml.safe_load(path.read_text())
     settings["env"] = {"kind": "tau2", "domain": domain}
     # short strings: SmolLM2's calls close within max_tokens, so which tool it picks (partial
-    # credit) differs between rollouts; groups of 4 make such a difference likelier
-    settings["rollout"] |= {"lean_prompt": True, "max_string_length": 16}
+    # credit) differs between rollouts; groups of 4 make such a difference likelier. The user
+    # gets 48 tokens: at 32 its opening often lost the ids that a gold read needs.
+    settings["rollout"] |= {"lean_prompt": True, "max_string_length": 16, "user_max_tokens": 48}
     settings["loop"] |= {
         "max_groups": 40,
         "group_size": 4,

@@ -70,6 +70,7 @@ def test_toml_file_and_sentinel_config_variable(
         ("trainer: {lora_rank: 16}\n", ".yaml", "exceeds serve.max_lora_rank"),
         ("serve: {max_loras: 5}\n", ".yaml", r"serve.max_loras \(5\) must be at least"),
         ("trainer: {max_staleness: 5}\n", ".yaml", r"max_staleness \+ 2 \(7\): rollouts may"),
+        ("trainer: {cpu_threads: 1000000000}\n", ".yaml", "trainer.cpu_threads: Input should"),
         ("a = 1\n", ".ini", "must end in .toml, .yaml or .yml"),
     ],
 )

@@ -193,7 +193,7 @@ def domain_config(tmp_path: Path, policy_url: str, domain: str) -> Path:
     settings["env"] = {"kind": "tau2", "domain": domain}
     # short strings: SmolLM2's calls close within max_tokens, so which tool it picks (partial
     # credit) differs between rollouts; groups of 4 make such a difference likelier. The user
-    # gets 48 tokens: at 32 its opening often lost the ids that a gold read needs.
+    # keeps the 48-token turns these runs passed with (the mock run's 32 is untried here).
     settings["rollout"] |= {"lean_prompt": True, "max_string_length": 16, "user_max_tokens": 48}
     settings["loop"] |= {
         "max_groups": 40,

@@ -262,7 +262,7 @@ class TrainerSettings(Section):
     # torch's CPU threads; None: one per core. Beside a busy vLLM-CPU on the same cores, 1:
     # two OpenMP teams on two cores stall at every barrier (measured on 2 CPUs: a step's
     # 154 tok/s alone fell to 11 tok/s with 2 threads, 57 with 1; vLLM halved either way).
-    cpu_threads: int | None = Field(None, ge=1)
+    cpu_threads: int | None = Field(None, ge=1, le=1024)
     full_finetune: bool = False
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)

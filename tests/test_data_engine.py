@@ -84,6 +84,7 @@ async def test_failures_become_patterns_proposals_verdicts_and_tasks(
         "SENTINEL_LLM__PROPOSER__BASE_URL": policy_url,
         "SENTINEL_CONTROLLER__MAX_TOKENS": "160",
         "SENTINEL_PROPOSER__TASKS_PER_PATTERN": "2",
+        "SENTINEL_PROPOSER__MAX_TOKENS": "384",  # mock's drafts are short
         "SENTINEL_VALIDATION__WARM": "1",
         "SENTINEL_WORKERS__CONCURRENCY": "1",
     }

@@ -351,6 +351,9 @@ class ProposerSettings(Section):
     mutation_after: int = Field(4, ge=0)  # consecutive rejections of a pattern: mutate seeds
     max_lessons: int = Field(6, ge=1)  # rejection lessons carried in a prompt version
     seed: int | None = None  # entity sampling; None: random
+    # drafts being written at once; None: as many patterns as arrive. On a server it shares
+    # with the Solver, a flood of long drafts starves the rollouts it is meant to feed.
+    max_concurrency: int | None = Field(None, ge=1)
 
 
 class LeafeSettings(Section):
@@ -432,7 +435,7 @@ class LoopSettings(Section):
     mastered: float = Field(0.9, gt=0, le=1)  # retire a task solved this often...
     min_samples: int = Field(8, ge=1)  # ...over at least this many recent rollouts
     eval_every: int = Field(5, ge=0)  # held-out evaluation every N policy versions; 0: ends only
-    eval_tasks: int | None = Field(None, ge=1)  # the first N test tasks; None: all
+    eval_tasks: int | None = Field(None, ge=0)  # the first N test tasks; None: all; 0: none
     eval_trials: int = Field(4, ge=1)  # k of pass^k
     # a group no worker has started by then is written off (a started one whose worker died
     # is found by its lease: workers.lease_s)

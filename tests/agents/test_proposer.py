@@ -107,6 +107,20 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
     assert tally.codes == {code: codes.count(code) for code in codes}
 
 
+async def test_drafts_in_flight_keep_to_max_concurrency(
+    proposer: Callable[..., Proposer], llm: Callable[..., OpenAIChatClient]
+) -> None:
+    """Two drafts for one pattern, one at a time: the Solver keeps the rest of the server.
+    (Unbounded, both requests start before either answers.) Short drafts: only the count
+    matters here, and a cut-off draft still costs its request and a repair."""
+    settings = TWO.model_copy(update={"max_concurrency": 1, "max_tokens": 64})
+    client = InFlight(llm())
+    proposals = await proposer(client, settings).propose(PATTERN)
+    assert len(proposals) == settings.tasks_per_pattern  # written, or mutated instead
+    assert client.calls >= 2
+    assert client.most == 1
+
+
 async def test_repeated_rejections_switch_the_pattern_to_mutation(
     proposer: Callable[..., Proposer], bus: Bus, validator: Validator
 ) -> None:
@@ -170,6 +184,22 @@ async def consume_verdicts(agent: Proposer, bus: Bus) -> None:
     )
     while await consumer.poll():
         pass
+
+
+class InFlight:
+    """The real client, counting its requests in flight."""
+
+    def __init__(self, client: OpenAIChatClient) -> None:
+        self.client, self.model = client, client.model
+        self.now = self.most = self.calls = 0
+
+    async def complete(self, *args: Any, **kwargs: Any) -> Completion:
+        self.now, self.calls = self.now + 1, self.calls + 1
+        self.most = max(self.most, self.now)
+        try:
+            return await self.client.complete(*args, **kwargs)
+        finally:
+            self.now -= 1
 
 
 class Garbage:

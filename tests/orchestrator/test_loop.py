@@ -279,6 +279,15 @@ async def test_evaluation_is_requests_for_the_workers_and_a_report_once_all_are_
     assert (progress.dispatched, progress.returned, progress.dropped) == (0, 0, 0)  # not training
 
 
+async def test_eval_tasks_0_evaluates_nothing_and_counts_each_version_done(
+    settings: Settings, bus: Bus, mock: Environment
+) -> None:
+    loop = make_loop(settings, bus, mock, eval_tasks=0)
+    await loop.evaluate(PolicyVersion(version=0, served_name="smol", base_model="smol"))
+    assert await queued(bus) == []
+    assert await loop.evaluated(0)  # a bounded run's end does not wait for it
+
+
 def test_the_orchestrator_runs_no_environment_and_no_llm() -> None:
     """The loop module pulls in neither an environment nor the agents: it only schedules.
     (The registry comes with the configuration: it names environments, it builds none.)"""

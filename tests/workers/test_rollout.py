@@ -48,6 +48,7 @@ def start_worker(settings: Settings, endpoint: str, log: Path, **more: str) -> P
         "SENTINEL_LLM__USER_SIM__MAX_RETRIES": "0",
         "SENTINEL_ROLLOUT__MAX_AGENT_TURNS": "2",
         "SENTINEL_ROLLOUT__MAX_TOKENS": "48",
+        "SENTINEL_ROLLOUT__USER_MAX_TOKENS": "32",
         "SENTINEL_WORKERS__MAX_ATTEMPTS": "2",
         "SENTINEL_LOG__FORMAT": "json",
         **{f"SENTINEL_WORKERS__{name.upper()}": value for name, value in more.items()},

@@ -14,6 +14,7 @@ make a task, is a `schema` verdict of its own, so the prompt learns from it too.
 from __future__ import annotations
 
 import json
+import math
 import random
 import uuid
 from collections.abc import Sequence
@@ -176,6 +177,7 @@ class Proposer:
         self.seeds = [t for t in domain.tasks("train") if _writes(t, domain)]
         self._own_envs = envs is None  # mutations replay there, never in this process
         self.envs = envs or EnvPool(domain.settings)
+        self._drafting = anyio.CapacityLimiter(settings.max_concurrency or math.inf)
 
     async def aclose(self) -> None:
         """Stop the children of its own environment pool (call before the loop ends)."""
@@ -190,7 +192,10 @@ class Proposer:
         proposals: list[TaskProposal] = []
 
         async def one() -> None:  # concurrent: the server batches them
-            proposal = None if mutate_now else await self.write(pattern)
+            proposal = None
+            if not mutate_now:
+                async with self._drafting:
+                    proposal = await self.write(pattern)
             proposal = proposal or await self._mutation(pattern)
             if proposal is not None:
                 proposals.append(proposal)

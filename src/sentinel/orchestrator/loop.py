@@ -271,7 +271,8 @@ class Loop:
         ):
             return
         if not self.test_tasks:
-            log.warning("no held-out tasks to evaluate on", version=version)
+            if self.settings.loop.eval_tasks != 0:  # 0 asks for none
+                log.warning("no held-out tasks to evaluate on", version=version)
             await self.redis.sadd(f"{self.key}:evaluated", version)
             return
         requests = [

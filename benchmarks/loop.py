@@ -3,19 +3,25 @@
 Runs `sentinel up` twice with the same settings file and rollout budget (`--groups`): once in
 `fixed` mode (RL on seed train tasks only) and once failure-driven (targeted tasks from the
 Controller's patterns mixed in). A group is informative when its rewards differ (with the
-run's partial credit), so GRPO learns from it; the rest are filtered out. Also reported: the
-trainer's idle fraction (time waiting for groups over its wall time) in the failure-driven run.
-The last line printed is one JSON object of figures.
+run's partial credit), so GRPO learns from it; the rest are filtered out. Also reported, for
+the failure-driven run: rollout groups per hour of wall time, the trainer's busy fraction (1 -
+its idle fraction) and vLLM's (the share of its own 10-second stats lines with a request
+running, over the run's wall time). `--baseline` runs failure-driven a third time with the
+settings of before issue 22 (torch's own trainer threads, unbounded Proposer drafts), so that
+before and after come from one run on one machine. The last line printed is one JSON object
+of figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -28,26 +34,62 @@ from sentinel.report import build_report
 from sentinel.schemas import RolloutGroup
 
 ROOT = Path(__file__).resolve().parents[1]
+STATS_S = 10  # vLLM's stats interval (VLLM_LOG_STATS_INTERVAL)
+RUNNING = re.compile(r"Running: (\d+) reqs")
+# the settings before issue 22's changes, for --baseline (sections updated, not replaced)
+BASELINE = {"trainer": {"cpu_threads": None}, "proposer": {"max_concurrency": None}}
 
 
-def run(config: Path, mode: str, groups: int, workdir: Path) -> Path:
-    """One bounded `sentinel up` in `mode`; returns its run directory."""
+def run(
+    config: Path,
+    mode: str,
+    groups: int,
+    workdir: Path,
+    name: str = "",
+    **sections: Mapping[str, object],
+) -> tuple[Path, float]:
+    """One bounded `sentinel up` in `mode`; its run directory and wall seconds."""
     settings = yaml.safe_load(config.read_text()) or {}
-    run_dir = workdir / mode
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    name = name or mode
+    run_dir = workdir / name
     settings["run_dir"] = str(run_dir)
     # pass^k is not what this measures: one held-out rollout before and after is enough
     settings.setdefault("loop", {}).update({"eval_tasks": 1, "eval_trials": 1})
-    path = workdir / f"{mode}.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json",
             "up", "--mode", mode, "--groups", str(groups)]  # fmt: skip
     started = time.monotonic()
-    with (workdir / f"{mode}.log").open("w") as log:
+    with (workdir / f"{name}.log").open("w") as log:
         code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    print(f"{mode}: exit {code} after {time.monotonic() - started:.0f} s", file=sys.stderr)
+    wall_s = time.monotonic() - started
+    print(f"{name}: exit {code} after {wall_s:.0f} s", file=sys.stderr)
     if code != 0:
-        raise SystemExit(f"{mode} run failed; see {workdir / f'{mode}.log'}")
-    return run_dir
+        raise SystemExit(f"{name} run failed; see {workdir / f'{name}.log'}")
+    return run_dir, wall_s
+
+
+def vllm_busy_fraction(run_dir: Path, wall_s: float) -> float | None:
+    """Seconds of vLLM's stats lines with a request running, over the run's wall time (an
+    idle server stops logging, so the lines are counted, not their share)."""
+    log = run_dir / "vllm" / "server.log"
+    if not log.exists():  # an external server (`llm.policy.base_url`): not ours to read
+        return None
+    running = [int(m.group(1)) for m in RUNNING.finditer(log.read_text(errors="replace"))]
+    return round(min(sum(r > 0 for r in running) * STATS_S / wall_s, 1.0), 3)
+
+
+def throughput(run_dir: Path, wall_s: float) -> dict[str, float | None]:
+    report = build_report(run_dir)
+    idle = report.trainer_idle_fraction
+    return {
+        "groups_per_hour": round(report.groups / (wall_s / 3600), 2),
+        "trainer_busy_fraction": None if idle is None else round(1 - idle, 3),
+        "vllm_busy_fraction": vllm_busy_fraction(run_dir, wall_s),
+        "wall_s": round(wall_s),
+    }
 
 
 def informative_fraction(run_dir: Path, partial_credit: float) -> float:
@@ -62,14 +104,19 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
     parser.add_argument("--groups", type=int, default=8, help="rollout budget per mode")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--baseline", action="store_true", help="also run failure-driven on the settings before"
+        " issue 22 (torch's trainer threads, unbounded drafts): before and after in one run",
+    )  # fmt: skip
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sentinel-loop-"))
     workdir.mkdir(parents=True, exist_ok=True)
     partial_credit = load_settings(args.config).trainer.partial_credit
-    fixed = run(args.config, "fixed", args.groups, workdir)
-    targeted = run(args.config, "failure_driven", args.groups, workdir)
+    fixed, _ = run(args.config, "fixed", args.groups, workdir)
+    targeted, wall_s = run(args.config, "failure_driven", args.groups, workdir)
     report = build_report(targeted)
-    figures = {
+    figures: dict[str, object] = {
+        **throughput(targeted, wall_s),
         "informative_fraction": round(informative_fraction(targeted, partial_credit), 3),
         "fixed_informative_fraction": round(informative_fraction(fixed, partial_credit), 3),
         "trainer_idle_fraction": report.trainer_idle_fraction,
@@ -79,6 +126,11 @@ def main() -> None:
         "train_steps": report.train_steps,
         "workdir": str(workdir),
     }
+    if args.baseline:
+        before, before_s = run(
+            args.config, "failure_driven", args.groups, workdir, "baseline", **BASELINE
+        )
+        figures["baseline"] = throughput(before, before_s)
     print(json.dumps(figures))
 
 

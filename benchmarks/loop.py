@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sentinel import jsonl
 from sentinel.config import load_settings
-from sentinel.report import build_report
+from sentinel.report import RunReport, build_report
 from sentinel.schemas import RolloutGroup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +81,7 @@ def vllm_busy_fraction(run_dir: Path, wall_s: float) -> float | None:
     return round(min(sum(r > 0 for r in running) * STATS_S / wall_s, 1.0), 3)
 
 
-def throughput(run_dir: Path, wall_s: float) -> dict[str, float | None]:
-    report = build_report(run_dir)
+def throughput(report: RunReport, run_dir: Path, wall_s: float) -> dict[str, float | None]:
     idle = report.trainer_idle_fraction
     return {
         "groups_per_hour": round(report.groups / (wall_s / 3600), 2),
@@ -116,7 +115,7 @@ def main() -> None:
     targeted, wall_s = run(args.config, "failure_driven", args.groups, workdir)
     report = build_report(targeted)
     figures: dict[str, object] = {
-        **throughput(targeted, wall_s),
+        **throughput(report, targeted, wall_s),
         "informative_fraction": round(informative_fraction(targeted, partial_credit), 3),
         "fixed_informative_fraction": round(informative_fraction(fixed, partial_credit), 3),
         "trainer_idle_fraction": report.trainer_idle_fraction,
@@ -130,7 +129,7 @@ def main() -> None:
         before, before_s = run(
             args.config, "failure_driven", args.groups, workdir, "baseline", **BASELINE
         )
-        figures["baseline"] = throughput(before, before_s)
+        figures["baseline"] = throughput(build_report(before), before, before_s)
     print(json.dumps(figures))
 
 

@@ -71,6 +71,9 @@ def test_toml_file_and_sentinel_config_variable(
         ("serve: {max_loras: 5}\n", ".yaml", r"serve.max_loras \(5\) must be at least"),
         ("trainer: {max_staleness: 5}\n", ".yaml", r"max_staleness \+ 2 \(7\): rollouts may"),
         ("trainer: {cpu_threads: 1000000000}\n", ".yaml", "trainer.cpu_threads: Input should"),
+        ("proposer: {max_concurrency: 0}\n", ".yaml", "proposer.max_concurrency: Input should"),
+        ("proposer: {max_concurrency: lots}\n", ".yaml", "proposer.max_concurrency: Input should"),
+        ("loop: {eval_tasks: -1}\n", ".yaml", "loop.eval_tasks: Input should"),
         ("a = 1\n", ".ini", "must end in .toml, .yaml or .yml"),
     ],
 )

@@ -125,9 +125,9 @@ def test_up_runs_a_bounded_loop_through_kill_9_and_keeps_a_whole_record(
     assert "held-out, policy v0" in log  # the summary
     assert (run_dir / "redis" / "appendonly.aof").exists()  # the embedded Redis, stopped
     assert not (run_dir / "redis" / "server.json").exists()
-    fates = trainer_fates(run_dir)
-    assert {g.id for g in groups(run_dir)} <= set(fates)  # the trainer decided each group
-    filtered_by_variance_alone(run_dir)
+    fates, trained = trainer_fates(run_dir), groups(run_dir)
+    assert {g.id for g in trained} <= set(fates)  # the trainer decided each group
+    filtered_by_variance_alone(trained, fates)
     assert (report.train_steps > 0) == any(f == "trained" for f in fates.values())
     leafe = report.leafe
     assert leafe is not None, "nothing explored"
@@ -171,11 +171,10 @@ def groups(run_dir: Path) -> list[RolloutGroup]:
             if g.purpose == "train"]  # fmt: skip
 
 
-def filtered_by_variance_alone(run_dir: Path) -> None:
+def filtered_by_variance_alone(train_groups: list[RolloutGroup], fates: dict[str, str]) -> None:
     """Dynamic filtering decided each group the trainer has seen, and nothing else did: a
     group with reward variance was trained (or came too late), one without was left out."""
-    fates = trainer_fates(run_dir)
-    seen = [g for g in groups(run_dir) if g.id in fates]
+    seen = [g for g in train_groups if g.id in fates]
     informative = sum(g.informative(0.5) for g in seen)
     print(f"groups with reward variance: {informative} of {len(seen)}")
     for group in seen:
@@ -255,9 +254,9 @@ def test_up_runs_the_failure_driven_loop_on_another_domain(
     and leaves out the rest. The loop runs until then and is stopped as an operator would.
 
     A GRPO step is not waited for: SmolLM2 earns a reward on these domains about once in
-    eight groups, so waiting for one cost 7 to 22 minutes by luck (measured in CI). The kill
-    -9 run above steps, publishes and serves on the mock domain, and nothing on that path
-    depends on the domain."""
+    eight groups, so waiting for one cost 7 to 22 minutes by luck (measured in CI). The
+    kill -9 run above steps, publishes and serves on the mock domain, and nothing on that
+    path depends on the domain."""
     path = domain_config(tmp_path, policy_url, domain)
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json",
@@ -286,7 +285,8 @@ def test_up_runs_the_failure_driven_loop_on_another_domain(
     fates = trained_on(run_dir, grounded_accepted(run_dir))
     print(f"groups on grounded tasks: {fates}")
     assert all(f in ("trained", UNINFORMATIVE) for f in fates.values())
-    filtered_by_variance_alone(run_dir)
+    every = trainer_fates(run_dir)
+    filtered_by_variance_alone(groups(run_dir), every)
     # a trained group is a GRPO step, published (before its report) as the next version
-    assert (report.train_steps > 0) == ("trained" in trainer_fates(run_dir).values())
+    assert (report.train_steps > 0) == ("trained" in every.values())
     assert report.policy_versions[-1] == report.train_steps

@@ -40,9 +40,9 @@ def policy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     settings = Settings(run_dir=tmp_path_factory.mktemp("vllm"))
     model_dir = prepare_model(settings.cache_dir)
-    with VLLMServer(
-        settings.serve.model_copy(update={"port": 0}), model_dir, settings.run_dir
-    ) as s:
+    # The tests, trainers and `up` runs share the machine with it, as in configs/local.yaml.
+    serve = settings.serve.model_copy(update={"port": 0, "cpu_cores": "all-but-one"})
+    with VLLMServer(serve, model_dir, settings.run_dir) as s:
         # Its per-run key, for every client and child process the tests start (as `up` does).
         os.environ[LOCAL_KEY_ENV] = s.api_key
         try:

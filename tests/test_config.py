@@ -74,6 +74,7 @@ def test_toml_file_and_sentinel_config_variable(
         ("proposer: {max_concurrency: 0}\n", ".yaml", "proposer.max_concurrency: Input should"),
         ("proposer: {max_concurrency: lots}\n", ".yaml", "proposer.max_concurrency: Input should"),
         ("loop: {eval_tasks: -1}\n", ".yaml", "loop.eval_tasks: Input should"),
+        ("serve: {cpu_cores: '0;reboot'}\n", ".yaml", "serve.cpu_cores: String should match"),
         ("a = 1\n", ".ini", "must end in .toml, .yaml or .yml"),
     ],
 )

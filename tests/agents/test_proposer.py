@@ -12,7 +12,19 @@ import pytest
 
 from sentinel.agents.llm import Completion, OpenAIChatClient
 from sentinel.agents.prompts import PromptBook
-from sentinel.agents.proposer import MUTATOR, Proposer
+from sentinel.agents.proposer import (
+    ACTION_TOKENS,
+    CHARS_PER_TOKEN,
+    KEYS_TOKENS,
+    MAX_LOOKUPS,
+    MAX_WRITES,
+    MUTATOR,
+    TEXTS,
+    Proposer,
+    TaskDraft,
+    draft_schema,
+    text_limits,
+)
 from sentinel.config import ProposerSettings, ValidationSettings
 from sentinel.envs.base import Environment
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
@@ -105,6 +117,21 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
     )
     codes = [r.code.value for result in ours for r in result.reasons]
     assert tally.codes == {code: codes.count(code) for code in codes}
+
+
+def test_draft_texts_shrink_so_that_a_draft_closes_within_its_budget() -> None:
+    """SmolLM2 writes each text up to its maxLength: with the most actions, a draft still
+    closes within max_tokens, and every text the schema allows parses as a TaskDraft."""
+    actions = KEYS_TOKENS + ACTION_TOKENS * (MAX_LOOKUPS + MAX_WRITES)
+    for max_tokens in (512, 640, 768, 1024):
+        properties = draft_schema({}, {}, max_tokens)["properties"]
+        texts = {k: v["maxLength"] for k, v in properties.items() if k not in ("lookups", "writes")}
+        assert set(texts) == set(TaskDraft.model_fields) - {"lookups", "writes"}
+        assert actions + sum(texts.values()) / CHARS_PER_TOKEN <= max_tokens
+        for name, limit in texts.items():
+            assert limit <= TaskDraft.model_fields[name].metadata[0].max_length
+    assert text_limits(768) == text_limits(4096) == TEXTS  # room for all: the longest texts
+    assert text_limits(64) == dict.fromkeys(TEXTS, 16)  # never none
 
 
 async def test_drafts_in_flight_keep_to_max_concurrency(

@@ -44,7 +44,7 @@ def telecom() -> Environment:
 def validator(
     retail: Environment, bus: Bus, sandbox: LocalProcessSandbox, **settings: Any
 ) -> Validator:
-    index = RedisTaskIndex(bus.redis, "untrusted", retail)
+    index = RedisTaskIndex(bus.redis, bus.settings.prefix, retail)
     return Validator(retail, sandbox, SETTINGS.model_copy(update=settings), index)
 
 

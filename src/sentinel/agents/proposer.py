@@ -100,23 +100,38 @@ class TaskDraft(BaseModel):
     writes: list[DraftAction] = Field(min_length=1, max_length=MAX_WRITES)
 
 
-def draft_schema(lookups: dict[str, Any], writes: dict[str, Any]) -> dict[str, Any]:
-    """The gold actions first, in two lists so that every task has a write; then short texts
-    (constrained decoding writes fields in this order, so a long text cannot cut the actions).
-    """
+# The texts' longest lengths, in characters, when the token budget has room for them all.
+TEXTS = {
+    "reason_for_call": 160,
+    "known_info": 120,
+    "unknown_info": 100,
+    "task_instructions": 200,
+    "persona": 80,
+}
+ACTION_TOKENS = 64  # one compact gold call: its name, ids, numbers or a GENERIC_TEXT
+KEYS_TOKENS = 32  # the draft's braces, keys and quotes
+CHARS_PER_TOKEN = 2  # weak models fill texts with digit runs (~1 char a token); prose is ~4
 
-    def text(limit: int) -> dict[str, Any]:
-        return {"type": "string", "maxLength": limit}
 
-    properties = {
-        "lookups": lookups,
-        "writes": writes,
-        "reason_for_call": text(160),
-        "known_info": text(120),
-        "unknown_info": text(100),
-        "task_instructions": text(200),
-        "persona": text(80),
+def text_limits(max_tokens: int) -> dict[str, int]:
+    """Each text's maxLength, shrunk so that a draft of the most actions still closes within
+    `max_tokens`: a draft cut off at the limit is lost, after a repair round that costs as
+    much again (SmolLM2 writes every text up to its maxLength)."""
+    room = CHARS_PER_TOKEN * (max_tokens - KEYS_TOKENS - ACTION_TOKENS * (MAX_LOOKUPS + MAX_WRITES))
+    scale = min(1.0, room / sum(TEXTS.values()))
+    return {name: max(16, int(limit * scale)) for name, limit in TEXTS.items()}
+
+
+def draft_schema(
+    lookups: dict[str, Any], writes: dict[str, Any], max_tokens: int
+) -> dict[str, Any]:
+    """The gold actions first, in two lists so that every task has a write; then texts that
+    fit the rest of `max_tokens` (constrained decoding writes fields in this order, so a long
+    text cannot cut the actions)."""
+    texts = {
+        name: {"type": "string", "maxLength": n} for name, n in text_limits(max_tokens).items()
     }
+    properties = {"lookups": lookups, "writes": writes, **texts}
     return {
         "type": "object",
         "properties": properties,
@@ -227,6 +242,7 @@ class Proposer:
         schema = draft_schema(
             actions_schema(self.domain, grounding, [], MAX_LOOKUPS, min_actions=0),
             actions_schema(self.domain, grounding, writes, MAX_WRITES, lookups=False),
+            self.settings.max_tokens,
         )
         task_id = f"proposed-{uuid.uuid4().hex[:12]}"
         try:

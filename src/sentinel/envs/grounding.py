@@ -178,11 +178,14 @@ def empty(schema: Any) -> bool:
     return isinstance(schema, list) and any(empty(v) for v in schema)
 
 
+GENERIC_TEXT = 64  # a reason or a note: weak models fill every string up to its maxLength
+
+
 def generic(parameter: JSON) -> JSON:
-    """A parameter without entity ids, bounded so constrained decoding ends."""
+    """A parameter without entity ids, bounded so constrained decoding ends soon."""
     kind = parameter.get("type")
     if kind == "array":
         return {"type": "array", "items": generic(parameter.get("items", {})), "maxItems": 10}
     if kind in ("integer", "number", "boolean"):
         return {"type": kind}
-    return text(200)
+    return text(GENERIC_TEXT)

@@ -32,6 +32,13 @@ log = get_logger(__name__)
 # Behaviour logprobs of the distribution sampled from (after temperature), which is what
 # the trainer scores; vLLM's default is the untempered model's.
 LOGPROBS_MODE = "processed_logprobs"
+# Structured answers without free whitespace: small models pad flexible JSON with runs of
+# newlines, tokens that cost decode time and the token budget. Only xgrammar and guidance take
+# the option (vLLM's "auto" does not); xgrammar is what "auto" picks for these schemas.
+COMPACT_JSON = (
+    "--structured-outputs-config.backend=xgrammar",
+    "--structured-outputs-config.disable_any_whitespace=true",
+)
 KEY_FILE = "api_key"
 
 
@@ -102,12 +109,15 @@ def ensure_policy_server(settings: Settings) -> Iterator[str]:
 
 
 def cpu_binding(cores: str) -> dict[str, str]:
-    """vLLM-CPU's thread binding. Measured on 2 CPUs: both cores prefill a retail prompt 1.7x
-    faster than vLLM's default of one, and stay ahead with another process busy."""
+    """vLLM-CPU's thread binding (`serve.cpu_cores`). Measured on 2 CPUs: both cores prefill
+    a retail prompt 1.7x faster than one and decode 48 tok/s against 37, but beside a busy
+    one-thread trainer they decode 14 tok/s against one core's 34 (docs/architecture.md)."""
     if cores == "auto":
         return {}
-    if cores == "all":
-        cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    if cores in ("all", "all-but-one"):
+        mine = sorted(os.sched_getaffinity(0))
+        kept = mine[:-1] if cores == "all-but-one" and len(mine) > 1 else mine
+        cores = ",".join(str(c) for c in kept)
     return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
@@ -150,6 +160,7 @@ class VLLMServer(Service):
             "--chat-template", str(CHAT_TEMPLATE),
             "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes",
+            *(COMPACT_JSON if s.compact_json else ()),
             *s.extra_args,
         ]  # fmt: skip
 

@@ -87,7 +87,9 @@ async def test_a_focused_mutation_keeps_only_the_patterns_writes(
 async def validator(airline: Environment, bus: Bus) -> AsyncIterator[Validator]:
     settings = ValidationSettings(cpu_s=4, wall_s=30)  # a busy CI machine loads airline slowly
     async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=30), warm=1) as sandbox:
-        yield Validator(airline, sandbox, settings, RedisTaskIndex(bus.redis, "p", airline))
+        yield Validator(
+            airline, sandbox, settings, RedisTaskIndex(bus.redis, bus.settings.prefix, airline)
+        )
 
 
 def _proposal(task: Task) -> TaskProposal:

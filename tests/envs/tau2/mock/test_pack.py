@@ -281,7 +281,9 @@ async def test_mutate_gives_none_when_no_other_value_changes_anything(
 async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
     settings = ValidationSettings(cpu_s=4, wall_s=10)
     async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10), warm=1) as sandbox:
-        yield Validator(mock, sandbox, settings, RedisTaskIndex(bus.redis, "p", mock))
+        yield Validator(
+            mock, sandbox, settings, RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
+        )
 
 
 def _proposal(task: Task) -> TaskProposal:

@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STATS_S = 10  # vLLM's stats interval (VLLM_LOG_STATS_INTERVAL)
 RUNNING = re.compile(r"Running: (\d+) reqs")
 # the settings before issue 22's changes, for --baseline (sections updated, not replaced)
-BASELINE = {"trainer": {"cpu_threads": None}, "proposer": {"max_concurrency": None}}
+BASELINE = {
+    "trainer": {"cpu_threads": None},
+    "proposer": {"max_concurrency": None},
+    "serve": {"cpu_cores": "all"},
+}
 
 
 def run(
@@ -105,7 +109,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
         "--baseline", action="store_true", help="also run failure-driven on the settings before"
-        " issue 22 (torch's trainer threads, unbounded drafts): before and after in one run",
+        " issue 22 (torch's trainer threads, unbounded drafts, vLLM on every core): before and"
+        " after in one run",
     )  # fmt: skip
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sentinel-loop-"))

@@ -222,9 +222,6 @@ class ServeSettings(Section):
     # rule): the max_staleness + 1 servable policies, and the next one while it loads.
     max_loras: int = Field(6, ge=1)
     startup_timeout_s: float = Field(900.0, gt=0)
-    # JSON answers without free whitespace (serving.server.COMPACT_JSON): the rollout tests
-    # ran in 136 s with it, 164 s without, on SmolLM2.
-    compact_json: bool = True
     extra_args: list[str] = Field(default_factory=list)
 
 

@@ -85,8 +85,9 @@ async def test_a_focused_mutation_keeps_only_the_patterns_writes(
 
 @pytest.fixture
 async def validator(airline: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    settings = ValidationSettings(cpu_s=4, wall_s=30)  # a busy CI machine loads airline slowly
-    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=30), warm=1) as sandbox:
+    # a busy CI machine loads airline slowly: a CI run spent over 4 CPU seconds on one replay
+    settings = ValidationSettings(cpu_s=15, wall_s=30)
+    async with LocalProcessSandbox(SandboxLimits(cpu_s=15, wall_s=30), warm=1) as sandbox:
         yield Validator(
             airline, sandbox, settings, RedisTaskIndex(bus.redis, bus.settings.prefix, airline)
         )

@@ -108,8 +108,8 @@ TEXTS = {
     "task_instructions": 200,
     "persona": 80,
 }
-ACTION_TOKENS = 64  # one compact gold call: its name, ids, numbers or a GENERIC_TEXT
-KEYS_TOKENS = 32  # the draft's braces, keys and quotes
+ACTION_TOKENS = 64  # one gold call: its name, ids, numbers or a GENERIC_TEXT
+KEYS_TOKENS = 32  # the draft's braces, keys and quotes (more if the model pads with newlines)
 CHARS_PER_TOKEN = 2  # weak models fill texts with digit runs (~1 char a token); prose is ~4
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,16 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything imports litellm
 
 from sentinel.agents.llm import OpenAIChatClient
-from sentinel.config import LOCAL_KEY_ENV, BusSettings, LLMEndpoint, Settings
+from sentinel.config import LOCAL_KEY_ENV, BusSettings, LLMEndpoint, Settings, ValidationSettings
 from sentinel.envs.base import Environment
+from sentinel.envs.process_pool import SandboxLimits
 from sentinel.envs.registry import load, named
+from sentinel.envs.sandbox import LocalProcessSandbox
 from sentinel.orchestrator.bus import Bus, connect
 from sentinel.orchestrator.redis_server import RedisServer
 from sentinel.serving.model import prepare_model
 from sentinel.serving.server import VLLMServer
+from sentinel.validator import RedisTaskIndex, Validator
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +121,18 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     bus = Bus(connect(settings.redis_url or "", settings), settings.bus)
     yield bus
     await bus.aclose()
+
+
+@pytest.fixture
+async def validator_on(bus: Bus) -> AsyncIterator[Callable[..., Awaitable[Validator]]]:
+    """`await validator_on(env, settings)`: a Validator on a real sandbox (one warm child,
+    under the settings' CPU and wall limits) and the bus's task index; closed at the end."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(env: Environment, settings: ValidationSettings) -> Validator:
+            limits = SandboxLimits(cpu_s=settings.cpu_s, wall_s=settings.wall_s)
+            sandbox = await stack.enter_async_context(LocalProcessSandbox(limits, warm=1))
+            index = RedisTaskIndex(bus.redis, bus.settings.prefix, env)
+            return Validator(env, sandbox, settings, index)
+
+        yield make

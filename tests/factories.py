@@ -303,3 +303,8 @@ def sft_example() -> SFTExample:
         source="leafe", task_id="retail-0", messages=solver.render(history),
         tools=solver.tools, trained=[3, 5],
     )  # fmt: skip
+
+
+def proposal(task: Task) -> TaskProposal:
+    """`task` as the Proposer would send it to the validator."""
+    return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -37,33 +37,24 @@ from sentinel.validator import (
     reject_unparseable,
     similarity,
 )
-from tests.factories import cancellation, todo
+from tests.factories import cancellation, proposal, todo
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ValidationSettings(cpu_s=4, wall_s=10, max_task_chars=6000)
 
 
-async def _validator(env: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    limits = SandboxLimits(cpu_s=SETTINGS.cpu_s, wall_s=SETTINGS.wall_s)
-    async with LocalProcessSandbox(limits, warm=1) as sandbox:
-        index = RedisTaskIndex(bus.redis, bus.settings.prefix, env)
-        yield Validator(env, sandbox, SETTINGS, index)
+@pytest.fixture
+async def validator(
+    mock: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> Validator:
+    return await validator_on(mock, SETTINGS)
 
 
 @pytest.fixture
-async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    async for made in _validator(mock, bus):
-        yield made
-
-
-@pytest.fixture
-async def on_retail(retail: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    async for made in _validator(retail, bus):
-        yield made
-
-
-def proposal(task: Task) -> TaskProposal:
-    return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")
+async def on_retail(
+    retail: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> Validator:
+    return await validator_on(retail, SETTINGS)
 
 
 def with_actions(task: Task, actions: list[Action]) -> Task:

@@ -5,7 +5,7 @@ nothing here is retail's, and its prompts and replays are short."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -27,7 +27,6 @@ from sentinel.agents.proposer import (
 )
 from sentinel.config import ProposerSettings, ValidationSettings
 from sentinel.envs.base import Environment
-from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
@@ -39,7 +38,7 @@ from sentinel.schemas import (
     TaskProposal,
     ValidationResult,
 )
-from sentinel.validator import RedisTaskIndex, Validator
+from sentinel.validator import Validator
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ProposerSettings(tasks_per_pattern=4, mutation_after=3, seed=7, max_tokens=768)
@@ -56,11 +55,10 @@ PATTERN = ErrorPattern(
 
 
 @pytest.fixture
-async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    settings = ValidationSettings()
-    async with LocalProcessSandbox(SandboxLimits(), warm=1) as sandbox:
-        index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
-        yield Validator(mock, sandbox, settings, index)
+async def validator(
+    mock: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> Validator:
+    return await validator_on(mock, ValidationSettings())
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from sentinel.agents.llm import DISALLOWED_LOGPROB, Generation, OpenAIChatClient
 from sentinel.agents.parsing import parse_completion, split_reasoning
 from sentinel.agents.solver import Solver
 from sentinel.agents.transcript import Template, Transcript, guided_schema, sample_turn
-from sentinel.config import RolloutSettings
+from sentinel.config import RolloutSettings, ServeSettings
 from sentinel.envs.base import Environment
 from sentinel.schemas import ChatMessage
 from sentinel.schemas.trajectory import SampledSpan, Segment, Trajectory
@@ -29,6 +29,7 @@ from sentinel.training.grpo import collate, policy_logprobs
 from tests import factories
 
 SETTINGS = RolloutSettings(max_tokens=40, temperature=1.2)
+COMPACT = ServeSettings().compact_json  # as the tests' server compiles JSON grammars
 OPENING = [
     ChatMessage(role="assistant", content="Hi! How can I help you today?"),
     ChatMessage(role="user", content="Please mark task_1 as completed, it is done."),
@@ -129,7 +130,9 @@ async def test_a_multi_turn_rollout_grows_one_sequence_the_trainer_scores_as_vll
     """Free sampling (the tau2 format's: no grammar), 3 turns across tool and user junctions."""
     client = llm()
     solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
-    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    transcript = Transcript(
+        client, await Template.learn(client), solver.tools, 1.2, compact_json=COMPACT
+    )
     history, _ = await converse(solver, transcript, turns=3, guided=False)
     prompt = await transcript.prompt(solver.render(history))  # the 4th turn's prompt
 
@@ -152,7 +155,9 @@ async def test_guided_turns_grow_one_sequence_whose_logprobs_only_the_grammar_ra
     never below the trainer's. The sequence itself is the template's, junctions included."""
     client = llm()
     solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
-    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    transcript = Transcript(
+        client, await Template.learn(client), solver.tools, 1.2, compact_json=COMPACT
+    )
     history, _ = await converse(solver, transcript, turns=3)
     prompt = await transcript.prompt(solver.render(history))
     assert len(transcript.segments) == 1
@@ -178,7 +183,9 @@ async def test_with_the_grammar_replayed_the_trainer_scores_every_guided_token_a
     makes vLLM's higher)."""
     client = llm()
     solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
-    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.2)
+    transcript = Transcript(
+        client, await Template.learn(client), solver.tools, 1.2, compact_json=COMPACT
+    )
     await converse(solver, transcript, turns=2, regex=regex)
     [segment] = transcript.segments
     assert len(segment.grammars) == 1
@@ -218,7 +225,9 @@ async def test_without_the_junction_the_sequence_is_not_the_template_rendering(
     assert template.junction([5, 2]) == [198]  # stopped on <|im_end|>: the newline is left
     assert template.junction([5, 6]) == [2, 198]  # cut off: both
     broken = Template(prefix=template.prefix, closing=[])  # junction handling removed
-    transcript = Transcript(client, broken, solver.tools, SETTINGS.temperature)
+    transcript = Transcript(
+        client, broken, solver.tools, SETTINGS.temperature, compact_json=COMPACT
+    )
     history, _ = await converse(solver, transcript, turns=2)
     prompt = await transcript.prompt(solver.render(history))
     assert await detokenize(client, prompt) != await canonical(client, solver, history, transcript)
@@ -245,7 +254,9 @@ async def test_thinking_turns_are_sampled_kept_in_the_sequence_and_trained(
 ) -> None:
     client = llm()
     solver = Solver(client, mock.policy, mock.tool_schemas, SETTINGS)
-    transcript = Transcript(client, await Template.learn(client), solver.tools, 1.0)
+    transcript = Transcript(
+        client, await Template.learn(client), solver.tools, 1.0, compact_json=COMPACT
+    )
     history, _ = await converse(solver, transcript, turns=3, regex=THINKING)
     assert all(m.content and "<think>" not in m.content for m in history[2::2])  # parsed out
     [segment] = transcript.segments
@@ -425,7 +436,7 @@ class Recorded:
 async def test_the_sequence_grows_and_a_new_system_prompt_splits_it() -> None:
     client = Recorded()
     template = Template(prefix=[9, 9, 9, 2, 198], closing=[2, 198])
-    transcript = Transcript(client, template, None, 1.0)
+    transcript = Transcript(client, template, None, 1.0, compact_json=COMPACT)
     system = {"role": "system", "content": "s"}
     first = await transcript.prompt([system, {"role": "user", "content": "hi"}])
     transcript.record(await client.generate(first), 1)

@@ -29,7 +29,7 @@ import yaml
 
 from sentinel.cli import app
 from sentinel.config import Settings, load_settings
-from sentinel.serving.server import LOGPROBS_MODE
+from sentinel.serving.server import COMPACT_JSON, LOGPROBS_MODE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -306,6 +306,7 @@ def test_vllm_has_health_probes_shm_lora_and_volumes() -> None:
     assert "--enable-lora" in args
     assert any(a.startswith("--max-lora-rank") for a in args)
     assert f"--logprobs-mode={LOGPROBS_MODE}" in args  # as `sentinel serve` runs it
+    assert set(COMPACT_JSON) <= set(args)
     assert env_value(vllm, "VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"
     claims = {
         m["mountPath"]: (v["persistentVolumeClaim"]["claimName"], m.get("readOnly", False))

@@ -13,17 +13,13 @@ from sentinel.envs.base import Environment
 from sentinel.envs.registry import load, named
 from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits, SandboxUnavailable
 from sentinel.orchestrator.bus import Bus
-from sentinel.schemas import Action, RejectionCode, Task, TaskProposal
+from sentinel.schemas import Action, RejectionCode, Task
 from sentinel.schemas.task import EnvAssertion
 from sentinel.validator import RedisTaskIndex, Validator
-from tests.factories import cancellation
+from tests.factories import cancellation, proposal
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ValidationSettings(cpu_s=4, wall_s=10, max_task_chars=6000)
-
-
-def proposal(task: Task) -> TaskProposal:
-    return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")
 
 
 def changed(task: Task, initial_state: Any = None, **criteria: Any) -> Task:

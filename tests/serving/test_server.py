@@ -21,6 +21,7 @@ from sentinel.config import (
 )
 from sentinel.process import write_record
 from sentinel.serving.server import (
+    COMPACT_JSON,
     KEY_FILE,
     VLLMServer,
     cpu_binding,
@@ -52,6 +53,9 @@ def test_arguments_carry_the_dtype_and_adapter_rank(tmp_path: Path) -> None:
     assert default[default.index("--dtype") + 1] == "float32"
     assert default[default.index("--max-loras") + 1] == "6"  # max_staleness 4 + 2 (TRL)
     assert "--enable-prompt-tokens-details" in default  # cached_tokens: prefix-cache hits
+    assert set(COMPACT_JSON) <= set(default)
+    flexible = VLLMServer(ServeSettings(compact_json=False), tmp_path, tmp_path).arguments()
+    assert not set(COMPACT_JSON) & set(flexible)
 
 
 def test_the_key_goes_to_vllm_in_its_environment_never_its_argv(

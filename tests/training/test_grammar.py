@@ -62,3 +62,27 @@ def test_a_token_the_grammar_refuses_leaves_the_turn_unmasked(replay: GrammarRep
 def test_unpacking_reads_xgrammars_bit_order() -> None:
     packed = torch.tensor([[0b101, -(2**31)]], dtype=torch.int32)  # bits 0, 2 and 63
     assert unpacked(packed, 64)[0].nonzero().flatten().tolist() == [0, 2, 63]
+
+
+def test_a_compact_json_grammar_forces_the_separators_free_whitespace_leaves_open(
+    replay: GrammarReplay,
+) -> None:
+    """As vLLM compiles with `disable_any_whitespace`: after the colon no space or newline is
+    allowed, where the free grammar allows both; a spaced answer is refused."""
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    compact, free = (Grammar(kind="json", spec=schema, compact=c) for c in (True, False))
+    tokenizer = replay.tokenizer
+    tight = tokenizer.encode('{"a":1}')
+    after_colon = [tokenizer.decode([t]) for t in tight].index('":') + 1
+    free_masks, compact_masks = replay.bitmasks(free, tight), replay.bitmasks(compact, tight)
+    assert free_masks is not None
+    assert compact_masks is not None
+    allowed_free, allowed_compact = (
+        unpacked(m, replay.vocab_size)[after_colon] for m in (free_masks, compact_masks)
+    )
+    for gap in (" ", "\n"):
+        [token] = tokenizer.encode(gap)
+        assert bool(allowed_free[token])
+        assert not bool(allowed_compact[token])
+    assert replay.bitmasks(free, tokenizer.encode('{"a": 1}')) is not None
+    assert replay.bitmasks(compact, tokenizer.encode('{"a": 1}')) is None

@@ -2,16 +2,17 @@
 
 Every proposal records the prompt version and pattern it came from. Validation verdicts are
 counted per version and per pattern; once a version has `revise_after` verdicts and accepts
-fewer than `min_acceptance` of them, a new version is written whose lessons come from its
-most frequent rejection reasons, with a real example of each. Versions, counts and recent
-rejections live in Redis, so every Proposer replica shares them and a restart keeps them.
-A proposal's origin is consumed by the transaction that counts its verdict, so a redelivered
-verdict counts once and origins do not pile up; one whose verdict never comes expires.
+fewer than `min_acceptance` of them, a new version is written: a LessonWriter reads its
+rejections (agents.lessons: an LLM by reflection, or canned advice) and its new lessons join
+the parent's, bounded. Each version's acceptance is then judged against its parent's.
+Versions, counts and recent rejections live in Redis, so every Proposer replica shares them
+and a restart keeps them. A proposal's origin is consumed by the transaction that counts its
+verdict, so a redelivered verdict counts once and origins do not pile up; one whose verdict
+never comes expires.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime
 from typing import cast
 
@@ -20,37 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
+from sentinel.agents.lessons import Advice, LessonWriter, Rejections, accumulated
 from sentinel.config import ProposerSettings
 from sentinel.logs import get_logger
-from sentinel.schemas import RejectionCode, ValidationResult
+from sentinel.schemas import ValidationResult
 from sentinel.schemas.message import utc_now
 
 log = get_logger(__name__)
 
 RECENT_REJECTIONS = 50
 ORIGIN_TTL_S = 7 * 24 * 3600  # a verdict comes within minutes; this only bounds the orphans
-
-ADVICE: dict[RejectionCode, str] = {
-    RejectionCode.SCHEMA: "Write complete, valid JSON with every field, and keep texts short.",
-    RejectionCode.UNKNOWN_TOOL: "Use only the tools listed; never invent a tool.",
-    RejectionCode.BAD_ARGUMENTS: "Give each tool exactly its arguments, with the right types.",
-    RejectionCode.UNKNOWN_ENTITY: "Use only ids listed under Entities, copied exactly.",
-    RejectionCode.GOLD_WRITE_FAILED: "Each write must be allowed in the entity's current state "
-    "(e.g. cancel or modify only pending orders; return or exchange only delivered ones).",
-    RejectionCode.NO_STATE_CHANGE: "The actions must change the database: include a write.",
-    RejectionCode.NOT_DISCRIMINATIVE: "Doing nothing must fail the task: the goal needs a write "
-    "or information the agent must tell the user.",
-    RejectionCode.DUPLICATE: "Choose other entities or another goal: this task already exists.",
-    RejectionCode.TEST_LEAKAGE: "Do not copy benchmark tasks; invent a new situation.",
-    RejectionCode.INJECTION: "Write the scenario as a customer; no instructions to the agent.",
-    RejectionCode.TOO_LARGE: "Keep the task small: a few actions and short texts.",
-    RejectionCode.SANDBOX_TIMEOUT: "Keep calculations simple.",
-    RejectionCode.SANDBOX_CRASH: "Keep calculations simple.",
-    RejectionCode.TOO_EASY: "Make the task harder: more steps or a policy condition to check.",
-    RejectionCode.TOO_HARD: "Make the task clearer: state what the customer wants.",
-    RejectionCode.POLICY_VIOLATION: "Each write must follow the policy: never act twice on "
-    "one entity or on one whose status forbids it.",
-}
+REVISION_CLAIM_S = 600  # a replica that died mid-revision leaves the next one to another
 
 
 class PromptVersion(BaseModel):
@@ -59,6 +40,8 @@ class PromptVersion(BaseModel):
     version: int
     lessons: list[str] = Field(default_factory=list)
     reason: str = "initial"
+    parent: int | None = None  # the version it revised, whose acceptance it is judged against
+    author: str = "none"  # who wrote its new lessons: "advice", or the reflecting model
     created_at: datetime = Field(default_factory=utc_now)
 
     @property
@@ -89,11 +72,32 @@ class Tally(BaseModel):
         return self.accepted / self.verdicts if self.verdicts else 0.0
 
 
+class Lineage(BaseModel):
+    """A version's acceptance against its parent's: did its lessons help?"""
+
+    version: int
+    parent: int | None
+    acceptance: float
+    verdicts: int
+    parent_acceptance: float | None
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.parent_acceptance is None else self.acceptance - self.parent_acceptance
+
+
 class PromptBook:
-    def __init__(self, redis: aioredis.Redis, prefix: str, settings: ProposerSettings) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        settings: ProposerSettings,
+        writer: LessonWriter | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.prefix = f"{prefix}:proposer"
+        self.writer = writer or Advice()
 
     def _key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -110,6 +114,20 @@ class PromptBook:
     async def versions(self) -> list[PromptVersion]:
         raw = await self.redis.hvals(self._key("versions"))
         return sorted((PromptVersion.model_validate_json(r) for r in raw), key=lambda v: v.version)
+
+    async def lineage(self) -> list[Lineage]:
+        """Every version's acceptance, beside its parent's."""
+        acceptance: dict[int, float] = {}
+        lineage = []
+        for version in await self.versions():  # oldest first: a parent before its child
+            tally = await self.tally(f"version:{version.version}")
+            acceptance[version.version] = tally.acceptance
+            parent = None if version.parent is None else acceptance.get(version.parent)
+            lineage.append(Lineage(
+                version=version.version, parent=version.parent, acceptance=tally.acceptance,
+                verdicts=tally.verdicts, parent_acceptance=parent,
+            ))  # fmt: skip
+        return lineage
 
     async def remember(self, proposal_id: str, origin: Origin) -> None:
         key = self._key("origin", proposal_id)
@@ -184,35 +202,30 @@ class PromptBook:
             or tally.acceptance >= self.settings.min_acceptance
         ):
             return None
+        # One replica writes the lessons (an LLM call): the others see the claim and go on.
+        claim = self._key("revising", version + 1)
+        if not await self.redis.set(claim, "1", nx=True, ex=REVISION_CLAIM_S):
+            return None
+        recent = cast(list[str], await self.redis.lrange(self._key("rejections", version), 0, -1))
+        new = await self.writer.write(current.lessons, Rejections.of(tally.codes, recent))
         revised = PromptVersion(
             version=version + 1,
-            lessons=await self._lessons(version, tally),
+            lessons=accumulated(new.lessons, current.lessons, self.settings.max_lessons),
             reason=f"v{version} accepted {tally.accepted}/{tally.verdicts}",
+            parent=version,
+            author=new.author,
         )
         created = await self.redis.hsetnx(
             self._key("versions"), str(revised.version), revised.model_dump_json()
         )
         if not created:
-            return None  # another replica revised it first
+            return None  # another replica revised it first (a claim that expired)
         log.info(
             "proposer prompt revised",
             version=revised.name,
             reason=revised.reason,
+            author=revised.author,
             lessons=revised.lessons,
             rejections=tally.codes,
         )
         return revised
-
-    async def _lessons(self, version: int, tally: Tally) -> list[str]:
-        """Advice for the most frequent rejection codes, each with a recent real example."""
-        recent = cast(list[str], await self.redis.lrange(self._key("rejections", version), 0, -1))
-        examples: dict[str, str] = {}
-        for line in recent:
-            code, _, detail = line.partition("\t")
-            examples.setdefault(code, detail)
-        lessons = []
-        for code, _ in Counter(tally.codes).most_common(self.settings.max_lessons):
-            advice = ADVICE.get(RejectionCode(code), "")
-            example = examples.get(code, "")
-            lessons.append(f"{advice} (rejected before: {example[:160]})" if example else advice)
-        return lessons

@@ -109,8 +109,10 @@ class RolloutRunner:
         settings: RolloutSettings,
         policy_version: int = 0,
         envs: EnvPool | None = None,
+        compact_json: bool = True,
     ) -> None:
         self.domain = domain
+        self.compact_json = compact_json  # the policy server's serve.compact_json
         self.solver = solver
         self.user = user
         self.settings = settings
@@ -142,6 +144,7 @@ class RolloutRunner:
             UserSimulator(user_client, settings.rollout, user_tools(domain.user_tool_schemas)),
             settings=settings.rollout,
             policy_version=version,
+            compact_json=settings.serve.compact_json,
         )
 
     async def aclose(self) -> None:
@@ -314,7 +317,9 @@ class RolloutRunner:
                 except TemplateError as error:
                     raise LLMError(f"the served chat template: {error}") from error
             temperature = self.settings.temperature
-            state.transcript = Transcript(client, self._template, solver.tools, temperature)
+            state.transcript = Transcript(
+                client, self._template, solver.tools, temperature, compact_json=self.compact_json
+            )
         request = solver.request
         sampled = await sample_turn(
             solver, state.transcript, state.messages, max_tokens=request.max_tokens,

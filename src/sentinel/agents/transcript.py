@@ -120,6 +120,9 @@ class Transcript:
     template: Template
     tools: list[dict[str, Any]] | None
     temperature: float
+    # The server compiles JSON grammars without free whitespace (serve.compact_json): its
+    # guided turns are recorded so, for the trainer's replay to mask as vLLM did.
+    compact_json: bool = field(kw_only=True)
     segments: list[Segment] = field(default_factory=list)
     _rendered: int = 0  # messages of the rendered conversation already in the sequence
     _system: dict[str, Any] | None = None
@@ -209,10 +212,12 @@ class Interpreter(Protocol):
     def interpret(self, completion: Any) -> tuple[ChatMessage, str | None]: ...
 
 
-def grammar_of(json_schema: dict[str, Any] | None, regex: str | None) -> Grammar | None:
+def grammar_of(
+    json_schema: dict[str, Any] | None, regex: str | None, *, compact: bool
+) -> Grammar | None:
     """The grammar as vLLM compiles it: a schema as the JSON text of the request."""
     if json_schema is not None:
-        return Grammar(kind="json", spec=json.dumps(json_schema))
+        return Grammar(kind="json", spec=json.dumps(json_schema), compact=compact)
     return None if regex is None else Grammar(kind="regex", spec=regex)
 
 
@@ -233,7 +238,8 @@ async def sample_turn(
         prompt, max_tokens=max_tokens, temperature=transcript.temperature,
         json_schema=json_schema, regex=regex,
     )  # fmt: skip
-    transcript.record(generation, len(history), grammar_of(json_schema, regex))
+    grammar = grammar_of(json_schema, regex, compact=transcript.compact_json)
+    transcript.record(generation, len(history), grammar)
     completion = parse_completion(generation.text, generation.finish_reason, f"call-{len(history)}")
     message, problem = solver.interpret(completion)
     return Sampled(message=message, malformed=problem, reasoning=completion.reasoning)

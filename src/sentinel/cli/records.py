@@ -88,7 +88,8 @@ def patterns(
 
 @app.command()
 def prompts(ctx: typer.Context) -> None:
-    """Show the Proposer's prompt versions: lessons, and acceptance by validation."""
+    """Show the Proposer's prompt versions: lessons, who wrote them, and acceptance by
+    validation against the parent version's."""
     from sentinel.agents.prompts import PromptBook
 
     settings = settings_of(ctx)
@@ -96,12 +97,15 @@ def prompts(ctx: typer.Context) -> None:
     async def show() -> None:
         async with open_bus(settings) as bus:
             book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
+            lineage = {line.version: line for line in await book.lineage()}
             for version in await book.versions():
                 tally = await book.tally(f"version:{version.version}")
+                line = lineage[version.version]
                 print(json.dumps({
                     **version.model_dump(mode="json"),
                     "accepted": tally.accepted, "verdicts": tally.verdicts,
-                    "rejections": tally.codes,
+                    "rejections": tally.codes, "acceptance": line.acceptance,
+                    "parent_acceptance": line.parent_acceptance, "gain": line.gain,
                 }))  # fmt: skip
 
     anyio.run(show)

@@ -118,6 +118,7 @@ def controller(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
 def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
     """Write grounded tasks for each error pattern (mutating seeds when that keeps failing),
     and learn from validation verdicts (self-evolving prompts)."""
+    from sentinel.agents.lessons import lesson_writer
     from sentinel.agents.prompts import PromptBook
     from sentinel.agents.proposer import Proposer
     from sentinel.envs.episodes import EnvPool
@@ -134,9 +135,12 @@ def proposer(ctx: typer.Context, no_llm: NoLLMOption = False) -> None:
 
     async def work() -> None:
         async with open_bus(settings) as bus:
-            book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
             envs = EnvPool(domain.settings, tool_timeout_s=rollout.tool_timeout_s, limits=limits)
             async with agent_client(settings.llm.proposer, enabled) as client, envs:
+                book = PromptBook(
+                    bus.redis, settings.bus.prefix, settings.proposer,
+                    lesson_writer(client, settings.proposer),
+                )  # fmt: skip
                 await Proposer(domain, book, bus, settings.proposer, client, envs).run()
 
     run_until_signal(work)

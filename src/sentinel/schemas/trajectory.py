@@ -78,6 +78,9 @@ class Grammar(Strict):
 
     kind: Literal["json", "regex"]
     spec: str = Field(max_length=1_000_000)
+    # JSON without free whitespace (the server's serve.compact_json): a different grammar,
+    # which forces the separators that free whitespace leaves open. Older records: False.
+    compact: bool = False
 
 
 class Segment(Strict):

@@ -5,8 +5,8 @@ masked, tempered distribution. For the trainer to score that same distribution (
 of exactly 1 on-policy, importance weights that compare like with like), it masks its own
 logits with the same grammar at the same positions. xgrammar is vLLM's default backend; the
 grammar is compiled here as vLLM compiles it (`backend_xgrammar.py`: a JSON schema with any
-whitespace unless the server disables it; a regex as is; the request's stop tokens), on the
-trainer's tokenizer, which is the served one.
+whitespace unless the server disables it, which the Grammar records; a regex as is; the
+request's stop tokens), on the trainer's tokenizer, which is the served one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from sentinel.schemas.trajectory import Grammar
 
 log = get_logger(__name__)
+
+# What vLLM passes xgrammar with `disable_any_whitespace` (backend_xgrammar.py).
+COMPACT_SEPARATORS = (",", ":")
 
 
 def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
@@ -65,7 +68,11 @@ class GrammarReplay:
     def _compiled(self, grammar: Grammar) -> Any:
         """Compiled once: the compiler caches by spec (one tool schema serves a whole run)."""
         if grammar.kind == "json":
-            return self.compiler.compile_json_schema(grammar.spec, any_whitespace=True)
+            return self.compiler.compile_json_schema(
+                grammar.spec,
+                any_whitespace=not grammar.compact,
+                separators=COMPACT_SEPARATORS if grammar.compact else None,
+            )
         return self.compiler.compile_regex(grammar.spec)
 
 

@@ -4,7 +4,7 @@ accepting a grounded task and a mutated one."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -12,21 +12,19 @@ from sentinel.config import ValidationSettings
 from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import grounder, mutate
-from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.envs.tau2.airline.grounder import AirlineGrounder
-from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import (
     EvaluationCriteria,
     Origin,
     RejectionCode,
     Task,
-    TaskProposal,
     ToolCall,
     UserInstructions,
 )
-from sentinel.validator import RedisTaskIndex, Validator
+from sentinel.validator import Validator
 from tests.envs.tau2.airline.helpers import grounded_task
 from tests.envs.test_sandbox import sandbox_pids
+from tests.factories import proposal
 
 pytestmark = pytest.mark.anyio
 SEEDS = ("airline-9", "airline-12", "airline-17", "airline-20", "airline-27", "airline-40")
@@ -84,17 +82,11 @@ async def test_a_focused_mutation_keeps_only_the_patterns_writes(
 
 
 @pytest.fixture
-async def validator(airline: Environment, bus: Bus) -> AsyncIterator[Validator]:
+async def validator(
+    airline: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> Validator:
     # a busy CI machine loads airline slowly: a CI run spent over 4 CPU seconds on one replay
-    settings = ValidationSettings(cpu_s=15, wall_s=30)
-    async with LocalProcessSandbox(SandboxLimits(cpu_s=15, wall_s=30), warm=1) as sandbox:
-        yield Validator(
-            airline, sandbox, settings, RedisTaskIndex(bus.redis, bus.settings.prefix, airline)
-        )
-
-
-def _proposal(task: Task) -> TaskProposal:
-    return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")
+    return await validator_on(airline, ValidationSettings(cpu_s=15, wall_s=30))
 
 
 async def test_the_validator_accepts_grounded_and_mutated_tasks(
@@ -102,11 +94,11 @@ async def test_the_validator_accepts_grounded_and_mutated_tasks(
 ) -> None:
     for tool in ("update_reservation_flights", "cancel_reservation"):
         task = grounded_task(airline, tool, 0, f"grounded-{tool}")
-        result = await validator.validate(_proposal(task))
+        result = await validator.validate(proposal(task))
         assert result.accepted, (tool, result.reasons)
     mutated = await mutate(_seed(airline, "airline-12"), airline, random.Random(5), envs=envs)
     assert mutated is not None
-    result = await validator.validate(_proposal(mutated))
+    result = await validator.validate(proposal(mutated))
     assert result.accepted, result.reasons
 
 
@@ -122,7 +114,7 @@ async def test_the_validator_refuses_gold_that_breaks_the_state_rules(
     task = task.model_copy(
         update={"spec": task.spec.model_copy(update={"evaluation_criteria": criteria})}
     )
-    result = await validator.validate(_proposal(task))
+    result = await validator.validate(proposal(task))
     assert not result.accepted
     assert [r.code for r in result.reasons] == [RejectionCode.POLICY_VIOLATION]
     assert "action 2: cancel_reservation on reservation" in result.reasons[0].detail

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
@@ -15,10 +15,8 @@ from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import actions_schema, ground, mutate
 from sentinel.envs.pack import GroundingUnsupported
 from sentinel.envs.registry import pack
-from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.envs.tau2.mock import TEST, UNSCORABLE
 from sentinel.envs.tau2.mock.grounding import MockGrounding
-from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import (
     Action,
     ChatMessage,
@@ -26,7 +24,6 @@ from sentinel.schemas import (
     Origin,
     Provenance,
     Task,
-    TaskProposal,
     TaskSpec,
     TerminationReason,
     ToolCall,
@@ -34,8 +31,9 @@ from sentinel.schemas import (
     UserScenario,
 )
 from sentinel.usersim.scenario import scenario_of
-from sentinel.validator import RedisTaskIndex, Validator
+from sentinel.validator import Validator
 from tests.envs.test_sandbox import sandbox_pids
+from tests.factories import proposal
 
 pytestmark = pytest.mark.anyio
 WRITES = ["create_task", "update_task_status"]
@@ -278,16 +276,10 @@ async def test_mutate_gives_none_when_no_other_value_changes_anything(
 
 
 @pytest.fixture
-async def validator(mock: Environment, bus: Bus) -> AsyncIterator[Validator]:
-    settings = ValidationSettings(cpu_s=4, wall_s=10)
-    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10), warm=1) as sandbox:
-        yield Validator(
-            mock, sandbox, settings, RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
-        )
-
-
-def _proposal(task: Task) -> TaskProposal:
-    return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")
+async def validator(
+    mock: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> Validator:
+    return await validator_on(mock, ValidationSettings(cpu_s=4, wall_s=10))
 
 
 async def test_the_validator_accepts_a_grounded_task_and_a_mutation_but_not_a_seed_copy(
@@ -296,11 +288,11 @@ async def test_the_validator_accepts_a_grounded_task_and_a_mutation_but_not_a_se
     create = Action(
         action_id="0", name="create_task", arguments={"user_id": "user_1", "title": "Plan"}
     )
-    result = await validator.validate(_proposal(grounded(mock, [create])))
+    result = await validator.validate(proposal(grounded(mock, [create])))
     assert result.accepted, result.reasons
     mutated = await mutate(_seed(mock, "create_task_1"), mock, random.Random(1), envs=envs)
     assert mutated is not None
-    assert (await validator.validate(_proposal(mutated))).accepted
+    assert (await validator.validate(proposal(mutated))).accepted
     seed = _seed(mock, "create_task_1").actions
-    copy = await validator.validate(_proposal(grounded(mock, seed, "copy")))
+    copy = await validator.validate(proposal(grounded(mock, seed, "copy")))
     assert not copy.accepted  # the seed's own gold: a duplicate of a train task

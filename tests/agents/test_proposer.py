@@ -5,13 +5,14 @@ nothing here is retail's, and its prompts and replays are short."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from sentinel.agents.llm import Completion, OpenAIChatClient
-from sentinel.agents.prompts import PromptBook
+from sentinel.agents.prompts import PromptBook, PromptVersion
 from sentinel.agents.proposer import (
     ACTION_TOKENS,
     CHARS_PER_TOKEN,
@@ -23,10 +24,12 @@ from sentinel.agents.proposer import (
     Proposer,
     TaskDraft,
     draft_schema,
+    render_prompt,
     text_limits,
 )
 from sentinel.config import ProposerSettings, ValidationSettings
 from sentinel.envs.base import Environment
+from sentinel.envs.grounding import ground
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
@@ -38,6 +41,7 @@ from sentinel.schemas import (
     TaskProposal,
     ValidationResult,
 )
+from sentinel.schemas.failure import PatternEvidence
 from sentinel.validator import Validator
 
 pytestmark = pytest.mark.anyio
@@ -50,6 +54,15 @@ PATTERN = ErrorPattern(
     category=FailureCategory.WRONG_ARGUMENTS,
     tools=["create_task"],
     example_trajectory_ids=["t-1", "t-2"],
+    evidence=[
+        PatternEvidence(
+            trajectory_id=f"t-{i}",
+            summary=f"The agent created the task with the title {title!r}.",
+            excerpt=f"user: Add a task '{title}' for me, user_1.\n"
+            f'wrong step: assistant calls create_task({{"user_id": "user_2", "title": "{title}"}})',
+        )
+        for i, title in ((1, "Call mom"), (2, "Pay rent"))
+    ],
     frequency={0: 2},
 )
 
@@ -115,6 +128,18 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
     )
     codes = [r.code.value for result in ours for r in result.reasons]
     assert tally.codes == {code: codes.count(code) for code in codes}
+
+
+def test_the_prompt_shows_the_newest_failures_and_the_turns_where_they_went_wrong(
+    mock: Environment,
+) -> None:
+    grounding = ground(mock, ["create_task"], random.Random(0))
+    prompt = render_prompt(PATTERN, grounding, PromptVersion(version=1))
+    newest, older = (prompt.index(f"'{title}' for me") for title in ("Pay rent", "Call mom"))
+    assert prompt.index("Failures seen, newest first:") < newest < older
+    assert '  wrong step: assistant calls create_task({"user_id": "user_2"' in prompt
+    assert prompt.index("Failures seen") < prompt.index("Entities (use only these ids):")
+    assert "Failures seen" not in render_prompt(None, grounding, PromptVersion(version=1))
 
 
 def test_draft_texts_shrink_so_that_a_draft_closes_within_its_budget() -> None:

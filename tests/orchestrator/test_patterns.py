@@ -50,6 +50,19 @@ async def test_similar_diagnoses_merge_and_others_found_patterns(library: Patter
     assert patterns[0].title == "wrong arguments in modify_pending_order_items"
 
 
+async def test_a_pattern_carries_its_newest_failures_for_the_proposer(
+    library: PatternLibrary,
+) -> None:
+    for i in range(5):
+        excerpt = f"user: please change item {i}\nwrong step: assistant calls modify"
+        await library.add(diagnosis(i).model_copy(update={"excerpt": excerpt}))
+    [pattern] = await library.all()
+    assert [e.trajectory_id for e in pattern.evidence] == ["t-2", "t-3", "t-4"]
+    assert pattern.evidence[-1].excerpt is not None
+    assert "item 4" in pattern.evidence[-1].excerpt
+    assert pattern.evidence[-1].summary == "The agent passed the old item id as the new one."
+
+
 async def test_a_diagnosis_counts_once_even_when_redelivered(library: PatternLibrary) -> None:
     await library.add(diagnosis(0))
     again = await library.add(diagnosis(0))

@@ -56,6 +56,7 @@ LINE_CHARS = 300
 SUMMARY_CHARS = 300  # what of the LLM's summary, each evidence quote and each signal's
 EVIDENCE_CHARS = 160  # detail reaches the diagnosis, at most
 DETAIL_CHARS = 300
+EXCERPT_LINE_CHARS = 240  # each line of a diagnosis's excerpt
 WITHHELD = "[withheld: instruction-like text]"
 
 SYSTEM = """You are the Controller of a training loop for a customer-service agent.
@@ -108,6 +109,18 @@ def render_transcript(messages: Sequence[ChatMessage], max_chars: int) -> str:
         return text
     half = max_chars // 2
     return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+def failing_turns(messages: Sequence[ChatMessage], step: int | None) -> str | None:
+    """The first wrong step and the message it answered, one short line each: the evidence
+    the Proposer writes from. None without a step, or where the Solver's or the user's words
+    read as instructions (they would reach the Proposer's prompt)."""
+    if step is None or not 0 <= step < len(messages):
+        return None
+    lines = [_line(m)[:EXCERPT_LINE_CHARS] for m in messages[max(0, step - 1) : step + 1]]
+    lines[-1] = f"wrong step: {lines[-1]}"
+    excerpt = "\n".join(lines)
+    return injection.bounded(excerpt, 2 * EXCERPT_LINE_CHARS + 20)
 
 
 def _line(message: ChatMessage) -> str:
@@ -217,6 +230,7 @@ class Controller:
             tools=self._tools(task, trajectory, chosen, draft),
             signals=list(signals),
             diagnoser_model=self.client.model if draft and self.client else None,
+            excerpt=failing_turns(trajectory.messages, step),
         )
 
     def _tools(

@@ -4,7 +4,9 @@ For each pattern it samples real database entities that fit the pattern's tools
 (`agents.grounding`), and the LLM writes the customer's scenario and the gold actions around
 them. The gold actions' JSON schema offers only the grounded ids, so even a tiny model writes
 runnable actions; the scenario always carries the user's real identifiers. The prompt
-carries the current version's lessons from validation (`agents.prompts`). When proposals
+carries the pattern's newest failures as evidence (the Controller's summary of each and the
+turns where it went wrong) and the current version's lessons from validation
+(`agents.prompts`). When proposals
 for a pattern keep failing, or the endpoint is down, it mutates a seed train task toward the
 pattern instead. Proposals go to the proposals stream; verdicts come back on the
 validations stream and update the prompt statistics. A draft that does not parse, or does not
@@ -65,6 +67,7 @@ FEEDBACK_GROUP = "proposer-feedback"
 MUTATOR = "mutation"
 MAX_LOOKUPS = 3
 MAX_WRITES = 2
+EVIDENCE_SHOWN = 2  # of a pattern's failures, in the prompt
 
 SYSTEM = """You write training tasks for {persona}.
 A task is a customer's situation (what they want and what they know) plus the exact tool
@@ -151,12 +154,25 @@ def render_prompt(pattern: ErrorPattern | None, grounding: Grounding, prompt: Pr
     return "\n".join(
         [
             target,
+            *evidence_lines(pattern),
             "Entities (use only these ids):",
             grounding.describe(),
             *(["Lessons from rejected tasks:", *lessons] if lessons else []),
             "Write one task as JSON.",
         ]
     )
+
+
+def evidence_lines(pattern: ErrorPattern | None) -> list[str]:
+    """The pattern's newest failures: what went wrong and the turns where it did, so the task
+    recreates the situation the Solver failed in (the Controller scanned and bounded them)."""
+    shown = pattern.evidence[-EVIDENCE_SHOWN:] if pattern else []
+    lines = []
+    for evidence in reversed(shown):
+        lines.append(f"- {evidence.summary}")
+        if evidence.excerpt:
+            lines.extend(f"  {line}" for line in evidence.excerpt.splitlines())
+    return ["Failures seen, newest first:", *lines] if lines else []
 
 
 def identify(known_info: str, grounding: Grounding) -> str:

@@ -17,9 +17,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from sentinel.schemas import ErrorPattern, FailureDiagnosis
+from sentinel.schemas.failure import PatternEvidence
 from sentinel.schemas.message import utc_now
 
 MAX_TOOLS = 5
+MAX_EVIDENCE = 3  # the newest failures a pattern carries for the Proposer
 _WORD = re.compile(r"[a-z0-9_#]+")
 
 
@@ -122,6 +124,10 @@ def _parse(raw: Sequence[str | bytes]) -> list[ErrorPattern]:
 def _merge(
     pattern: ErrorPattern | None, diagnosis: FailureDiagnosis, max_examples: int
 ) -> ErrorPattern:
+    evidence = PatternEvidence(
+        trajectory_id=diagnosis.trajectory_id, summary=diagnosis.summary,
+        excerpt=diagnosis.excerpt,
+    )  # fmt: skip
     if pattern is None:
         return ErrorPattern(
             title=title_of(diagnosis),
@@ -129,6 +135,7 @@ def _merge(
             category=diagnosis.category,
             tools=diagnosis.tools[:MAX_TOOLS],
             example_trajectory_ids=[diagnosis.trajectory_id],
+            evidence=[evidence],
             frequency={diagnosis.policy_version: 1},
         )
     tools = [*pattern.tools, *(t for t in diagnosis.tools if t not in pattern.tools)]
@@ -139,6 +146,7 @@ def _merge(
         update={
             "tools": tools[:MAX_TOOLS],
             "example_trajectory_ids": examples,
+            "evidence": [*pattern.evidence, evidence][-MAX_EVIDENCE:],
             "frequency": frequency,
             "updated_at": utc_now(),
         }

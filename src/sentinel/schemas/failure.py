@@ -44,6 +44,16 @@ class FailureDiagnosis(Message):
     tools: list[str] = Field(default_factory=list)
     signals: list[FailureSignal] = Field(default_factory=list)
     diagnoser_model: str | None = None  # None when only deterministic signals were used
+    # The first wrong step and the message it answered, one line each (scanned, bounded)
+    excerpt: str | None = Field(None, max_length=1000)
+
+
+class PatternEvidence(Strict):
+    """One failure behind a pattern, as the Proposer reads it: what went wrong, where."""
+
+    trajectory_id: str
+    summary: str = Field(max_length=1000)
+    excerpt: str | None = Field(None, max_length=1000)
 
 
 class ErrorPattern(Message):
@@ -55,5 +65,6 @@ class ErrorPattern(Message):
     category: FailureCategory
     tools: list[str] = Field(default_factory=list)
     example_trajectory_ids: list[str] = Field(default_factory=list)
+    evidence: list[PatternEvidence] = Field(default_factory=list)  # the newest failures last
     frequency: dict[int, int] = Field(default_factory=dict)  # policy version -> diagnoses
     updated_at: datetime = Field(default_factory=utc_now)

@@ -25,6 +25,8 @@ from sentinel.agents.proposer import (
     TaskDraft,
     draft_schema,
     render_prompt,
+    restate,
+    spoken,
     text_limits,
 )
 from sentinel.config import ProposerSettings, ValidationSettings
@@ -33,6 +35,7 @@ from sentinel.envs.grounding import ground
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
+    Action,
     Envelope,
     ErrorPattern,
     FailureCategory,
@@ -140,6 +143,24 @@ def test_the_prompt_shows_the_newest_failures_and_the_turns_where_they_went_wron
     assert '  wrong step: assistant calls create_task({"user_id": "user_2"' in prompt
     assert prompt.index("Failures seen") < prompt.index("Entities (use only these ids):")
     assert "Failures seen" not in render_prompt(None, grounding, PromptVersion(version=1))
+
+
+def test_the_request_is_in_customer_words_with_values_but_no_tool_or_argument_syntax(
+    mock: Environment,
+) -> None:
+    writes = [
+        Action(action_id="0", name="update_task_status",
+               arguments={"task_id": "task_1", "status": "completed"}),
+        Action(action_id="1", name="create_task",
+               arguments={"user_id": "user_1", "title": "Plan", "notes": "x" * 200}),
+    ]  # fmt: skip
+    said = restate(writes, "It is done.", mock.pack.phrasing)
+    assert said == (
+        "You call to say: \"I'd like to change the status of one of my tasks and add a new "
+        'task to my to-do list." The details you have: task_1; completed; user_1; Plan. '
+        "It is done."
+    )
+    assert spoken({"ids": ["a", 2, None], "flag": True, "nested": {"k": "v"}}) == ["a", "2", "v"]
 
 
 def test_draft_texts_shrink_so_that_a_draft_closes_within_its_budget() -> None:

@@ -39,7 +39,7 @@ from sentinel.config import ProposerSettings
 from sentinel.envs.base import Environment
 from sentinel.envs.episodes import EnvPool
 from sentinel.envs.grounding import actions_schema, ground, mutate
-from sentinel.envs.pack import DomainPack, Grounding, GroundingUnsupported
+from sentinel.envs.pack import DomainPack, Grounding, GroundingUnsupported, Phrasing
 from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.streams import Stream
@@ -68,6 +68,7 @@ MUTATOR = "mutation"
 MAX_LOOKUPS = 3
 MAX_WRITES = 2
 EVIDENCE_SHOWN = 2  # of a pattern's failures, in the prompt
+SPOKEN_CHARS = 80  # a gold argument longer than this is no detail a customer recites
 
 SYSTEM = """You write training tasks for {persona}.
 A task is a customer's situation (what they want and what they know) plus the exact tool
@@ -180,13 +181,30 @@ def identify(known_info: str, grounding: Grounding) -> str:
     return f"{grounding.identity()} {known_info}".strip()
 
 
-def restate(writes: Sequence[Action], reason: str) -> str:
-    """What the customer wants, from the gold writes, so the request is never nonsense."""
-    wants = [
-        f"{w.name.replace('_', ' ')} ({', '.join(f'{k}: {v}' for k, v in w.arguments.items())})"
-        for w in writes
-    ]
-    return f"You want the agent to: {'; '.join(wants)}. {reason}".strip()
+def restate(writes: Sequence[Action], reason: str, phrasing: Phrasing) -> str:
+    """What the customer wants, from the gold writes, so the request is never nonsense: in
+    the domain's customer words (the pack's openings) with the details a customer would give,
+    their values only. Never a tool name or `key: value` syntax, which would hand the user
+    simulator the gold call to recite."""
+    wants = dict.fromkeys(phrasing.openings.get(w.name, phrasing.default_opening) for w in writes)
+    details = dict.fromkeys(value for w in writes for value in spoken(w.arguments))
+    said = f'You call to say: "I\'d like to {" and ".join(wants)}."'
+    if details:
+        said += f" The details you have: {'; '.join(details)}."
+    return f"{said} {reason}".strip()
+
+
+def spoken(value: Any) -> list[str]:
+    """The plain values in a tool call's arguments, as a customer would say them: strings
+    and numbers, from lists and objects too; flags and long texts are not theirs to give."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in spoken(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in spoken(v)]
+    if isinstance(value, bool) or value is None:
+        return []
+    text = str(value).strip()
+    return [text] if 0 < len(text) <= SPOKEN_CHARS else []
 
 
 class Proposer:
@@ -319,7 +337,9 @@ class Proposer:
         ]
         instructions = UserInstructions(
             domain=self.domain.name,
-            reason_for_call=restate(actions[len(draft.lookups) :], draft.reason_for_call),
+            reason_for_call=restate(
+                actions[len(draft.lookups) :], draft.reason_for_call, self.domain.pack.phrasing
+            ),
             known_info=identify(draft.known_info, grounding),
             unknown_info=draft.unknown_info or None,
             task_instructions=draft.task_instructions,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import anyio
 import pytest
@@ -18,11 +19,13 @@ from sentinel.agents.solver import Solver
 from sentinel.agents.user import UserSimulator
 from sentinel.config import RolloutSettings, ValidationSettings
 from sentinel.envs.base import Environment
-from sentinel.envs.sandbox import LocalProcessSandbox, SandboxLimits
 from sentinel.orchestrator.bus import Bus
+from sentinel.orchestrator.policy import current_policy, policy_key
 from sentinel.schemas import (
     Action,
+    FailureCategory,
     Origin,
+    PolicyVersion,
     Provenance,
     RejectionCode,
     Task,
@@ -30,6 +33,7 @@ from sentinel.schemas import (
     UserInstructions,
 )
 from sentinel.validator import (
+    Probed,
     RedisTaskIndex,
     RolloutProbe,
     Validator,
@@ -198,23 +202,73 @@ def test_unparseable_proposals_become_schema_verdicts() -> None:
     assert result.reasons[0].code == RejectionCode.SCHEMA
 
 
-async def test_the_difficulty_probe_runs_the_solver_and_scores_learnability(
-    mock: Environment, bus: Bus, llm: Callable[..., OpenAIChatClient]
+async def test_the_difficulty_probe_runs_the_current_solver_and_scores_learnability(
+    mock: Environment,
+    bus: Bus,
+    llm: Callable[..., OpenAIChatClient],
+    validator_on: Callable[..., Awaitable[Validator]],
 ) -> None:
+    """The probe runs the newest policy version the loop announced (here v3, served under
+    the base model's name), and judges whether its failures show the targeted category."""
     rollouts = RolloutSettings(max_agent_turns=2, max_tokens=64, user_max_tokens=32)
-    solver = Solver(llm(), mock.policy, mock.tool_schemas, rollouts)
-    runner = RolloutRunner(mock, solver, UserSimulator(llm(), rollouts), settings=rollouts)
-    settings = SETTINGS.model_copy(update={"probe_rollouts": 2})
-    async with LocalProcessSandbox(SandboxLimits(cpu_s=4, wall_s=10)) as sandbox:
-        index = RedisTaskIndex(bus.redis, bus.settings.prefix, mock)
-        validator = Validator(mock, sandbox, settings, index, RolloutProbe(runner))
-        result = await validator.validate(proposal(todo(mock, "probed")))
-    await runner.aclose()
+    asked: list[PolicyVersion] = []
+
+    def runner_for(policy: PolicyVersion) -> RolloutRunner:
+        asked.append(policy)
+        solver = Solver(llm(policy.served_name), mock.policy, mock.tool_schemas, rollouts)
+        user = UserSimulator(llm(), rollouts)
+        return RolloutRunner(mock, solver, user, settings=rollouts, policy_version=policy.version)
+
+    announced = PolicyVersion(version=3, served_name="smol", base_model="smol")
+    await bus.redis.set(policy_key(bus.settings.prefix), announced.model_dump_json())
+    probe = RolloutProbe(runner_for, partial(current_policy, bus.redis, bus.settings.prefix, "x"))
+    validator = await validator_on(mock, SETTINGS.model_copy(update={"probe_rollouts": 2}))
+    validator.probe = probe
+    task = todo(mock, "probed")
+    targeted = task.model_copy(update={"provenance": task.provenance.model_copy(
+        update={"target_category": FailureCategory.MISSING_ACTION})})  # fmt: skip
+    try:
+        result = await validator.validate(proposal(targeted), claim=False)
+        untargeted = await validator.validate(proposal(task), claim=False)
+    finally:
+        await probe.aclose()
+    assert asked == [announced]  # one runner, for the announced version
+    assert result.probe_policy_version == 3
     p = result.solve_rate
     assert p is not None
     assert result.learnability == pytest.approx(4 * p * (1 - p))
     expected = {0.0: [RejectionCode.TOO_HARD], 1.0: [RejectionCode.TOO_EASY]}.get(p, [])
     assert [r.code for r in result.reasons] == expected
+    assert isinstance(result.targeted, bool)
+    if p == 1.0:
+        assert result.targeted is False  # no failure to show the category
+    assert untargeted.targeted is None  # written for no pattern
+
+
+class Probes:
+    """A probe that reports fixed failures: the verdict's bookkeeping alone."""
+
+    def __init__(self, failures: list[FailureCategory]) -> None:
+        self.failures = failures
+
+    async def probe(self, task: Task, k: int) -> Probed:
+        return Probed(0.5, self.failures, 7)
+
+
+@pytest.mark.parametrize(
+    ("failures", "targeted"),
+    [([FailureCategory.MISSING_ACTION], True), ([FailureCategory.WRONG_TOOL], False), ([], False)],
+)
+async def test_a_task_is_targeted_when_a_probe_failure_shows_its_patterns_category(
+    mock: Environment, validator: Validator, failures: list[FailureCategory], targeted: bool
+) -> None:
+    validator.probe = Probes(failures)
+    validator.settings = validator.settings.model_copy(update={"probe_rollouts": 2})
+    task = todo(mock, "targeted")
+    task = task.model_copy(update={"provenance": task.provenance.model_copy(
+        update={"target_category": FailureCategory.MISSING_ACTION})})  # fmt: skip
+    result = await validator.validate(proposal(task), claim=False)
+    assert (result.accepted, result.targeted, result.probe_policy_version) == (True, targeted, 7)
 
 
 def _scenario(words: list[str]) -> frozenset[str]:

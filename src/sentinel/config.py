@@ -391,7 +391,9 @@ class ValidationSettings(Section):
     max_task_chars: int = Field(20_000, ge=1000)  # a proposal's JSON, before anything runs
     max_actions: int = Field(20, ge=1)
     scenario_similarity: float = Field(0.85, gt=0, le=1)  # above it, a near-duplicate
-    probe_rollouts: int = Field(0, ge=0)  # Solver rollouts of the difficulty probe; 0: off
+    # Rollouts of the current Solver per candidate task (the difficulty probe); 0: off, as on
+    # CPU, where each probe costs as much as a training group (the GPU profile runs 4).
+    probe_rollouts: int = Field(0, ge=0)
     # Replays run in their own user and network namespaces; without them the sandbox refuses
     # to run, unless this waives them (a machine without unprivileged user namespaces).
     allow_no_network_isolation: bool = False

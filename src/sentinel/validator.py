@@ -24,8 +24,10 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
@@ -35,6 +37,7 @@ from pydantic_core import PydanticSerializationError
 
 from sentinel import injection, lsh
 from sentinel.agents.rollout import RolloutRunner
+from sentinel.agents.signals import failure_signals, primary_category
 from sentinel.config import Settings, ValidationSettings
 from sentinel.envs.base import Environment, id_arguments
 from sentinel.envs.pack import StatusWalk
@@ -48,8 +51,11 @@ from sentinel.envs.sandbox import (
     SandboxUnavailable,
 )
 from sentinel.logs import get_logger
+from sentinel.orchestrator.policy import current_policy
 from sentinel.schemas import (
     Action,
+    FailureCategory,
+    PolicyVersion,
     RejectionCode,
     RejectionReason,
     RewardBasis,
@@ -73,19 +79,56 @@ JSON_TYPES: dict[str, tuple[type, ...]] = {
 SHINGLE = 3
 
 
+@dataclass(frozen=True)
+class Probed:
+    """What K rollouts of the Solver made of a task."""
+
+    solve_rate: float
+    failures: list[FailureCategory]  # each failed rollout's primary category, by the signals
+    policy_version: int
+
+
 class DifficultyProbe(Protocol):
-    async def solve_rate(self, task: Task, k: int) -> float: ...
+    async def probe(self, task: Task, k: int) -> Probed: ...
 
 
 class RolloutProbe:
-    """The difficulty probe: K concurrent rollouts of the current Solver on the task."""
+    """The difficulty probe: K concurrent rollouts of the current Solver on the task, the
+    newest policy version the loop announced (looked up per probe, so a task is judged by
+    the Solver that will train on it, not the base weights). One runner per served policy;
+    the older is closed when a newer one takes over."""
 
-    def __init__(self, runner: RolloutRunner) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        runner_for: Callable[[PolicyVersion], RolloutRunner],
+        current: Callable[[], Awaitable[PolicyVersion]],
+    ) -> None:
+        self.runner_for = runner_for
+        self.current = current
+        self._runner: tuple[int, RolloutRunner] | None = None
 
-    async def solve_rate(self, task: Task, k: int) -> float:
-        group = await self.runner.run_group(task, k)
-        return sum(t.succeeded for t in group.trajectories) / max(1, len(group.trajectories))
+    async def probe(self, task: Task, k: int) -> Probed:
+        policy = await self.current()
+        if self._runner is None or self._runner[0] != policy.version:
+            if self._runner is not None:
+                await self._runner[1].aclose()
+            self._runner = (policy.version, self.runner_for(policy))
+        runner = self._runner[1]
+        group = await runner.run_group(task, k)
+        failed = [t for t in group.trajectories if not t.succeeded]
+        categories = [
+            primary_category(
+                await anyio.to_thread.run_sync(failure_signals, task, t, runner.domain)
+            )
+            for t in failed
+        ]
+        solved = sum(t.succeeded for t in group.trajectories)
+        return Probed(solved / max(1, len(group.trajectories)), categories, policy.version)
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner[1].aclose()
+            self._runner = None
 
 
 class TaskIndex(Protocol):
@@ -252,9 +295,11 @@ async def open_validator(
     index = RedisTaskIndex(redis, settings.bus.prefix, tau2)
     probe = None
     if v.probe_rollouts:  # the current Solver on the policy endpoint
-        runner = RolloutRunner.from_settings(settings, tau2)
-        stack.push_async_callback(runner.aclose)
-        probe = RolloutProbe(runner)
+        probe = RolloutProbe(
+            lambda p: RolloutRunner.from_settings(settings, tau2, p.served_name, p.version),
+            partial(current_policy, redis, settings.bus.prefix, settings.llm.policy.model),
+        )
+        stack.push_async_callback(probe.aclose)
     return Validator(tau2, sandbox, v, index, probe)
 
 
@@ -516,9 +561,17 @@ class Validator:
     # --- 5. difficulty ---------------------------------------------------------------------------
 
     async def difficulty(self, task: Task, verdict: dict[str, Any]) -> Reasons:
+        """K rollouts of the current Solver: sometimes solved, never always nor never. A task
+        written for a pattern is *targeted* when a failure shows the pattern's category."""
         assert self.probe is not None
-        p = await self.probe.solve_rate(task, self.settings.probe_rollouts)
-        verdict |= {"solve_rate": p, "learnability": 4 * p * (1 - p)}
+        probed = await self.probe.probe(task, self.settings.probe_rollouts)
+        p = probed.solve_rate
+        verdict |= {
+            "solve_rate": p, "learnability": 4 * p * (1 - p),
+            "probe_policy_version": probed.policy_version,
+        }  # fmt: skip
+        if (category := task.provenance.target_category) is not None:
+            verdict["targeted"] = category in probed.failures
         if p >= 1.0:
             return [
                 _reason(

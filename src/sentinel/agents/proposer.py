@@ -354,6 +354,7 @@ class Proposer:
             origin=Origin.PROPOSED if pattern else Origin.SYNTHETIC,
             parent_trajectory_ids=pattern.example_trajectory_ids[-5:] if pattern else [],
             pattern_id=pattern.id if pattern else None,
+            target_category=pattern.category if pattern else None,
             prompt_version=prompt.name,
             generation=1,
         )
@@ -374,7 +375,10 @@ class Proposer:
         for seed in rng.sample(seeds, k=min(len(seeds), 8)):
             task = await mutate(seed, self.domain, rng, sorted(tools) or None, envs=self.envs)
             if task is not None:
-                update = {"pattern_id": pattern.id if pattern else None}
+                update = {
+                    "pattern_id": pattern.id if pattern else None,
+                    "target_category": pattern.category if pattern else None,
+                }
                 task = task.model_copy(
                     update={"provenance": task.provenance.model_copy(update=update)}
                 )

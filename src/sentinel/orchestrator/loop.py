@@ -42,6 +42,7 @@ from sentinel.orchestrator.bus import Bus, Entry
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.dispatch import ValidationDispatcher
 from sentinel.orchestrator.inflight import Flights
+from sentinel.orchestrator.policy import current_policy, policy_key
 from sentinel.orchestrator.recorder import Recorder
 from sentinel.orchestrator.streams import Stream
 from sentinel.report import Artifacts
@@ -142,11 +143,8 @@ class Loop:
     # -- state in Redis ------------------------------------------------------------------
 
     async def policy(self) -> PolicyVersion:
-        raw = await self.redis.get(f"{self.key}:policy")
-        if raw:
-            return PolicyVersion.model_validate_json(raw)
-        base = self.settings.llm.policy.model
-        return PolicyVersion(version=0, served_name=base, base_model=base)
+        prefix, base = self.settings.bus.prefix, self.settings.llm.policy.model
+        return await current_policy(self.redis, prefix, base)
 
     async def progress(self) -> Progress:
         return await loop_progress(self.redis, self.settings.bus.prefix)
@@ -186,7 +184,7 @@ class Loop:
         version = envelope.payload
         if version.version <= (await self.policy()).version:
             return
-        await self.redis.set(f"{self.key}:policy", version.model_dump_json())
+        await self.redis.set(policy_key(self.settings.bus.prefix), version.model_dump_json())
         log.info("policy version", version=version.version, served_name=version.served_name)
 
     # -- the scheduler -------------------------------------------------------------------

@@ -51,6 +51,10 @@ class ValidationResult(Message):
     target_db_hash: str | None = None
     solve_rate: float | None = None
     learnability: float | None = None  # 4p(1-p) from the difficulty probe
+    probe_policy_version: int | None = None  # the Solver the probe ran: the current one
+    # Whether the probe's Solver failed with the category of the pattern the task was written
+    # for (None: not probed, or written for no pattern)
+    targeted: bool | None = None
     duration_s: float = 0.0
 
     def key(self) -> str:

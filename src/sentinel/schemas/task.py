@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from sentinel.schemas.chat import Requestor, ToolCall
+from sentinel.schemas.failure import FailureCategory
 from sentinel.schemas.message import Message, Strict
 
 
@@ -94,6 +95,9 @@ class Provenance(Strict):
     split: Literal["train", "test"] | None = None
     parent_trajectory_ids: list[str] = Field(default_factory=list)
     pattern_id: str | None = None
+    # The pattern's category when written for one: the probe's failures must show it for the
+    # task to count as targeted (ValidationResult.targeted).
+    target_category: FailureCategory | None = None
     proposal_id: str | None = None
     prompt_version: str | None = None
     generation: int = 0

@@ -328,6 +328,17 @@ class TrainerSettings(Section):
         return name
 
 
+class SteeringSettings(Section):
+    """A pattern's share of the failures over policy versions sets its tasks (steering)."""
+
+    enabled: bool = True
+    min_failures: int = Field(4, ge=1)  # diagnoses a version needs before shares are read
+    vanish_after: int = Field(2, ge=1)  # judged versions without a diagnosis: retired
+    shrink_tolerance: float = Field(0.2, ge=0, le=1)  # a share below (1 - this) x before
+    persistent_weight: float = Field(2.0, ge=1)
+    shrinking_weight: float = Field(0.5, ge=0, le=1)
+
+
 class ControllerSettings(Section):
     """Failed trajectories to diagnoses to the error-pattern library."""
 
@@ -342,6 +353,7 @@ class ControllerSettings(Section):
     merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
     max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
     publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis
+    steering: SteeringSettings = SteeringSettings()
 
 
 class ProposerSettings(Section):

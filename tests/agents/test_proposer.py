@@ -223,6 +223,15 @@ async def test_without_an_llm_it_mutates_seeds(proposer: Callable[..., Proposer]
     assert len({p.task.id for p in proposals}) > 1
 
 
+@pytest.mark.parametrize(("weight", "tasks"), [(2.0, 8), (0.5, 2), (0.1, 1), (0.0, 0)])
+async def test_a_patterns_steering_weight_scales_its_tasks(
+    proposer: Callable[..., Proposer], weight: float, tasks: int
+) -> None:
+    agent = proposer(None)  # mutation only: fast, and the count is all this checks
+    proposals = await agent.propose(PATTERN.model_copy(update={"weight": weight}))
+    assert len(proposals) == tasks
+
+
 async def test_a_structurally_wrong_draft_is_a_schema_verdict_not_a_crash(
     proposer: Callable[..., Proposer], bus: Bus
 ) -> None:

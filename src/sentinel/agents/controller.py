@@ -35,6 +35,7 @@ from sentinel.logs import get_logger
 from sentinel.orchestrator.bus import Bus, Reject
 from sentinel.orchestrator.patterns import PatternLibrary
 from sentinel.orchestrator.pool import TaskPool
+from sentinel.orchestrator.steering import Steering
 from sentinel.orchestrator.streams import Stream
 from sentinel.schemas import (
     ChatMessage,
@@ -169,6 +170,8 @@ class Controller:
         self.bus = bus
         self.settings = settings
         self.client = client  # None: deterministic signals only
+        steer = targets and settings.steering.enabled  # the baselines propose for no pattern
+        self.steering = Steering(library, pool, settings.steering) if steer else None
 
     async def diagnose(self, task: Task, trajectory: Trajectory) -> FailureDiagnosis:
         signals = await anyio.to_thread.run_sync(failure_signals, task, trajectory, self.domain)
@@ -249,6 +252,8 @@ class Controller:
 
     async def handle(self, envelope: Envelope[Trajectory]) -> None:
         trajectory = envelope.payload
+        if self.steering is not None:  # the first trajectory of a version judges the ones before
+            await self.steering.on_version(trajectory.policy_version)
         if trajectory.succeeded or trajectory.termination == TerminationReason.INFRA_ERROR:
             return  # a success teaches nothing here; an infra error is not the Solver's fault
         if fault := simulator_fault(trajectory):

@@ -234,7 +234,8 @@ class Proposer:
             await self.envs.aclose()
 
     async def propose(self, pattern: ErrorPattern | None) -> list[TaskProposal]:
-        """`tasks_per_pattern` proposals for a pattern (None: untargeted, synthetic)."""
+        """Proposals for a pattern (None: untargeted, synthetic): `tasks_per_pattern` times
+        the pattern's steering weight (orchestrator.steering), at least one unless zero."""
         mutate_now = self.client is None
         if pattern is not None:
             mutate_now |= await self.book.streak(pattern.id) >= self.settings.mutation_after > 0
@@ -250,9 +251,15 @@ class Proposer:
                 proposals.append(proposal)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(self.settings.tasks_per_pattern):
+            for _ in range(self.quota(pattern)):
                 tg.start_soon(one)
         return proposals
+
+    def quota(self, pattern: ErrorPattern | None) -> int:
+        base = self.settings.tasks_per_pattern
+        if pattern is None or pattern.weight == 1.0:
+            return base
+        return 0 if pattern.weight <= 0 else max(1, round(base * pattern.weight))
 
     async def write(self, pattern: ErrorPattern | None) -> TaskProposal | None:
         """One LLM-written proposal; None if the domain or the endpoint cannot give one, or

@@ -63,7 +63,8 @@ def patterns(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
-    """Show the error-pattern library: each pattern's failures and share per policy version."""
+    """Show the error-pattern library: each pattern's failures and share per policy version,
+    its steering weight, and the patterns retired because they vanished."""
     from sentinel.orchestrator.patterns import PatternLibrary
 
     settings = settings_of(ctx)
@@ -71,16 +72,21 @@ def patterns(
     async def show() -> None:
         async with open_bus(settings) as bus:
             library = PatternLibrary(bus.redis, settings.bus.prefix)
-            rows = [(p, await library.trend(p)) for p in await library.all()]
+            rows = [(p, await library.trend(p), "") for p in await library.all()]
+            rows += [(p, await library.trend(p), "retired") for p in await library.retired()]
         if as_json:
-            for pattern, trend in rows:
-                print(json.dumps({**pattern.model_dump(mode="json"), "share": trend}))
+            for pattern, trend, state in rows:
+                record = {**pattern.model_dump(mode="json"), "share": trend}
+                print(json.dumps(record | {"retired": state == "retired"}))
             return
-        table = Table("pattern", "title", "tools", "failures", "share by version")
-        for pattern, trend in rows:
+        table = Table("pattern", "title", "tools", "failures", "share by version", "weight")
+        for pattern, trend, state in rows:
             shares = " ".join(f"v{v}:{share:.0%}" for v, share in trend.items())
             total = str(sum(pattern.frequency.values()))
-            table.add_row(pattern.id, pattern.title, ", ".join(pattern.tools), total, shares)
+            weight = state or f"{pattern.weight:g}"
+            table.add_row(
+                pattern.id, pattern.title, ", ".join(pattern.tools), total, shares, weight
+            )
         out.print(table)
 
     anyio.run(show)

@@ -10,7 +10,7 @@ id, so concurrent Controllers and redelivered messages never double-count.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -52,6 +52,7 @@ class PatternLibrary:
         self.key = f"{prefix}:patterns"
         self.counted_key = f"{prefix}:patterns:counted"
         self.failures_key = f"{prefix}:patterns:failures"
+        self.retired_key = f"{prefix}:patterns:retired"
         self.merge_similarity = merge_similarity
 
     async def add(self, diagnosis: FailureDiagnosis, max_examples: int = 20) -> Added:
@@ -92,6 +93,42 @@ class PatternLibrary:
             if best is None or score[:2] > best[:2]:
                 best = score
         return best[2] if best else None
+
+    async def set_weight(self, pattern_id: str, weight: float) -> None:
+        """Steering's verdict on the pattern (orchestrator.steering)."""
+        await self._update(pattern_id, lambda p: p.model_copy(update={"weight": weight}))
+
+    async def retire(self, pattern_id: str) -> None:
+        """Out of the library: no diagnosis joins it again (a like one founds a new pattern).
+        Kept under `retired`, for the report."""
+        await self._update(pattern_id, None)
+
+    async def retired(self) -> list[ErrorPattern]:
+        return _parse(await self.redis.hvals(self.retired_key))
+
+    async def _update(
+        self, pattern_id: str, change: Callable[[ErrorPattern], ErrorPattern] | None
+    ) -> None:
+        """Rewrite one pattern (None: move it to `retired`) in a transaction, so a diagnosis
+        counted meanwhile is not lost."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.key)
+                    raw = await pipe.hget(self.key, pattern_id)
+                    if raw is None:
+                        return
+                    pattern = ErrorPattern.model_validate_json(raw)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if change is None:
+                        pipe.hdel(self.key, pattern_id)
+                        pipe.hset(self.retired_key, pattern_id, pattern.model_dump_json())
+                    else:
+                        pipe.hset(self.key, pattern_id, change(pattern).model_dump_json())
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def all(self) -> list[ErrorPattern]:
         """Every pattern, most frequent first."""

@@ -66,5 +66,8 @@ class ErrorPattern(Message):
     tools: list[str] = Field(default_factory=list)
     example_trajectory_ids: list[str] = Field(default_factory=list)
     evidence: list[PatternEvidence] = Field(default_factory=list)  # the newest failures last
+    # Its share of the failures over versions steers the Proposer (orchestrator.steering):
+    # tasks per publication are tasks_per_pattern times this.
+    weight: float = Field(1.0, ge=0)
     frequency: dict[int, int] = Field(default_factory=dict)  # policy version -> diagnoses
     updated_at: datetime = Field(default_factory=utc_now)

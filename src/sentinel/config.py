@@ -240,6 +240,11 @@ class RolloutSettings(Section):
     max_errors: int = Field(5, ge=1)  # tool errors plus malformed turns before TOO_MANY_ERRORS
     max_tokens: int = Field(256, ge=8)  # per agent turn, guided only (tau2 sends none)
     user_max_tokens: int = Field(128, ge=8)  # per user-simulator turn
+    # Who plays the user: "llm", the user simulator on llm.user_sim (tau2's way); "scripted",
+    # rules over the task's own scenario (agents.scripted_user): never out of role, no LLM
+    # time, no user tools. A 135M simulator flips roles in most failures, so on CPU the
+    # scripted user is the one the Solver can learn against.
+    user: Literal["llm", "scripted"] = "llm"
     temperature: float = Field(1.0, ge=0)
     user_temperature: float = Field(0.0, ge=0)
     concurrency: int = Field(16, ge=1)  # rollouts in flight at once; keeps vLLM's batches full

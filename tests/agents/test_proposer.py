@@ -26,7 +26,6 @@ from sentinel.agents.proposer import (
     draft_schema,
     render_prompt,
     restate,
-    spoken,
     text_limits,
 )
 from sentinel.config import ProposerSettings, ValidationSettings
@@ -45,6 +44,7 @@ from sentinel.schemas import (
     ValidationResult,
 )
 from sentinel.schemas.failure import PatternEvidence
+from sentinel.usersim.scenario import spoken
 from sentinel.validator import Validator
 
 pytestmark = pytest.mark.anyio

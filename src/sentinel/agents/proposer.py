@@ -59,6 +59,7 @@ from sentinel.schemas import (
     UserScenario,
     ValidationResult,
 )
+from sentinel.usersim.scenario import spoken
 
 log = get_logger(__name__)
 
@@ -68,7 +69,6 @@ MUTATOR = "mutation"
 MAX_LOOKUPS = 3
 MAX_WRITES = 2
 EVIDENCE_SHOWN = 2  # of a pattern's failures, in the prompt
-SPOKEN_CHARS = 80  # a gold argument longer than this is no detail a customer recites
 
 SYSTEM = """You write training tasks for {persona}.
 A task is a customer's situation (what they want and what they know) plus the exact tool
@@ -192,19 +192,6 @@ def restate(writes: Sequence[Action], reason: str, phrasing: Phrasing) -> str:
     if details:
         said += f" The details you have: {'; '.join(details)}."
     return f"{said} {reason}".strip()
-
-
-def spoken(value: Any) -> list[str]:
-    """The plain values in a tool call's arguments, as a customer would say them: strings
-    and numbers, from lists and objects too; flags and long texts are not theirs to give."""
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in spoken(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in spoken(v)]
-    if isinstance(value, bool) or value is None:
-        return []
-    text = str(value).strip()
-    return [text] if 0 < len(text) <= SPOKEN_CHARS else []
 
 
 class Proposer:

@@ -20,6 +20,7 @@ import time
 import anyio
 
 from sentinel.agents.llm import ContextLengthExceeded, LLMError, OpenAIChatClient
+from sentinel.agents.scripted_user import ScriptedUser
 from sentinel.agents.solver import AgentTurn, Solver
 from sentinel.agents.transcript import (
     Template,
@@ -28,7 +29,7 @@ from sentinel.agents.transcript import (
     guided_schema,
     sample_turn,
 )
-from sentinel.agents.user import UserSimulator, is_stop, user_tools
+from sentinel.agents.user import User, UserSimulator, is_stop, user_tools
 from sentinel.config import RolloutSettings, Settings
 from sentinel.envs.base import STOPPED, Environment, unscored
 from sentinel.envs.episodes import EnvFailure, EnvPool, RemoteEpisode, ToolStopped
@@ -104,7 +105,7 @@ class RolloutRunner:
         self,
         domain: Environment,
         solver: Solver,
-        user: UserSimulator,
+        user: User,
         *,
         settings: RolloutSettings,
         policy_version: int = 0,
@@ -134,14 +135,19 @@ class RolloutRunner:
         """A runner whose Solver uses `llm.policy` (or the served name `policy`)."""
         salt = cache_salt(version)  # the prefix cache holds this policy's KV blocks only
         solver_client = OpenAIChatClient(settings.llm.policy, model=policy, cache_salt=salt)
-        user_client = OpenAIChatClient(settings.llm.user_sim)
+        user: User = ScriptedUser(domain)
+        if settings.rollout.user == "llm":
+            user_client = OpenAIChatClient(settings.llm.user_sim)
+            user = UserSimulator(
+                user_client, settings.rollout, user_tools(domain.user_tool_schemas)
+            )
         policy_text, tools = domain.policy, domain.tool_schemas
         if settings.rollout.lean_prompt:  # a small context: the pack's condensed rendering
             policy_text, tools = domain.pack.lean_policy(policy_text), domain.pack.lean_tools(tools)
         return cls(
             domain,
             Solver(solver_client, policy_text, tools, settings.rollout),
-            UserSimulator(user_client, settings.rollout, user_tools(domain.user_tool_schemas)),
+            user,
             settings=settings.rollout,
             policy_version=version,
             compact_json=settings.serve.compact_json,
@@ -368,7 +374,7 @@ class RolloutRunner:
         conversation, None if it is the agent's turn."""
         for _ in range(MAX_USER_TOOL_ROUNDS):
             started = time.monotonic()
-            reply = await self.user.reply(state.user_prompt, state.messages)
+            reply = await self.user.reply(state.user_prompt, state.messages, state.task)
             state.timings.user_s += time.monotonic() - started
             state.messages.append(reply)
             if not reply.tool_calls:

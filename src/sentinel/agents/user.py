@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from sentinel.agents.llm import (
     ChatClient,
@@ -30,7 +30,7 @@ from sentinel.agents.llm import (
     parse_arguments,
 )
 from sentinel.config import RolloutSettings
-from sentinel.schemas import ChatMessage, ToolCall
+from sentinel.schemas import ChatMessage, Task, ToolCall
 
 STOP_TOKENS = ("###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###")
 
@@ -56,6 +56,16 @@ def user_tools(schemas: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+class User(Protocol):
+    """Who answers the agent in a rollout: the LLM simulator, or agents.scripted_user."""
+
+    client: Any  # the endpoint closed with the rollout runner; None without one
+
+    async def reply(
+        self, system_prompt: str, history: list[ChatMessage], task: Task | None = None
+    ) -> ChatMessage: ...
+
+
 class UserSimulator:
     def __init__(
         self,
@@ -67,8 +77,11 @@ class UserSimulator:
         self.settings = settings
         self.tools = tools or []  # the user's own tools, OpenAI format; [] for most domains
 
-    async def reply(self, system_prompt: str, history: list[ChatMessage]) -> ChatMessage:
-        """The user's next message, given the task's prompt (tau2's guidelines + scenario)."""
+    async def reply(
+        self, system_prompt: str, history: list[ChatMessage], task: Task | None = None
+    ) -> ChatMessage:
+        """The user's next message, given the task's prompt (tau2's guidelines + scenario,
+        which is all it knows of the `task`)."""
         options: dict[str, Any] = {"tools": self.tools} if self.tools else {}
         completion = await self.client.complete(
             self.render(system_prompt, history),

@@ -38,6 +38,9 @@ def check(
         str | None, typer.Option(help="Served model or adapter (default llm.user_sim.model).")
     ] = None,
     tasks: TasksOption = None,
+    scripted: Annotated[
+        bool, typer.Option("--scripted", help="Probe the scripted user (rollout.user).")
+    ] = False,
 ) -> None:
     """Probe the user simulator with scripted agent turns on retail train tasks: reveals known
     info, withholds unknown info, stops neither early nor never, stays the customer, does not
@@ -47,11 +50,12 @@ def check(
     settings = _with_tasks(settings_of(ctx), tasks)
 
     async def run() -> None:
-        client = OpenAIChatClient(settings.llm.user_sim, model=model)
+        client = None if scripted else OpenAIChatClient(settings.llm.user_sim, model=model)
         try:
             report = await check_fidelity(settings, check_tasks(settings), client)
         finally:
-            await client.aclose()
+            if client is not None:
+                await client.aclose()
         out.print(render_table(report))
         out.print(f"results: {settings.run_dir / 'usersim'}")
         threshold = settings.usersim.min_fidelity

@@ -21,10 +21,9 @@ from sentinel.agents.llm import Completion, Messages
 from sentinel.agents.rollout import GREETING
 from sentinel.agents.user import UserSimulator
 from sentinel.config import RolloutSettings
-from sentinel.envs.pack import Phrasing
 from sentinel.envs.registry import pack
 from sentinel.schemas import Action, ChatMessage, SFTExample, Task
-from sentinel.usersim.scenario import Scenario, scenario_of
+from sentinel.usersim.scenario import Scenario, identify, opening, scenario_of
 
 if TYPE_CHECKING:
     from sentinel.envs.base import Environment
@@ -66,11 +65,11 @@ def script(task: Task, write_tools: frozenset[str]) -> Dialogue:
     writes = [a for a in task.agent_actions if a.name in write_tools]
     dialogue = Dialogue(task, scenario)
     dialogue.agent(GREETING, "greeting")
-    dialogue.user(_opening(writes, phrasing))
+    dialogue.user(opening(writes, phrasing))
     dialogue.agent(scenario.withheld_kind.question, "withhold")
     dialogue.user(f"Sorry, I don't have my {scenario.withheld} with me.")
     dialogue.agent(phrasing.ask_identity, "identify")
-    dialogue.user(_identify(scenario))
+    dialogue.user(identify(scenario))
     done = "Thanks, I found your account."
     steps: list[Action | None] = [*writes] or [None]  # no write: one generic step
     for action in steps:
@@ -81,27 +80,6 @@ def script(task: Task, write_tools: frozenset[str]) -> Dialogue:
     dialogue.agent(CLOSE, "close")
     dialogue.user(f"{THANKS[pick % len(THANKS)]} {STOP}")
     return dialogue
-
-
-def _opening(writes: Sequence[Action], phrasing: Phrasing) -> str:
-    if not writes:
-        return phrasing.question
-    openings = (phrasing.openings.get(a.name, phrasing.default_opening) for a in writes)
-    wants = list(dict.fromkeys(openings))
-    return f"Hi, I'd like to {' and '.join(wants)}."
-
-
-def _identify(scenario: Scenario) -> str:
-    if scenario.emails:
-        return f"Sure, my email is {scenario.emails[0]}."
-    parts = []
-    if scenario.full_name:
-        parts.append(f"my name is {scenario.full_name}")
-    if scenario.user_id:
-        parts.append(f"my user id is {scenario.user_id}")
-    if scenario.zip_code:
-        parts.append(f"my zip code is {scenario.zip_code}")
-    return f"Sure, {' and '.join(parts) or 'I am not sure what I can give you'}."
 
 
 def _describe(action: Action | None) -> str:

@@ -28,7 +28,7 @@ from sentinel.agents.llm import (
     OpenAIChatClient,
     complete_structured,
 )
-from sentinel.agents.user import STOP_TOKENS, UserSimulator
+from sentinel.agents.user import STOP_TOKENS, User, UserSimulator
 from sentinel.config import Settings
 from sentinel.logs import get_logger
 from sentinel.schemas import ChatMessage, Task
@@ -39,6 +39,8 @@ from sentinel.usersim.scenario import Scenario
 
 if TYPE_CHECKING:
     from sentinel.envs.base import Environment
+
+SCRIPTED = "scripted"  # the report's model name for the scripted user
 
 log = get_logger(__name__)
 
@@ -65,8 +67,12 @@ def verbatim_leak(text: str, instructions: str, n: int = LEAK_WORDS) -> str | No
 
 
 def reveals(text: str, scenario: Scenario) -> str | None:
+    """Whether the reply gives one of the identity facts; a scenario with none (mock's
+    update tasks) has nothing to reveal, so no reply can fail it."""
     lowered = text.lower()
-    if any(re.search(rf"\b{re.escape(v.lower())}\b", lowered) for v in scenario.identity):
+    if not scenario.identity or any(
+        re.search(rf"\b{re.escape(v.lower())}\b", lowered) for v in scenario.identity
+    ):
         return None
     return f"reveals none of {scenario.identity}"
 
@@ -181,7 +187,7 @@ class Prober:
     """Runs the probes of many tasks concurrently against one simulator."""
 
     def __init__(
-        self, user: UserSimulator, domain: Environment, *, judge: ChatClient | None,
+        self, user: User, domain: Environment, *, judge: ChatClient | None,
         concurrency: int,
     ) -> None:  # fmt: skip
         self.user = user
@@ -209,7 +215,7 @@ class Prober:
     async def probe(self, dialogue: Dialogue, stage: Stage, prompt: str) -> TurnResult:
         history = dialogue.prefix(stage)
         try:
-            reply = (await self.user.reply(prompt, history)).content or ""
+            reply = (await self.user.reply(prompt, history, dialogue.task)).content or ""
         except MalformedOutput as error:  # too long to be a turn: the rules fail it
             reply = error.raw
         results = rule_checks(reply, stage, dialogue.scenario)
@@ -226,25 +232,26 @@ class Prober:
 
 
 async def check_fidelity(
-    settings: Settings, tasks: Sequence[Task], client: ChatClient
+    settings: Settings, tasks: Sequence[Task], client: ChatClient | None
 ) -> FidelityReport:
-    """Probe the simulator behind `client` on `tasks`, and record the report in the run."""
+    """Probe the simulator behind `client` on `tasks` (None: the scripted user,
+    agents.scripted_user), and record the report in the run."""
+    from sentinel.agents.scripted_user import ScriptedUser
     from sentinel.envs.registry import load, named
 
     domain = load(named(tasks[0].domain) if tasks else settings.env)
     rollout = settings.rollout.model_copy(update={"user_max_tokens": settings.usersim.max_tokens})
+    user: User = ScriptedUser(domain) if client is None else UserSimulator(client, rollout)
     endpoint = settings.usersim.judge
     judge = OpenAIChatClient(endpoint) if endpoint is not None else None
     try:
-        prober = Prober(UserSimulator(client, rollout), domain, judge=judge,
-                        concurrency=settings.usersim.concurrency)  # fmt: skip
+        prober = Prober(user, domain, judge=judge, concurrency=settings.usersim.concurrency)
         turns = await prober.run(tasks)
     finally:
         if judge is not None:
             await judge.aclose()
-    report = summarise(
-        client.model, [t.id for t in tasks], turns, endpoint.model if endpoint else None
-    )
+    name = SCRIPTED if client is None else client.model
+    report = summarise(name, [t.id for t in tasks], turns, endpoint.model if endpoint else None)
     path = save_report(report, settings.run_dir)
     log.info(
         "user simulator checked", model=report.model, score=round(report.score, 3), path=str(path)

@@ -10,12 +10,14 @@ id are the domain's (`DomainPack.phrasing`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
-from sentinel.envs.pack import Kind
+from sentinel.envs.pack import Kind, Phrasing
 from sentinel.envs.registry import pack
-from sentinel.schemas import Task
+from sentinel.schemas import Action, Task
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 ZIP = re.compile(r"\b\d{5}\b")
@@ -88,3 +90,42 @@ def _withheld(kinds: tuple[Kind, ...], unknown: str, text: str) -> Kind:
         if kind.mention.search(unknown) and not kind.value.search(text):
             return kind
     return kinds[-1] if kinds else NO_KIND
+
+
+def opening(writes: Sequence[Action], phrasing: Phrasing) -> str:
+    """The user's first words: what they want, in the domain's customer words."""
+    if not writes:
+        return phrasing.question
+    openings = (phrasing.openings.get(a.name, phrasing.default_opening) for a in writes)
+    wants = list(dict.fromkeys(openings))
+    return f"Hi, I'd like to {' and '.join(wants)}."
+
+
+def identify(scenario: Scenario) -> str:
+    """The user's answer to "who are you": the identity facts the scenario gives."""
+    if scenario.emails:
+        return f"Sure, my email is {scenario.emails[0]}."
+    parts = []
+    if scenario.full_name:
+        parts.append(f"my name is {scenario.full_name}")
+    if scenario.user_id:
+        parts.append(f"my user id is {scenario.user_id}")
+    if scenario.zip_code:
+        parts.append(f"my zip code is {scenario.zip_code}")
+    return f"Sure, {' and '.join(parts) or 'I am not sure what I can give you'}."
+
+
+SPOKEN_CHARS = 80  # a gold argument longer than this is no detail a customer recites
+
+
+def spoken(value: Any) -> list[str]:
+    """The plain values in a tool call's arguments, as a customer would say them: strings
+    and numbers, from lists and objects too; flags and long texts are not theirs to give."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in spoken(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in spoken(v)]
+    if isinstance(value, bool) or value is None:
+        return []
+    text = str(value).strip()
+    return [text] if 0 < len(text) <= SPOKEN_CHARS else []

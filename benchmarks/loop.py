@@ -41,6 +41,7 @@ BASELINE = {
     "trainer": {"cpu_threads": None},
     "proposer": {"max_concurrency": None},
     "serve": {"cpu_cores": "all"},
+    "rollout": {"user": "llm"},  # SmolLM2 as the user simulator, on the one server
 }
 
 

@@ -204,6 +204,9 @@ def domain_config(tmp_path: Path, policy_url: str, domain: str) -> Path:
     # credit) differs between rollouts. The user keeps the 48-token turns these runs passed
     # with (the mock run's 32 is untried here).
     settings["rollout"] |= {"lean_prompt": True, "max_string_length": 16, "user_max_tokens": 48}
+    # the scripted user, as configs/local.yaml: the server decodes the Solver's turns and the
+    # Proposer's drafts only (the kill -9 run above keeps the LLM user in the loop)
+    settings["rollout"]["user"] = "scripted"
     settings["loop"] |= {
         "max_groups": 40,
         "group_size": 2,  # the trainer's steps on these prompts take a core for minutes

@@ -182,7 +182,7 @@ async def test_hang_is_killed_at_the_wall_limit(sandbox: LocalProcessSandbox, ta
     assert failure_code(outcome) == RejectionCode.SANDBOX_TIMEOUT
     assert not outcome.ok
     assert 3 <= outcome.duration_s < 6
-    assert sandbox_pids(sandbox.id) == []  # the child and its `sleep` grandchild
+    assert await gone(sandbox.id) == []  # the child and its `sleep` grandchild
     again = await sandbox.replay(ReplayRequest(domain="retail", task=task))
     assert again.ok
 
@@ -192,7 +192,7 @@ async def test_a_cancelled_caller_leaves_no_child(sandbox: LocalProcessSandbox, 
     with anyio.move_on_after(1.5) as scope:
         await sandbox.replay(request)
     assert scope.cancelled_caught
-    assert sandbox_pids(sandbox.id) == []
+    assert await gone(sandbox.id) == []
 
 
 async def test_cpu_limit_kills_a_spinning_child(sandbox: LocalProcessSandbox, task: Task) -> None:
@@ -350,7 +350,7 @@ async def test_reused_children_serve_many_replays_and_die_with_a_failure(
         second = await sandbox.replay(request)
         assert sandbox_pids(sandbox.id) == [pid]
         third = await sandbox.replay(request)  # its last: replaced afterwards
-        assert sandbox_pids(sandbox.id) == []
+        assert await gone(sandbox.id) == []
         spin = await sandbox.replay(request.model_copy(update={"debug_action": "hang"}))
         after = await sandbox.replay(request)  # a new child, with a fresh CPU allowance
     gold = retail.gold_hashes(task)[0]

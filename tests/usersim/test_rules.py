@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sentinel.agents.solver import error_observation
 from sentinel.orchestrator.streams import Stream
 from sentinel.report import build_report, render_report
 from sentinel.schemas import RolloutGroup, Trajectory
@@ -42,6 +43,18 @@ def test_tool_syntax_and_role_tags_in_a_user_turn_are_blamed(recorded: list[Traj
         fault = simulator_fault(clean.model_copy(update={"messages": messages}))
         assert fault is not None
         assert "role tag or tool-call syntax" in fault
+
+
+def test_the_agents_error_observations_are_not_the_users_words(
+    recorded: list[Trajectory],
+) -> None:
+    """After a malformed turn the rollout tells the agent "[invalid action: ...]" as a user-
+    role message with error set: its bracket is no tool syntax of the simulator's."""
+    clean = recorded[2]
+    observation = error_observation("output cut off at max_tokens before a tool call closed")
+    assert observation.role == "user"
+    blamed = clean.model_copy(update={"messages": [*clean.messages, observation]})
+    assert simulator_fault(blamed) is None
 
 
 def group_of(recorded: list[Trajectory]) -> RolloutGroup:

@@ -73,8 +73,8 @@ def simulator_fault(trajectory: Trajectory) -> str | None:
     if trajectory.succeeded:
         return None
     for index, message in enumerate(trajectory.messages):
-        if message.role != "user" or not message.content:
-            continue
+        if message.role != "user" or not message.content or message.error:
+            continue  # an error observation is the rollout's words to the agent, not the user's
         if why := role_flip(message.content) or role_tag(message.content):
             return f"user turn {index}: {why}"
     return None

@@ -246,5 +246,6 @@ def test_the_shipped_cpu_profile_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """`make run` loads configs/local.yaml: a key the settings do not know stops it there."""
     monkeypatch.delenv("SENTINEL_REDIS_URL", raising=False)
     settings = load_settings(Path(__file__).resolve().parents[1] / "configs" / "local.yaml")
-    assert settings.loop.max_groups == 4
-    assert settings.llm.proposer.timeout_s == 60  # it falls back to mutation in the run
+    assert settings.loop.max_groups == 6
+    assert settings.llm.proposer.timeout_s == 180  # a draft beside the rollouts, then mutation
+    assert settings.rollout.user == "scripted"

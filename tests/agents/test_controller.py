@@ -158,7 +158,7 @@ async def test_malformed_llm_output_falls_back_to_the_signals(
     assert diagnosis.diagnoser_model is None
     assert diagnosis.category == primary_category(diagnosis.signals)
     assert diagnosis.summary
-    assert diagnosis.first_wrong_step is not None
+    # the wiring (a recorded failure may have no wrong step; failing_turns is tested below)
     assert diagnosis.excerpt == failing_turns(trajectory.messages, diagnosis.first_wrong_step)
 
 

@@ -1,10 +1,29 @@
-"""Proposer acceptance: SmolLM2 (or any endpoint) writes tasks for error patterns, the
-sandboxed validator judges them, and the verdicts feed the self-evolving prompts.
+"""Where should the Solver's next tasks come from? Three sources, one budget, one judge.
 
-One pattern per retail write tool, `--tasks` LLM-written proposals each (mutation only where
-the LLM gives nothing parseable), over `--rounds` rounds so that prompt revisions can act.
-Compares the LLM-written tasks' acceptance with the mutation fallback's on the same patterns.
-The last line printed is one JSON object of figures.
+1. **Evidence.** The current Solver (the base policy, version 0) runs `--seed-tasks` train
+   tasks once each, with the scripted user; the Controller's signals diagnose each failure
+   and the pattern library groups them: real error patterns, each with its failing turns.
+2. **Proposals.** `--proposals` tasks from each source, round-robin over its patterns:
+   - `llm`: the Proposer's LLM writes tasks from the patterns and their evidence (SENTINEL);
+   - `mutation`: seed tasks transformed toward the same patterns (the fallback, no LLM);
+   - `synthetic`: the Proposer's LLM writes general tasks, one pattern per write tool, tied
+     to no failure (the paper's baseline).
+3. **Judgement.** The sandboxed validator judges each as the CPU profile does (no difficulty
+   gate: SmolLM2-135M solves almost nothing, so the gate would reject every task as too
+   hard); then `--probe` rollouts of the same Solver run each accepted task, concurrently.
+
+Per source, the last line's figures:
+- `acceptance`: accepted ÷ proposals asked for (an unparseable draft counts as rejected);
+- `targeting_precision`: accepted tasks the Solver then failed with the targeted pattern's
+  category ÷ accepted. A synthetic task targets no pattern, so for it any category among the
+  observed patterns counts: the generous reading, in its favour;
+- `checker_discrimination`: near-miss variants of the gold runs (a wrong id, value or count;
+  a write left out) that the tasks' checks, as derived from the gold diff, fail ÷ tried,
+  over every proposal whose gold run replayed (`envs.checks`);
+- `novelty`: the mean distance of an accepted task's scenario from its nearest train task
+  (1 - Jaccard similarity of word 3-shingles).
+
+The last line printed is `{"llm": {...}, "mutation": {...}, "synthetic": {...}}`.
 """
 
 from __future__ import annotations
@@ -15,6 +34,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
+from functools import partial
+from itertools import cycle, islice
 from pathlib import Path
 
 import anyio
@@ -22,93 +45,228 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sentinel.agents.controller import Controller
 from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.prompts import PromptBook
 from sentinel.agents.proposer import MUTATOR, Proposer
-from sentinel.config import LLMEndpoint, ProposerSettings, Settings, ValidationSettings
+from sentinel.agents.rollout import RolloutRunner
+from sentinel.config import Settings
 from sentinel.envs.base import Environment
 from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus, connect
+from sentinel.orchestrator.patterns import PatternLibrary, general_patterns
+from sentinel.orchestrator.pool import TaskPool
 from sentinel.orchestrator.redis_server import RedisServer
-from sentinel.schemas import ErrorPattern, FailureCategory, ValidationResult
+from sentinel.schemas import (
+    ErrorPattern,
+    FailureCategory,
+    PolicyVersion,
+    Task,
+    TaskProposal,
+    ValidationResult,
+)
 from sentinel.serving.server import ensure_policy_server
-from sentinel.validator import RedisTaskIndex, Validator, local_sandbox
+from sentinel.validator import (
+    Probed,
+    RedisTaskIndex,
+    RolloutProbe,
+    Validator,
+    local_sandbox,
+    scenario_shingles,
+    similarity,
+)
+
+SOURCES = ("llm", "mutation", "synthetic")
 
 
-def patterns(domain: Environment) -> list[ErrorPattern]:
-    return [
-        ErrorPattern(
-            id=f"pattern-{tool}",
-            title=f"wrong arguments in {tool}",
-            description=f"The agent calls {tool} with the wrong order, items or payment.",
-            category=FailureCategory.WRONG_ARGUMENTS,
-            tools=[tool],
-        )
-        for tool in sorted(domain.write_tools)
+async def observed_patterns(
+    settings: Settings, domain: Environment, bus: Bus, tasks: int, progress: Progress
+) -> list[ErrorPattern]:
+    """The base Solver on `tasks` train tasks, its failures diagnosed into patterns."""
+    runner = RolloutRunner.from_settings(settings, domain)
+    pool = TaskPool(bus.redis, settings.bus.prefix)
+    library = PatternLibrary(bus.redis, settings.bus.prefix)
+    controller = Controller(domain, pool, library, bus, settings.controller)  # the signals
+    job = progress.add_task("evidence: the Solver's failures", total=tasks)
+
+    async def one(task: Task) -> None:
+        group = await runner.run_group(task, 1)
+        for trajectory in group.trajectories:
+            if not trajectory.succeeded:
+                await library.add(await controller.diagnose(task, trajectory))
+        progress.advance(job)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for task in domain.tasks("train")[:tasks]:
+                tg.start_soon(one, task)
+    finally:
+        await runner.aclose()
+    return sorted(await library.all(), key=lambda p: -sum(p.frequency.values()))
+
+
+async def proposals_from(
+    proposer: Proposer, patterns: Sequence[ErrorPattern], budget: int
+) -> list[TaskProposal]:
+    """`budget` proposals, one per pattern in turn, drafted concurrently (the server batches)."""
+    made: list[TaskProposal] = []
+
+    async def one(pattern: ErrorPattern) -> None:
+        made.extend(await proposer.propose(pattern))
+
+    async with anyio.create_task_group() as tg:
+        for pattern in islice(cycle(patterns), budget):
+            tg.start_soon(one, pattern)
+    return made[:budget]
+
+
+async def probe_all(
+    probe: RolloutProbe, tasks: Sequence[Task], k: int, progress: Progress
+) -> dict[str, Probed]:
+    """`k` rollouts of the Solver on each task, four tasks at a time (the server batches)."""
+    found: dict[str, Probed] = {}
+    job = progress.add_task("probe: the Solver on the accepted tasks", total=len(tasks))
+    limit = anyio.CapacityLimiter(4)
+
+    async def one(task: Task) -> None:
+        async with limit:
+            found[task.id] = await probe.probe(task, k)
+        progress.advance(job)
+
+    async with anyio.create_task_group() as tg:
+        for task in tasks:
+            tg.start_soon(one, task)
+    return found
+
+
+def figures(
+    source: str,
+    asked: int,
+    verdicts: Sequence[tuple[TaskProposal, ValidationResult]],
+    probed: dict[str, Probed],
+    observed: set[FailureCategory],
+    train: Sequence[frozenset[str]],
+) -> dict[str, object]:
+    accepted = [(p, v) for p, v in verdicts if v.accepted]
+
+    def targeted(p: TaskProposal) -> bool:
+        found = probed.get(p.task.id)
+        if found is None:
+            return False
+        wanted = {p.task.provenance.target_category} if source != "synthetic" else observed
+        return bool(wanted & set(found.failures))
+
+    tried = sum(v.near_misses for _, v in verdicts)
+    caught = sum(v.near_misses_caught for _, v in verdicts)
+    distances = [
+        1 - max(similarity(scenario_shingles(p.task), seed) for seed in train) for p, _ in accepted
     ]
-
-
-async def measure(redis_url: str, llm_url: str, tasks: int, rounds: int) -> dict[str, object]:
-    domain = load(named("retail"))
-    settings = Settings(redis_url=redis_url)
-    bus = Bus(connect(redis_url, settings), settings.bus)
-    proposer_settings = ProposerSettings(tasks_per_pattern=tasks, mutation_after=0, revise_after=8)
-    book = PromptBook(bus.redis, "bench", proposer_settings)
-    client = OpenAIChatClient(LLMEndpoint(base_url=llm_url))
-    proposer = Proposer(domain, book, bus, proposer_settings, client)
-    mutator = Proposer(domain, book, bus, proposer_settings, None)
-    verdicts: dict[str, list[ValidationResult]] = {"llm": [], "mutation": []}
-    started = time.perf_counter()
-    async with local_sandbox(ValidationSettings(), domain.name) as sandbox:
-        validator = Validator(
-            domain, sandbox, ValidationSettings(), RedisTaskIndex(bus.redis, "bench", domain)
-        )
-        with Progress(transient=True) as progress:
-            job = progress.add_task("patterns", total=rounds * len(patterns(domain)))
-            for _ in range(rounds):
-                for pattern in patterns(domain):
-                    for p in [*await proposer.propose(pattern), *await mutator.propose(pattern)]:
-                        result = await validator.validate(p)
-                        await book.record(result)
-                        kind = "mutation" if p.proposer_model == MUTATOR else "llm"
-                        verdicts[kind].append(result)
-                    progress.advance(job)
-    await client.aclose()
-    await proposer.aclose()  # each closes the env pool it made for mutation replays
-    await mutator.aclose()
-    versions = len(await book.versions())
-    await bus.aclose()
-    llm = verdicts["llm"]
-    reasons = Counter(r.code.value for v in llm for r in v.reasons)
-    requested = rounds * len(patterns(domain)) * tasks
+    reasons = Counter(r.code.value for _, v in verdicts for r in v.reasons)
+    ids = [p.task.id for p, _ in verdicts]
     return {
-        "llm_requested": requested,
-        "llm_parsed": len(llm),
-        "acceptance_rate": round(sum(v.accepted for v in llm) / requested, 3),
-        "acceptance_rate_parsed": round(sum(v.accepted for v in llm) / max(1, len(llm)), 3),
-        "mutation_acceptance_rate": round(
-            sum(v.accepted for v in verdicts["mutation"]) / max(1, len(verdicts["mutation"])), 3
+        "acceptance": round(len(accepted) / max(1, asked), 3),
+        "targeting_precision": round(sum(targeted(p) for p, _ in accepted) / len(accepted), 3)
+        if accepted else None,
+        "checker_discrimination": round(caught / tried, 3) if tried else None,
+        "novelty": round(sum(distances) / len(distances), 3) if distances else None,
+        "proposals": asked, "parsed": len(verdicts), "accepted": len(accepted),
+        "near_misses": tried, "checks_per_task": round(
+            sum(len(v.checks) for _, v in verdicts) / max(1, len(verdicts)), 1
         ),
+        "solve_rate": _mean([probed[i].solve_rate for i in ids if i in probed]),
         "rejections": dict(reasons.most_common()),
-        "prompt_versions": versions,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    }  # fmt: skip
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
+
+
+async def measure(
+    settings: Settings, domain_name: str, seed_tasks: int, budget: int, probe_k: int
+) -> dict[str, dict[str, object]]:
+    domain = load(named(domain_name))
+    assert settings.redis_url is not None
+    bus = Bus(connect(settings.redis_url, settings), settings.bus)
+    client = OpenAIChatClient(settings.llm.proposer)
+    started = time.perf_counter()
+    with Progress() as progress:
+        patterns = await observed_patterns(settings, domain, bus, seed_tasks, progress)
+        seen = [[p.title, sum(p.frequency.values())] for p in patterns]
+        print(json.dumps({"patterns": seen}), flush=True)
+        if not patterns:
+            raise SystemExit("the Solver failed no task: no evidence to propose from")
+        book = PromptBook(bus.redis, settings.bus.prefix, settings.proposer)
+        writer = Proposer(domain, book, bus, settings.proposer, client)
+        mutator = Proposer(domain, book, bus, settings.proposer, None)
+        sources = {
+            "llm": (writer, patterns),
+            "mutation": (mutator, patterns),
+            "synthetic": (writer, general_patterns(domain.write_tools)),
+        }
+        probe = RolloutProbe(
+            lambda p: RolloutRunner.from_settings(settings, domain, p.served_name, p.version),
+            _base_policy(settings.llm.policy.model),
+        )
+        train = [scenario_shingles(t) for t in domain.tasks("train")]
+        observed = {p.category for p in patterns}
+        verdicts: dict[str, list[tuple[TaskProposal, ValidationResult]]] = {}
+        async with local_sandbox(settings.validation, domain.name) as sandbox:
+            index = RedisTaskIndex(bus.redis, settings.bus.prefix, domain)
+            validator = Validator(domain, sandbox, settings.validation, index)
+            for name, (proposer, targets) in sources.items():
+                job = progress.add_task(f"{name}: propose and validate", total=budget)
+                made = await proposals_from(proposer, targets, budget)
+                if name != "mutation":  # the fallback must not stand in for the LLM here
+                    made = [p for p in made if p.proposer_model != MUTATOR]
+                verdicts[name] = []
+                for proposal in made:
+                    verdicts[name].append((proposal, await validator.validate(proposal)))
+                    progress.advance(job)
+        accepted = [p.task for judged in verdicts.values() for p, v in judged if v.accepted]
+        probed = await probe_all(probe, accepted, probe_k, progress)
+        await probe.aclose()
+        results = {
+            name: figures(name, budget, judged, probed, observed, train)
+            for name, judged in verdicts.items()
+        }
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    await writer.aclose()
+    await mutator.aclose()
+    await client.aclose()
+    await bus.aclose()
+    return results
+
+
+def _base_policy(model: str) -> Callable[[], Awaitable[PolicyVersion]]:
+    async def current() -> PolicyVersion:
+        return PolicyVersion(version=0, served_name=model, base_model=model)
+
+    return current
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=3, help="LLM proposals per pattern")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--domain", default="retail")
+    parser.add_argument("--seed-tasks", type=int, default=8, help="train tasks the Solver runs")
+    parser.add_argument("--proposals", type=int, default=8, help="tasks asked of each source")
+    parser.add_argument("--probe", type=int, default=2, help="Solver rollouts per probed task")
     parser.add_argument("--llm-url", help="an OpenAI-compatible endpoint (default: local vLLM)")
     args = parser.parse_args()
-    settings = Settings()
-    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis:
-        if args.llm_url:
-            figures = anyio.run(measure, redis.url, args.llm_url, args.tasks, args.rounds)
-        else:
-            with ensure_policy_server(settings) as url:
-                figures = anyio.run(measure, redis.url, url, args.tasks, args.rounds)
-    print(json.dumps(figures))
+    server = ensure_policy_server(Settings()) if args.llm_url is None else nullcontext(args.llm_url)
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis, server as url:
+        endpoint = {"base_url": url}
+        settings = Settings.model_validate({
+            "redis_url": redis.url, "run_dir": tmp,
+            "llm": {name: endpoint for name in ("policy", "user_sim", "controller", "proposer")},
+            "rollout": {"user": "scripted"},
+            "proposer": {"tasks_per_pattern": 1, "mutation_after": 0},
+        })  # fmt: skip
+        run = partial(measure, settings, args.domain, args.seed_tasks, args.proposals, args.probe)
+        found = anyio.run(run)
+    print(json.dumps({name: found[name] for name in SOURCES}))
 
 
 if __name__ == "__main__":

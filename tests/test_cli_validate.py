@@ -55,6 +55,9 @@ def test_a_gold_task_is_accepted_and_the_pool_is_left_alone(
     assert (verdict.proposal_id, verdict.accepted, verdict.reasons) == ("p-cli", True, [])
     again, _ = validate(env, write(tmp_path, "t.json", task.model_dump_json()))  # a bare Task
     assert again.exit_code == 0, again.output  # not a duplicate of itself: nothing was claimed
+    human = runner.invoke(app, ["validate", str(path)], env=env)
+    assert human.stdout.splitlines()[:2] == ["accepted", "checks (2):"]  # the task would carry
+    assert '  users.user_1.tasks == ["task_1", "task_2"]' in human.stdout
 
 
 def test_a_hostile_task_is_rejected_with_its_reasons(

@@ -180,7 +180,7 @@ def long_report() -> RunReport:
         ],
         categories={}, proposals=40, accepted=31,
         top_rejections={"duplicate_scenario": 4, "ungrounded_entity": 3, "unsolvable": 2},
-        tasks_by_origin={"proposed": 31, "mutated": 5, "seed": 50},
+        tasks_by_origin={"llm": 31, "mutation": 5, "seed": 50},
         rollouts=640, groups=160, dropped_groups=3,
         drop_reasons={"all rewards equal and the group was not informative": 3},
         informative_groups=120, train_steps=40, policy_versions=list(range(12)),

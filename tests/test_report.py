@@ -76,7 +76,7 @@ def test_a_whole_record_has_no_problems_and_its_figures(tmp_path: Path) -> None:
     assert (summary.accepted, summary.top_rejections) == (1, {"gold_write_failed": 1})
     assert summary.policy_versions == [0, 1]
     assert set(summary.evals) == {0, 1}
-    assert summary.tasks_by_origin == {"proposed": 1}
+    assert summary.tasks_by_origin == {"llm": 1}  # by who wrote them: the LLM, for a pattern
 
 
 def test_groups_trained_twice_or_never_and_orphans_are_problems(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from sentinel.schemas import (
     PolicyVersion,
     Provenance,
     RejectionCode,
+    StateCheck,
     Task,
     TaskProposal,
     UserInstructions,
@@ -78,6 +79,9 @@ async def test_a_correct_new_task_is_accepted_once(mock: Environment, validator:
     result = await validator.validate(proposal(task))
     assert result.accepted, result.reasons
     assert result.target_db_hash not in (None, mock.initial_hashes[0])
+    [new_task, user_tasks] = result.checks  # the to-do itself, and the user's list with it
+    assert new_task.path[:2] == ["tasks", "task_2"]
+    assert user_tasks.describe() == 'users.user_1.tasks == ["task_1", "task_2"]'
     again = await validator.validate(proposal(task))  # a redelivery: its own claim
     assert again.accepted
     copy = task.model_copy(update={"id": "new-todo-copy"})
@@ -115,6 +119,42 @@ async def test_a_failing_gold_write_is_rejected_with_the_tools_error(
     result = await on_retail.validate(proposal(bad))
     assert [r.code for r in result.reasons] == [RejectionCode.GOLD_WRITE_FAILED]
     assert "invalid reason" in result.reasons[0].detail.lower()
+
+
+async def test_a_task_s_own_checks_must_hold_after_its_gold_run_and_not_before(
+    mock: Environment, validator: Validator
+) -> None:
+    task = todo(mock, "own-checks")
+    created = StateCheck(path=["tasks", "task_2", "title"], value="Plan the sprint")
+    right = await validator.validate(proposal(task.model_copy(update={"checks": [created]})))
+    assert right.accepted, right.reasons
+    assert right.checks[0] == created
+    wrong = StateCheck(path=["tasks", "task_2", "status"], value="completed")
+    assert await verdict(validator, task.model_copy(update={"checks": [wrong], "id": "w"})) == (
+        False, [RejectionCode.CHECK_FAILED]
+    )  # fmt: skip
+    reads = with_actions(todo(mock, "told"), task.actions[:1])
+    told = reads.spec.evaluation_criteria.model_copy(update={"communicate_info": ["Test User"]})  # type: ignore[union-attr]
+    always = StateCheck(path=["tasks", "task_1", "status"], value="pending")  # true already
+    idle = reads.model_copy(
+        update={
+            "spec": reads.spec.model_copy(update={"evaluation_criteria": told}),
+            "checks": [always],
+        }
+    )
+    result = await validator.validate(proposal(idle))
+    assert [r.code for r in result.reasons] == [RejectionCode.NOT_DISCRIMINATIVE]
+    assert "hold before any action" in result.reasons[0].detail
+
+
+async def test_near_misses_of_a_retail_task_are_tried_and_caught(
+    retail: Environment, on_retail: Validator
+) -> None:
+    """A cancellation's reason is an enum: another reason is a near miss its checks catch."""
+    result = await on_retail.validate(proposal(cancellation(retail, "near-misses", nth=2)))
+    assert result.accepted, result.reasons
+    assert result.near_misses >= 1
+    assert result.near_misses_caught == result.near_misses
 
 
 async def test_reads_only_tasks_are_not_discriminative(

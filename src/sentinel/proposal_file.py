@@ -85,4 +85,9 @@ async def validate_file(
 def render_verdict(result: ValidationResult) -> str:
     lines = ["accepted" if result.accepted else "rejected"]
     lines += [f"  {r.code.value}: {r.detail}" for r in result.reasons]
+    if result.checks:  # what the task would carry into the pool
+        lines.append(f"checks ({len(result.checks)}):")
+        lines += [f"  {c.describe()}" for c in result.checks]
+    if result.near_misses:
+        lines.append(f"near misses caught: {result.near_misses_caught} of {result.near_misses}")
     return "\n".join(lines)

@@ -42,6 +42,13 @@ from sentinel.usersim.rules import simulator_fault
 
 M = TypeVar("M", bound=Message)
 
+# Who wrote the pool's tasks: the Proposer's LLM for a pattern (`proposed`), seed mutation, or
+# the LLM for no pattern (the synthetic baseline).
+ORIGIN_NAMES = {
+    Origin.PROPOSED: "llm", Origin.MUTATED: "mutation",
+    Origin.SYNTHETIC: "synthetic", Origin.SEED: "seed",
+}  # fmt: skip
+
 
 class PatternTrend(BaseModel):
     id: str
@@ -136,7 +143,7 @@ def build_report(run_dir: Path) -> RunReport:
             Counter(r.code.value for v in verdicts for r in v.reasons).most_common(5)
         ),
         tasks_by_origin=dict(
-            Counter(t.provenance.origin.value for t in a.read(Stream.TASKS, Task))
+            Counter(ORIGIN_NAMES[t.provenance.origin] for t in a.read(Stream.TASKS, Task))
         ),
         rollouts=len(trajectories),
         failures=sum(not t.succeeded for t in trajectories),

@@ -9,7 +9,9 @@ with every problem that stage found as a machine-readable reason for the Propose
 2. the gold actions replayed in a sandboxed child (`envs.sandbox`): every gold write must
    succeed, and a task with writes must change the database;
 3. a discriminative checker: by tau2's reward, the no-op trajectory and one of only the gold
-   reads must both fail;
+   reads must both fail; and the task's own checks (`envs.checks`: state predicates derived
+   from the gold run, plus any it carried) must fail on the initial state, as they do on the
+   near misses the replay tried (a wrong id, value or count; a write left out);
 4. novelty: no test-split task may share its gold-action signature or a near-identical
    scenario (leakage), and neither may a task already in the pool (duplicate);
 5. optionally, a difficulty probe: K Solver rollouts must solve it sometimes, not always.
@@ -340,7 +342,11 @@ class Validator:
                 ReplayRequest(domain=self.domain.name, task=task, limits=self.limits)
             )
             reasons = self.replayed(task, outcome) or self.discriminative(task, outcome)
-            verdict["target_db_hash"] = outcome.db_hash_after
+            verdict |= {
+                "target_db_hash": outcome.db_hash_after, "checks": outcome.checks,
+                "near_misses": len(outcome.near_misses),
+                "near_misses_caught": sum(m.caught for m in outcome.near_misses),
+            }  # fmt: skip
         if not reasons:
             reasons = await self.novel(task)
         if not reasons and self.probe is not None and self.settings.probe_rollouts:
@@ -468,6 +474,11 @@ class Validator:
         ]
         if failed:
             return failed
+        if outcome.check_failures:
+            return [
+                _reason(RejectionCode.CHECK_FAILED, f"after the gold actions, {c} does not hold")
+                for c in outcome.check_failures
+            ]
         writes = any(a.name in self.domain.write_tools for a in task.actions)
         unchanged = (outcome.db_hash_before, outcome.user_db_hash_before) == (
             outcome.db_hash_after, outcome.user_db_hash_after,
@@ -504,6 +515,9 @@ class Validator:
             passing.append("a trajectory of only the gold reads")
         if passing:
             detail = f"{' and '.join(passing)} would score 1: the checker cannot tell success"
+            return [_reason(RejectionCode.NOT_DISCRIMINATIVE, detail)]
+        if outcome.checks_hold_before:
+            detail = "its checks all hold before any action: they cannot tell success"
             return [_reason(RejectionCode.NOT_DISCRIMINATIVE, detail)]
         return []
 

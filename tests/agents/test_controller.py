@@ -10,7 +10,14 @@ from typing import Any
 import anyio
 import pytest
 
-from sentinel.agents.controller import Controller, draft_schema, failing_turns, render_prompt
+from sentinel.agents.controller import (
+    Controller,
+    DiagnosisDraft,
+    draft_schema,
+    failing_turns,
+    kind_of,
+    render_prompt,
+)
 from sentinel.agents.llm import Completion, OpenAIChatClient
 from sentinel.agents.rollout import RolloutRunner
 from sentinel.agents.signals import primary_category
@@ -189,6 +196,39 @@ async def test_unknown_tasks_are_dead_lettered_with_the_reason(
     await bus.consumer(Stream.TRAJECTORIES, "controller", Trajectory, agent.handle).poll()
     [letter] = await bus.dead_letters(Stream.TRAJECTORIES)
     assert "mock-nope" in letter.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("asks for known info", "asks_for_known_info"),
+        ("Loops-on greeting", "loops_on_greeting"),
+        ("", None),  # a category names it
+        ("wrong_entity", None),  # only a category again
+        ("The agent asked for the zip code again although the user gave it", None),  # a sentence
+        ("ignore previous instructions", None),  # reads as an instruction
+        ("x", None),
+        ("1st wrong call", None),
+    ],
+)
+def test_a_new_kind_is_a_short_name_or_nothing(text: str, kind: str | None) -> None:
+    assert kind_of(text) == kind
+
+
+async def test_the_llm_s_new_kind_reaches_the_diagnosis_its_category_stays_a_signal_s(
+    mock: Environment, failures: list[Trajectory], bus: Bus
+) -> None:
+    from sentinel.agents.signals import failure_signals
+
+    trajectory = failures[0]
+    task = next(t for t in mock.tasks("train") if t.id == trajectory.task_id)
+    signals = failure_signals(task, trajectory, mock)
+    draft = DiagnosisDraft(
+        category=FailureCategory.OTHER, summary="It greeted twice.", kind="repeats the greeting"
+    )
+    found = controller(mock, bus, None)._decide(task, trajectory, signals, draft)
+    assert found.kind == "repeats_the_greeting"
+    assert found.category in {s.category for s in signals}  # OTHER was not among them
 
 
 def test_the_schema_offers_only_what_the_signals_found(

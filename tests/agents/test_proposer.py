@@ -23,6 +23,7 @@ from sentinel.agents.proposer import (
     TEXTS,
     Proposer,
     TaskDraft,
+    answer_in,
     draft_schema,
     render_prompt,
     restate,
@@ -131,6 +132,69 @@ async def test_llm_proposals_are_grounded_and_judged_with_reasons(
     )
     codes = [r.code.value for result in ours for r in result.reasons]
     assert tally.codes == {code: codes.count(code) for code in codes}
+
+
+TELL = ErrorPattern(
+    id="pattern-tell",
+    title="missing communication",
+    description="The agent looks the user up but never tells them what they asked for.",
+    category=FailureCategory.MISSING_COMMUNICATION,
+    tools=["get_users"],
+)
+
+
+async def test_a_communication_pattern_gets_tasks_that_read_and_must_tell(
+    proposer: Callable[..., Proposer],
+    validator: Validator,
+    llm: Callable[..., OpenAIChatClient],
+    mock: Environment,
+) -> None:
+    """No write: the fact to tell is what the gold lookups find, the customer asks for it,
+    and the validator accepts the task (saying nothing fails it)."""
+    agent = proposer(llm(), SETTINGS.model_copy(update={"tasks_per_pattern": 1}))
+    [proposal] = await agent.propose(TELL)
+    assert proposal.proposer_model == "smol", "SmolLM2 wrote no parseable task"
+    task = proposal.task
+    assert not {a.name for a in task.actions} & mock.write_tools
+    [fact] = task.spec.evaluation_criteria.communicate_info  # type: ignore[misc, union-attr]
+    assert fact in json.dumps(mock.database)  # what the lookups read
+    assert 'You call to ask: "What is the ' in task.spec.user_scenario.instructions.reason_for_call  # type: ignore[union-attr]
+    assert task.provenance.target_category == FailureCategory.MISSING_COMMUNICATION
+    result = await validator.validate(proposal)
+    assert result.accepted, result.reasons
+
+
+async def test_a_question_task_whose_lookups_find_nothing_is_malformed(
+    proposer: Callable[..., Proposer], mock: Environment
+) -> None:
+    from sentinel.agents.llm import MalformedOutput
+    from tests.factories import todo
+
+    task = todo(mock, "nothing-to-tell")
+    writes_only = task.model_copy(update={"spec": task.spec.model_copy(update={
+        "evaluation_criteria": task.spec.evaluation_criteria.model_copy(  # type: ignore[union-attr]
+            update={"actions": task.actions[1:]}
+        )
+    })})  # fmt: skip
+    with pytest.raises(MalformedOutput, match="nothing to tell"):
+        await proposer(None)._telling(writes_only)  # a write is never stepped here
+
+
+@pytest.mark.parametrize(
+    ("results", "found"),
+    [
+        (['{"user_1": {"user_id": "user_1", "name": "Test User"}}'], ("name", "Test User")),
+        (['{"a": {"price": 12.5}}', '{"order_id": "#W1", "status": "pending"}'],
+         ("status", "pending")),  # the last lookup first; never an id
+        (['{"name": "Ann Lee"}'], None),  # the customer knows it already
+        (["not json", '{"flag": true, "n": 1}'], None),  # a bool; a value too short to check
+        ([], None),
+    ],
+)  # fmt: skip
+def test_the_fact_to_tell_is_a_looked_up_value_the_customer_lacks(
+    results: list[str], found: tuple[str, str] | None
+) -> None:
+    assert answer_in(results, known="I am Ann Lee.") == found
 
 
 def test_the_prompt_shows_the_newest_failures_and_the_turns_where_they_went_wrong(

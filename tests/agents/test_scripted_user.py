@@ -67,6 +67,31 @@ def test_it_stops_once_every_gold_write_went_through_or_its_turns_run_out(
     assert is_stop(ChatMessage(role="user", content=DONE))
 
 
+def test_a_question_task_asks_its_question_and_stops_once_told(mock: Environment) -> None:
+    """A task with nothing to write and a fact to be told (the Proposer's `communicates`
+    kind): the user asks what its scenario quotes and is done when the agent said the fact."""
+    from tests.factories import todo
+
+    task = todo(mock, "question")
+    reads = task.actions[:1]
+    told = task.spec.evaluation_criteria.model_copy(  # type: ignore[union-attr]
+        update={"actions": reads, "communicate_info": ["Test User"]}
+    )
+    instructions = task.spec.user_scenario.instructions.model_copy(  # type: ignore[union-attr]
+        update={"reason_for_call": 'You call to ask: "What is the name of user_1?" Be brief.'}
+    )
+    scenario = task.spec.user_scenario.model_copy(update={"instructions": instructions})
+    question = task.model_copy(update={"spec": task.spec.model_copy(
+        update={"evaluation_criteria": told, "user_scenario": scenario}
+    )})  # fmt: skip
+    user = ScriptedUser(mock)
+    opened = [agent(GREETING)]
+    assert user.say(question, opened) == "What is the name of user_1?"
+    opened.append(ChatMessage(role="user", content="What is the name of user_1?"))
+    assert user.say(question, [*opened, agent("Let me look.")]) != DONE
+    assert user.say(question, [*opened, agent("The name is test user.")]) == DONE
+
+
 @pytest.mark.anyio
 async def test_a_rollout_against_it_has_no_failure_the_user_caused(
     mock: Environment, policy_url: str

@@ -17,6 +17,7 @@ def diagnosis(
     category: FailureCategory = FailureCategory.WRONG_ARGUMENTS,
     tools: tuple[str, ...] = ("modify_pending_order_items",),
     version: int = 0,
+    kind: str | None = None,
 ) -> FailureDiagnosis:
     return FailureDiagnosis(
         id=f"d-{i}",
@@ -26,6 +27,7 @@ def diagnosis(
         category=category,
         summary="The agent passed the old item id as the new one.",
         tools=list(tools),
+        kind=kind,
     )
 
 
@@ -48,6 +50,21 @@ async def test_similar_diagnoses_merge_and_others_found_patterns(library: Patter
     patterns = await library.all()
     assert [sum(p.frequency.values()) for p in patterns] == [2, 1, 1]
     assert patterns[0].title == "wrong arguments in modify_pending_order_items"
+
+
+async def test_a_new_kind_of_error_founds_its_own_pattern_and_names_it(
+    library: PatternLibrary,
+) -> None:
+    """The same category and tools, but a kind the Controller's LLM named: a pattern apart,
+    titled by the kind; the same kind again joins it."""
+    plain = await library.add(diagnosis(0))
+    named = await library.add(diagnosis(1, kind="swaps_old_and_new_item"))
+    again = await library.add(diagnosis(2, kind="swaps_old_and_new_item"))
+    assert named.created
+    assert named.pattern.id != plain.pattern.id
+    assert again.pattern.id == named.pattern.id
+    assert named.pattern.kind == "swaps_old_and_new_item"
+    assert named.pattern.title == "swaps old and new item in modify_pending_order_items"
 
 
 async def test_a_pattern_carries_its_newest_failures_for_the_proposer(

@@ -85,7 +85,9 @@ async def test_steering_reweighs_retires_and_takes_a_vanished_patterns_tasks_out
     assert verdicts is not None
     assert verdicts[fading_id].fate is Fate.VANISHED
     assert verdicts[staying_id].fate is Fate.PERSISTENT
-    assert await steering.on_version(4) is None  # judged once per version, across replicas
+    assert await steering.on_version(4) is None  # judged once per version: in this process
+    replica = Steering(library, pool, SETTINGS)
+    assert await replica.on_version(4) is None  # and across replicas, by the claim in Redis
 
     active = {p.id: p for p in await library.all()}
     assert fading_id not in active

@@ -119,4 +119,6 @@ async def test_proposals_flow_through_celery_to_verdicts_and_the_pool(
     accepted = await pool.get(first)
     assert accepted is not None
     assert accepted.spec.evaluation_criteria == good.spec.evaluation_criteria
+    assert accepted.checks == results[first].checks  # what validation derived, it carries
+    assert any(c.path[-1] == "status" and c.value == "cancelled" for c in accepted.checks)
     assert await bus.redis.xlen(bus.keys.stream(Stream.TASKS)) == 1

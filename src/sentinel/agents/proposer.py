@@ -36,8 +36,8 @@ from sentinel.agents.llm import (
 from sentinel.agents.prompts import Origin as ProposalOrigin
 from sentinel.agents.prompts import PromptBook, PromptVersion
 from sentinel.config import ProposerSettings
-from sentinel.envs.base import Environment
-from sentinel.envs.episodes import EnvPool
+from sentinel.envs.base import Environment, id_arguments
+from sentinel.envs.episodes import EnvFailure, EnvPool
 from sentinel.envs.grounding import actions_schema, ground, mutate
 from sentinel.envs.pack import DomainPack, Grounding, GroundingUnsupported, Phrasing
 from sentinel.logs import get_logger
@@ -48,6 +48,7 @@ from sentinel.schemas import (
     Envelope,
     ErrorPattern,
     EvaluationCriteria,
+    FailureCategory,
     Origin,
     Provenance,
     RejectionCode,
@@ -55,6 +56,7 @@ from sentinel.schemas import (
     Task,
     TaskProposal,
     TaskSpec,
+    ToolCall,
     UserInstructions,
     UserScenario,
     ValidationResult,
@@ -101,7 +103,8 @@ class TaskDraft(BaseModel):
     unknown_info: str = Field(max_length=400)
     task_instructions: str = Field(max_length=1200)
     lookups: list[DraftAction] = Field(default_factory=list, max_length=MAX_LOOKUPS)
-    writes: list[DraftAction] = Field(min_length=1, max_length=MAX_WRITES)
+    # none for a task whose goal is to tell the customer something (`communicates`)
+    writes: list[DraftAction] = Field(default_factory=list, max_length=MAX_WRITES)
 
 
 # The texts' longest lengths, in characters, when the token budget has room for them all.
@@ -174,6 +177,45 @@ def evidence_lines(pattern: ErrorPattern | None) -> list[str]:
         if evidence.excerpt:
             lines.extend(f"  {line}" for line in evidence.excerpt.splitlines())
     return ["Failures seen, newest first:", *lines] if lines else []
+
+
+def communicates(pattern: ErrorPattern | None) -> bool:
+    """Whether the pattern's tasks are about telling the customer something: reads only,
+    scored by what the agent says (tau2's `communicate_info`), never by a write."""
+    return pattern is not None and pattern.category == FailureCategory.MISSING_COMMUNICATION
+
+
+NO_WRITES = {"type": "array", "maxItems": 0}
+ANSWER_CHARS = 60
+
+
+def answer_in(results: Sequence[str], known: str) -> tuple[str, str] | None:
+    """A fact the agent must look up and tell: (its field, its value) from the lookups'
+    results, the last (most specific) first. Never an id (`*_id`), a value the customer
+    already knows, nor one too short to check or long to say; None when there is none."""
+    for content in reversed(results):
+        try:
+            data = json.loads(content)
+        except ValueError:
+            continue
+        for key, value in _scalars(data):
+            said = str(value)
+            if (
+                not key.endswith("_id") and 4 <= len(said) <= ANSWER_CHARS
+                and said.lower() not in known.lower() and not said.isspace()
+            ):  # fmt: skip
+                return key, said
+    return None
+
+
+def _scalars(data: Any, key: str = "") -> list[tuple[str, str | int | float]]:
+    if isinstance(data, dict):
+        return [pair for k, v in data.items() for pair in _scalars(v, str(k))]
+    if isinstance(data, list):
+        return [pair for v in data for pair in _scalars(v, key)]
+    if isinstance(data, str | int | float) and not isinstance(data, bool) and key:
+        return [(key, data)]
+    return []
 
 
 def identify(known_info: str, grounding: Grounding) -> str:
@@ -254,9 +296,14 @@ class Proposer:
         assert self.client is not None
         prompt = await self.book.current()
         pattern_tools = pattern.tools if pattern else []
-        writes = [t for t in pattern_tools if t in self.domain.write_tools] or [
-            self.rng.choice(sorted(self.domain.write_tools))
-        ]  # a pattern about reads still needs a write to be checkable: any one
+        telling = communicates(pattern)  # then the check is what the agent says
+        writes = (
+            []
+            if telling
+            else [t for t in pattern_tools if t in self.domain.write_tools]
+            or [self.rng.choice(sorted(self.domain.write_tools))]
+        )
+        # otherwise a pattern about reads still needs a write to be checkable: any one
         tools = list(dict.fromkeys([*writes, *pattern_tools]))
         try:
             grounding = ground(self.domain, tools, self.rng)
@@ -268,10 +315,11 @@ class Proposer:
             {"role": "user", "content": render_prompt(pattern, grounding, prompt)},
         ]
         schema = draft_schema(
-            actions_schema(self.domain, grounding, [], MAX_LOOKUPS, min_actions=0),
-            actions_schema(self.domain, grounding, writes, MAX_WRITES, lookups=False),
+            actions_schema(self.domain, grounding, [], MAX_LOOKUPS, min_actions=int(telling)),
+            NO_WRITES if telling
+            else actions_schema(self.domain, grounding, writes, MAX_WRITES, lookups=False),
             self.settings.max_tokens,
-        )
+        )  # fmt: skip
         task_id = f"proposed-{uuid.uuid4().hex[:12]}"
         try:
             draft = await complete_structured(
@@ -279,6 +327,8 @@ class Proposer:
                 max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
             )  # fmt: skip
             task = self._task(task_id, draft, grounding, pattern, prompt)
+            if telling:
+                task = await self._telling(task)
         except MalformedOutput as error:
             await self._unparseable(task_id, pattern, prompt, error)
             return None
@@ -286,6 +336,40 @@ class Proposer:
             log.warning("proposer endpoint failed; mutating instead", error=str(error))
             return None
         return await self._proposal(task, pattern, prompt.version, self.client.model)
+
+    async def _telling(self, task: Task) -> Task:
+        """The task with the fact its lookups find as what the agent must tell, and the
+        customer's question for it; MalformedOutput when they find nothing to tell."""
+        reads = self.domain.tool_names - self.domain.write_tools
+        calls = [ToolCall(id=f"l{i}", name=a.name, arguments=a.arguments)
+                 for i, a in enumerate(task.actions) if a.name in reads]  # fmt: skip
+        try:  # in the pool's limited child: a hostile endpoint's draft is stopped there
+            episode = await self.envs.open(task)
+            try:
+                results = [r.content for r in [await episode.step(c) for c in calls] if not r.error]
+            finally:
+                await episode.close()
+        except EnvFailure as error:
+            raise MalformedOutput("Task", f"its lookups could not run: {error}", "") from None
+        instructions = task.spec.user_scenario.instructions
+        assert isinstance(instructions, UserInstructions)
+        found = answer_in(results, instructions.known_info or "")
+        if found is None:
+            raise MalformedOutput("Task", "its lookups find nothing to tell the customer", "")
+        field, value = found
+        ids = [v for c in calls for _, v in id_arguments(c.arguments)]
+        about = f" of {ids[-1]}" if ids else ""
+        question = f'You call to ask: "What is the {field.replace("_", " ")}{about}?"'
+        told = instructions.model_copy(
+            update={"reason_for_call": f"{question} {instructions.reason_for_call}"[:600]}
+        )
+        criteria = task.spec.evaluation_criteria
+        assert criteria is not None
+        spec = task.spec.model_copy(update={
+            "user_scenario": task.spec.user_scenario.model_copy(update={"instructions": told}),
+            "evaluation_criteria": criteria.model_copy(update={"communicate_info": [value]}),
+        })  # fmt: skip
+        return task.model_copy(update={"spec": spec})
 
     async def _unparseable(
         self, task_id: str, pattern: ErrorPattern | None, prompt: PromptVersion, error: LLMError
@@ -324,6 +408,8 @@ class Proposer:
         pattern: ErrorPattern | None,
         prompt: PromptVersion,
     ) -> Task:
+        if not draft.writes and not communicates(pattern):  # a hostile or broken draft
+            raise MalformedOutput("Task", "no gold write: nothing to check", "")
         once = {json.dumps([w.name, w.arguments], sort_keys=True): w for w in draft.writes}
         actions = [  # a write repeated word for word is the model stuttering, not the goal
             Action(action_id=str(i), name=a.name, arguments=a.arguments)
@@ -333,7 +419,9 @@ class Proposer:
             domain=self.domain.name,
             reason_for_call=restate(
                 actions[len(draft.lookups) :], draft.reason_for_call, self.domain.pack.phrasing
-            ),
+            )
+            if draft.writes
+            else draft.reason_for_call,
             known_info=identify(draft.known_info, grounding),
             unknown_info=draft.unknown_info or None,
             task_instructions=draft.task_instructions,

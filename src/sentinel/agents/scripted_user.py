@@ -7,12 +7,14 @@ this user, which says only what the scenario and the domain's phrasing (`DomainP
 let it say:
 
 - first, what it wants, in the pack's customer words, with the details a customer would give
-  (the values of the gold writes' arguments);
+  (the values of the gold writes' arguments); a task with nothing to write but facts to be
+  told (`communicate_info`) asks the question its scenario quotes;
 - asked who it is, the identity facts of its scenario; asked for a kind of fact (an order
   id, an email), the value its scenario holds, or that it does not have it (never made up);
 - asked to confirm, yes;
-- once every gold write has gone through, or the agent asks if there is anything else,
-  thanks and ###STOP###; after `max_turns` turns without that, ###STOP### too.
+- once every gold write has gone through (or it has been told every fact), or the agent
+  asks if there is anything else, thanks and ###STOP###; after `max_turns` turns without
+  that, ###STOP### too.
 
 It cannot call the user's own tools (telecom's phone), so where a task needs them it ends
 when its turns run out. Its replies are deterministic: a group's variance comes from the
@@ -37,6 +39,9 @@ CONFIRM = re.compile(
 CLOSING = re.compile(r"\b(anything else|something else|all set)\b", re.I)
 IDENTITY = re.compile(r"\b(who you are|your name|zip|identify|verify|locate your account)\b", re.I)
 DONE = "Thank you, that's all I needed. " + STOP
+QUOTED = re.compile(
+    r"\"([^\"]{4,300})\""
+)  # a question the scenario quotes, as the Proposer writes it
 GIVE_UP = "I think we're stuck, so I'll leave it there. Thanks anyway. " + STOP
 
 
@@ -59,10 +64,14 @@ class ScriptedUser:
     def say(self, task: Task, history: Sequence[ChatMessage]) -> str:
         scenario = scenario_of(task)
         writes = [a for a in task.agent_actions if a.name in self.domain.write_tools]
+        criteria = task.spec.evaluation_criteria
+        to_hear = list(criteria.communicate_info or []) if criteria else []
         turns = sum(m.role == "user" and not m.tool_calls for m in history)
         if turns == 0:
-            return self._request(writes)
+            return self._ask(scenario) if to_hear and not writes else self._request(writes)
         if writes and _done(writes, history):
+            return DONE
+        if to_hear and not writes and _told(to_hear, history):
             return DONE
         if turns >= self.max_turns:
             return GIVE_UP
@@ -79,6 +88,12 @@ class ScriptedUser:
         wanted = opening(writes, self.domain.pack.phrasing)
         details = list(dict.fromkeys(v for w in writes for v in spoken(w.arguments)))
         return f"{wanted} The details: {', '.join(details)}." if details else wanted
+
+    @staticmethod
+    def _ask(scenario: Scenario) -> str:
+        """A question task's first words: the question its scenario quotes, else its reason."""
+        quoted = QUOTED.search(scenario.reason)
+        return quoted.group(1) if quoted else scenario.reason
 
     def _fact(self, scenario: Scenario, said: str) -> str | None:
         """The answer to a question for a fact, or None when none was asked. "Who are you"
@@ -101,6 +116,13 @@ def _last_agent_text(history: Sequence[ChatMessage]) -> str:
         if message.role == "assistant" and not message.tool_calls:
             return message.content or ""
     return ""
+
+
+def _told(facts: Sequence[str], history: Sequence[ChatMessage]) -> bool:
+    """Every fact the task must communicate is in something the agent said (tau2 checks it
+    the same way: a case-insensitive substring of an assistant message)."""
+    said = " ".join((m.content or "").lower() for m in history if m.role == "assistant")
+    return all(fact.lower() in said for fact in facts)
 
 
 def _done(writes: Sequence[Action], history: Sequence[ChatMessage]) -> bool:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 Split = Literal["train", "test"]
 Hashes = tuple[str | None, str | None]  # agent-side and user-side database hashes
+State = tuple[dict[str, Any], dict[str, Any] | None]  # agent-side and user-side databases
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Episode(Protocol):
         ...
 
     def db_hashes(self) -> Hashes: ...
+
+    def db_state(self) -> State:
+        """Both databases as plain JSON (the user's None where there is none)."""
+        ...
 
 
 class Environment(Protocol):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from sentinel.envs import checks
 from sentinel.envs.process_pool import (
     SandboxLimits,
     add_limit_arguments,
@@ -30,11 +31,11 @@ from sentinel.envs.process_pool import (
     renew_cpu,
 )
 from sentinel.logs import configure_logging
-from sentinel.schemas import RejectionReason, Task, ToolCall
+from sentinel.schemas import RejectionReason, StateCheck, Task
 from sentinel.schemas.message import Strict
 
 if TYPE_CHECKING:
-    from sentinel.envs.base import Environment, Episode
+    from sentinel.envs.base import Environment, Episode, State
 
 # Tests only: misbehaviour the child performs before the replay, to prove the limits hold.
 DebugAction = Literal[
@@ -55,10 +56,16 @@ class ActionResult(Strict):
     content: str  # at most limits.max_result_chars
 
 
+class NearMissResult(Strict):
+    label: str  # the mistake: where, the gold value and the wrong one
+    caught: bool  # whether one of the task's checks fails on it
+
+
 class ReplayOutcome(Strict):
     """Agent and user DB hashes before, after the gold actions, and after only their reads
-    (what a trajectory that looks things up but changes nothing would leave); and whether the
-    task's env assertions hold in each of those states (None: it has none)."""
+    (what a trajectory that looks things up but changes nothing would leave); whether the
+    task's env assertions hold in each of those states (None: it has none); and, when every
+    gold write succeeded, the task's checks (`envs.checks`) with their near misses."""
 
     ok: bool  # the replay ran to the end (its actions may still have failed)
     results: list[ActionResult] = Field(default_factory=list)
@@ -72,6 +79,10 @@ class ReplayOutcome(Strict):
     assertions_after: bool | None = None
     assertions_read_only: bool | None = None
     assertion_error: str | None = None  # an assertion that could not be evaluated, and why
+    checks: list[StateCheck] = Field(default_factory=list)  # the task's own, then derived
+    check_failures: list[str] = Field(default_factory=list)  # its own that fail the gold run
+    checks_hold_before: bool | None = None  # whether every check holds before any action
+    near_misses: list[NearMissResult] = Field(default_factory=list)
     duration_s: float = 0.0  # from taking a child to the outcome, start-up included
     network_isolated: bool = False
     failure: RejectionReason | None = None
@@ -119,12 +130,10 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Environment]) -> Replay
     before = domain.initial_hashes if task.spec.initial_state is None else None
     episode = domain.episode(task)
     before = before or episode.db_hashes()
+    state_before = episode.db_state()
     errors: list[str] = []
     assertions_before = _assertions(domain, task, episode, errors)  # they only read
-    calls = [
-        ToolCall(id=f"gold-{i}", name=a.name, arguments=a.arguments, requestor=a.requestor)
-        for i, a in enumerate(task.actions)
-    ]
+    calls = checks.gold_calls(task)
     results = []
     for call in calls:
         result = episode.step(call)  # errors come back as results
@@ -151,7 +160,34 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Environment]) -> Replay
         assertions_after=assertions_after,
         assertions_read_only=assertions_read_only,
         assertion_error=errors[0][:500] if errors else None,
+        **(_checked(task, domain, state_before, episode) if _writes_ran(domain, results) else {}),
     )
+
+
+def _writes_ran(domain: Environment, results: Sequence[ActionResult]) -> bool:
+    return not any(r.error and r.name in domain.write_tools for r in results)
+
+
+def _checked(task: Task, domain: Environment, before: State, episode: Episode) -> dict[str, object]:
+    """The task's checks (its own, then derived from what the gold run changed), the gold
+    run's failures of its own, and the near misses they were tried on."""
+    after = episode.db_state()
+    derived = checks.derive(before, after, task.checks)
+    siblings = _SIBLINGS.get(domain.name)
+    if siblings is None:
+        siblings = _SIBLINGS[domain.name] = checks.Siblings(domain.database, domain.entities)
+    found = checks.discriminate(task, domain, siblings, derived, (after, episode.db_hashes()))
+    return {
+        "checks": found.checks,
+        "check_failures": [c.describe() for c in checks.failing(task.checks, after)],
+        "checks_hold_before": not checks.failing(derived, before) if derived else None,
+        "near_misses": [
+            NearMissResult(label=label[:300], caught=caught) for label, caught in found.tried
+        ],
+    }
+
+
+_SIBLINGS: dict[str, checks.Siblings] = {}  # per domain, in this child
 
 
 def _assertions(

@@ -42,14 +42,13 @@ from sentinel.orchestrator.bus import Bus, Entry
 from sentinel.orchestrator.curriculum import Curriculum
 from sentinel.orchestrator.dispatch import ValidationDispatcher
 from sentinel.orchestrator.inflight import Flights
+from sentinel.orchestrator.patterns import general_patterns
 from sentinel.orchestrator.policy import current_policy, policy_key
 from sentinel.orchestrator.recorder import Recorder
 from sentinel.orchestrator.streams import Stream
 from sentinel.report import Artifacts
 from sentinel.schemas import (
     Envelope,
-    ErrorPattern,
-    FailureCategory,
     PolicyVersion,
     RolloutGroup,
     RolloutRequest,
@@ -345,14 +344,7 @@ class Loop:
 
     async def publish_general_patterns(self) -> None:
         """`synthetic` mode: one pattern per write tool, not tied to any failure."""
-        for tool in self.write_tools:
-            pattern = ErrorPattern(
-                id=f"general-{tool}",
-                title=f"Use {tool} correctly",
-                description=f"A general task whose goal needs {tool}; not tied to a failure.",
-                category=FailureCategory.OTHER,
-                tools=[tool],
-            )
+        for pattern in general_patterns(self.write_tools):
             await self.bus.publish(Stream.PATTERNS, pattern)
 
     async def run(self, stop: anyio.Event | None = None) -> None:

@@ -10,13 +10,13 @@ id, so concurrent Controllers and redelivered messages never double-count.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from sentinel.schemas import ErrorPattern, FailureDiagnosis
+from sentinel.schemas import ErrorPattern, FailureCategory, FailureDiagnosis
 from sentinel.schemas.failure import PatternEvidence
 from sentinel.schemas.message import utc_now
 
@@ -41,9 +41,23 @@ def words(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
 
 
+def general_patterns(write_tools: Iterable[str]) -> list[ErrorPattern]:
+    """The `synthetic` baseline's patterns: one per write tool, tied to no failure."""
+    return [
+        ErrorPattern(
+            id=f"general-{tool}",
+            title=f"Use {tool} correctly",
+            description=f"A general task whose goal needs {tool}; not tied to a failure.",
+            category=FailureCategory.OTHER,
+            tools=[tool],
+        )
+        for tool in sorted(write_tools)
+    ]
+
+
 def title_of(diagnosis: FailureDiagnosis) -> str:
     where = f" in {', '.join(diagnosis.tools[:2])}" if diagnosis.tools else ""
-    return f"{diagnosis.category.value.replace('_', ' ')}{where}"
+    return f"{(diagnosis.kind or diagnosis.category.value).replace('_', ' ')}{where}"
 
 
 class PatternLibrary:
@@ -80,11 +94,12 @@ class PatternLibrary:
     def match(
         self, patterns: Sequence[ErrorPattern], diagnosis: FailureDiagnosis
     ) -> ErrorPattern | None:
-        """The pattern this diagnosis belongs to: same category, most similar tools and text."""
+        """The pattern this diagnosis belongs to: same category and named kind (a new kind
+        founds its own pattern), most similar tools and text."""
         best: tuple[float, float, ErrorPattern] | None = None
         text = words(f"{diagnosis.summary} {' '.join(diagnosis.evidence)}")
         for pattern in patterns:
-            if pattern.category != diagnosis.category:
+            if (pattern.category, pattern.kind) != (diagnosis.category, diagnosis.kind):
                 continue
             tools = jaccard(pattern.tools, diagnosis.tools)
             if tools < self.merge_similarity:
@@ -170,6 +185,7 @@ def _merge(
             title=title_of(diagnosis),
             description=_describe(diagnosis),
             category=diagnosis.category,
+            kind=diagnosis.kind,
             tools=diagnosis.tools[:MAX_TOOLS],
             example_trajectory_ids=[diagnosis.trajectory_id],
             evidence=[evidence],

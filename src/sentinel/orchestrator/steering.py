@@ -71,9 +71,14 @@ class Steering:
         self.library = library
         self.pool = pool
         self.settings = settings
+        self._seen = -1  # the newest version this process has claimed or seen claimed
 
     async def on_version(self, version: int) -> dict[str, Judged] | None:
-        """Steer by the versions before `version`, unless a replica already did (None)."""
+        """Steer by the versions before `version`, unless a replica already did (None).
+        Called per trajectory: a version this process has seen costs no Redis call."""
+        if version <= self._seen:
+            return None
+        self._seen = version
         claim = f"{self.library.key}:steered:{version}"
         if not await self.library.redis.set(claim, "1", nx=True, ex=CLAIM_TTL_S):
             return None

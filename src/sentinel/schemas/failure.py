@@ -9,6 +9,8 @@ from pydantic import Field
 
 from sentinel.schemas.message import Message, Strict, new_id, utc_now
 
+KIND_PATTERN = r"^[a-z][a-z0-9_]{2,39}$"
+
 
 class FailureCategory(StrEnum):
     MISSING_ACTION = "missing_action"  # a gold action never happened
@@ -46,6 +48,9 @@ class FailureDiagnosis(Message):
     diagnoser_model: str | None = None  # None when only deterministic signals were used
     # The first wrong step and the message it answered, one line each (scanned, bounded)
     excerpt: str | None = Field(None, max_length=1000)
+    # A kind of error the fixed categories do not name, in the Controller LLM's words
+    # (snake_case); `category` stays the nearest fixed one, as a hint
+    kind: str | None = Field(None, pattern=KIND_PATTERN)
 
 
 class PatternEvidence(Strict):
@@ -63,6 +68,7 @@ class ErrorPattern(Message):
     title: str
     description: str
     category: FailureCategory
+    kind: str | None = Field(None, pattern=KIND_PATTERN)  # a named new kind, as diagnosed
     tools: list[str] = Field(default_factory=list)
     example_trajectory_ids: list[str] = Field(default_factory=list)
     evidence: list[PatternEvidence] = Field(default_factory=list)  # the newest failures last

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from sentinel.schemas.message import Message, Strict, new_id
-from sentinel.schemas.task import Task
+from sentinel.schemas.task import StateCheck, Task
 
 
 class TaskProposal(Message):
@@ -36,6 +36,7 @@ class RejectionCode(StrEnum):
     TOO_EASY = "too_easy"
     TOO_HARD = "too_hard"
     POLICY_VIOLATION = "policy_violation"  # a gold write the domain's state rules forbid
+    CHECK_FAILED = "check_failed"  # a check the task carries does not hold after its gold run
 
 
 class RejectionReason(Strict):
@@ -55,6 +56,11 @@ class ValidationResult(Message):
     # Whether the probe's Solver failed with the category of the pattern the task was written
     # for (None: not probed, or written for no pattern)
     targeted: bool | None = None
+    # The per-instance checks the accepted task carries, and how many near-miss variants of
+    # its gold run (a wrong id, value or count; a write left out) they were tried on and failed
+    checks: list[StateCheck] = Field(default_factory=list)
+    near_misses: int = 0
+    near_misses_caught: int = 0
     duration_s: float = 0.0
 
     def key(self) -> str:

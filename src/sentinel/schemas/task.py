@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, JsonValue, field_validator
 
 from sentinel.schemas.chat import Requestor, ToolCall
 from sentinel.schemas.failure import FailureCategory
@@ -103,6 +104,40 @@ class Provenance(Strict):
     generation: int = 0
 
 
+CHECK_VALUE_CHARS = 4000  # a check's expected value, as JSON
+MAX_CHECKS = 24
+
+
+class StateCheck(Strict):
+    """A per-instance checker (EigenData): one allow-listed predicate on the state after a
+    run, the value at `path` in the agent's (or user's) database. Data, never code: a lookup
+    and an equality, so a hostile task cannot make the checker run anything."""
+
+    side: Literal["agent", "user"] = "agent"
+    path: list[str] = Field(min_length=1, max_length=8)  # list positions as decimal strings
+    op: Literal["equals", "absent"] = "equals"
+    value: JsonValue = None  # what `equals` expects
+
+    @field_validator("path")
+    @classmethod
+    def _short(cls, path: list[str]) -> list[str]:
+        if any(not 0 < len(part) <= 200 for part in path):
+            raise ValueError("each path segment must have 1 to 200 characters")
+        return path
+
+    @field_validator("value")
+    @classmethod
+    def _bounded(cls, value: JsonValue) -> JsonValue:
+        if len(json.dumps(value)) > CHECK_VALUE_CHARS:
+            raise ValueError(f"an expected value of over {CHECK_VALUE_CHARS} characters")
+        return value
+
+    def describe(self) -> str:
+        where = ".".join(self.path)
+        shown = json.dumps(self.value)
+        return f"{where} absent" if self.op == "absent" else f"{where} == {shown[:80]}"
+
+
 class Task(Message):
     """A task the Solver can be run on, in a named environment domain."""
 
@@ -110,6 +145,9 @@ class Task(Message):
     domain: str
     spec: TaskSpec
     provenance: Provenance
+    # What the state must show after a successful run, beside tau2's own criteria: derived
+    # by validation from the gold run and proven to fail the no-op and near-miss runs.
+    checks: list[StateCheck] = Field(default_factory=list, max_length=MAX_CHECKS)
 
     @property
     def actions(self) -> list[Action]:

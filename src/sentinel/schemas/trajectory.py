@@ -129,6 +129,7 @@ class RewardBreakdown(Strict):
     db_match: bool | None = None
     missing_communication: list[str] = Field(default_factory=list)
     partial: float = 0.0  # share of gold actions done: the optional shaped reward's signal
+    checks: float | None = None  # share of the task's own checks that hold; None: it has none
     info: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -61,9 +61,10 @@ class ValidationService:
             await self.publish(parsed)
             return parsed
         result = await self.validator.validate(parsed)
-        if result.accepted:
-            await self.pool.add(parsed.task)
-            await self.bus.publish(Stream.TASKS, parsed.task)
+        if result.accepted:  # with the checks validation derived and proved
+            task = parsed.task.model_copy(update={"checks": result.checks})
+            await self.pool.add(task)
+            await self.bus.publish(Stream.TASKS, task)
         await self.publish(result)
         return result
 

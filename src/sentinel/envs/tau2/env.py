@@ -27,11 +27,13 @@ from typing import Any, Literal
 
 from loguru import logger as _tau2_logger
 
+from sentinel.envs import checks
 from sentinel.envs.base import (
     STOPPED,
     Entities,
     Interaction,
     Split,
+    State,
     ToolResult,
     UnsupportedTask,
     partial_credit,
@@ -136,6 +138,13 @@ class Episode:
 
     def db_hashes(self) -> tuple[str | None, str | None]:
         return self.env.get_db_hash(), self.env.get_user_db_hash()
+
+    def db_state(self) -> State:
+        agent, user = self.env.tools.db, self.env.user_tools
+        return (
+            agent.model_dump(mode="json") if agent is not None else {},
+            user.db.model_dump(mode="json") if user is not None and user.db is not None else None,
+        )
 
 
 class Tau2Env:
@@ -383,8 +392,14 @@ class Tau2Env:
         """tau2's reward for a finished conversation whose tool calls ran in `episode`, with
         the share of gold actions done (`partial`) beside it."""
         partial = partial_credit(task, messages)
+        # the task's own checks measure progress in the state, where the actions' credit
+        # measures it in the calls: partial credit takes the better of the two
+        checked = checks.passed(task.checks, episode.db_state()) if task.checks else None
         if termination not in STOPPED:
-            return unscored(task, messages, termination)
+            unended = unscored(task, messages, termination)
+            return unended.model_copy(
+                update={"checks": checked, "partial": max(unended.partial, checked or 0.0)}
+            )
         criteria = task.spec.evaluation_criteria
         if criteria is None:
             return RewardBreakdown(reward=1.0, partial=1.0, info={"note": "no evaluation criteria"})
@@ -413,8 +428,8 @@ class Tau2Env:
         for value in components.values():
             reward *= value
         return RewardBreakdown(
-            reward=reward, components=components, db_match=db_match,
-            missing_communication=missing, partial=max(partial, reward),
+            reward=reward, components=components, db_match=db_match, checks=checked,
+            missing_communication=missing, partial=max(partial, reward, checked or 0.0),
         )  # fmt: skip
 
     def _assertions(self, task: Task, episode: Episode) -> float:

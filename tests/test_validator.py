@@ -157,6 +157,16 @@ async def test_near_misses_of_a_retail_task_are_tried_and_caught(
     assert result.near_misses_caught == result.near_misses
 
 
+async def test_near_misses_can_be_turned_off_the_checks_stay(
+    retail: Environment, validator_on: Callable[..., Awaitable[Validator]]
+) -> None:
+    quick = await validator_on(retail, SETTINGS.model_copy(update={"near_misses": 0}))
+    result = await quick.validate(proposal(cancellation(retail, "no-near-misses", nth=2)))
+    assert result.accepted, result.reasons
+    assert result.near_misses == 0
+    assert result.checks
+
+
 async def test_reads_only_tasks_are_not_discriminative(
     mock: Environment, validator: Validator
 ) -> None:

@@ -408,6 +408,9 @@ class ValidationSettings(Section):
     max_task_chars: int = Field(20_000, ge=1000)  # a proposal's JSON, before anything runs
     max_actions: int = Field(20, ge=1)
     scenario_similarity: float = Field(0.85, gt=0, le=1)  # above it, a near-duplicate
+    # Near-miss runs each task's checks are tried on (envs.checks), at most; 0: none. Each is
+    # a fresh episode in the replay child (~65 ms on retail, ~200 ms on airline).
+    near_misses: int = Field(6, ge=0, le=20)
     # Rollouts of the current Solver per candidate task (the difficulty probe); 0: off, as on
     # CPU, where each probe costs as much as a training group (the GPU profile runs 4).
     probe_rollouts: int = Field(0, ge=0)

@@ -338,9 +338,11 @@ class Validator:
         verdict: dict[str, Any] = {}
         reasons = self.static(proposal)
         if not reasons:
-            outcome = await self.sandbox.replay(
-                ReplayRequest(domain=self.domain.name, task=task, limits=self.limits)
-            )
+            request = ReplayRequest(
+                domain=self.domain.name, task=task, limits=self.limits,
+                near_misses=self.settings.near_misses,
+            )  # fmt: skip
+            outcome = await self.sandbox.replay(request)
             reasons = self.replayed(task, outcome) or self.discriminative(task, outcome)
             verdict |= {
                 "target_db_hash": outcome.db_hash_after, "checks": outcome.checks,

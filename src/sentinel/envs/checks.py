@@ -31,7 +31,7 @@ from sentinel.schemas.task import CHECK_VALUE_CHARS, MAX_CHECKS
 if TYPE_CHECKING:
     from sentinel.envs.base import Entities, Environment, Episode, Hashes, State
 
-MAX_NEAR_MISSES = 6  # variants kept per task
+MAX_NEAR_MISSES = 6  # variants kept per task, by default (`validation.near_misses`)
 MAX_TRIES = 10  # variant replays per task, kept or not (each a fresh episode: 65 ms on retail)
 CANDIDATES = 3  # replacements tried per argument
 _MISSING = object()
@@ -274,17 +274,18 @@ def discriminate(
     siblings: Siblings,
     checks: list[StateCheck],
     gold: tuple[State, Hashes],
+    limit: int = MAX_NEAR_MISSES,
 ) -> Discrimination:
     """Near misses of the gold run (which left `gold`: state and hashes) that run and land
-    elsewhere: up to `MAX_NEAR_MISSES`, one per place (its first replacement that counts), in
-    at most `MAX_TRIES` replays. A miss the diff's checks let through (it also changed something the
-    gold run left alone) gets a check of its own, so the task's checks fail every one."""
+    elsewhere: up to `limit`, one per place (its first replacement that counts), in at most
+    `MAX_TRIES` replays. A miss the diff's checks let through (it also changed something
+    the gold run left alone) gets a check of its own, so the task's checks fail every one."""
     hardened, replays, done = list(checks), 0, set()
     tried: list[tuple[str, bool]] = []
     for variant in candidates(task, domain, siblings):
         if variant.where in done:
             continue
-        if replays == MAX_TRIES or len(tried) == MAX_NEAR_MISSES:
+        if replays == MAX_TRIES or len(tried) >= limit:
             break
         replays += 1
         episode = _run(task, domain, variant)

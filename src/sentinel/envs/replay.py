@@ -47,6 +47,7 @@ class ReplayRequest(Strict):
     domain: str
     task: Task
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
+    near_misses: int = Field(checks.MAX_NEAR_MISSES, ge=0, le=20)  # variants to try at most
     debug_action: DebugAction | None = None  # tests only; see DebugAction
 
 
@@ -160,7 +161,9 @@ def run_replay(request: ReplayRequest, loaded: dict[str, Environment]) -> Replay
         assertions_after=assertions_after,
         assertions_read_only=assertions_read_only,
         assertion_error=errors[0][:500] if errors else None,
-        **(_checked(task, domain, state_before, episode) if _writes_ran(domain, results) else {}),
+        **(
+            _checked(request, domain, state_before, episode) if _writes_ran(domain, results) else {}
+        ),
     )
 
 
@@ -168,15 +171,18 @@ def _writes_ran(domain: Environment, results: Sequence[ActionResult]) -> bool:
     return not any(r.error and r.name in domain.write_tools for r in results)
 
 
-def _checked(task: Task, domain: Environment, before: State, episode: Episode) -> dict[str, object]:
+def _checked(
+    request: ReplayRequest, domain: Environment, before: State, episode: Episode
+) -> dict[str, object]:
     """The task's checks (its own, then derived from what the gold run changed), the gold
     run's failures of its own, and the near misses they were tried on."""
-    after = episode.db_state()
+    task, after = request.task, episode.db_state()
     derived = checks.derive(before, after, task.checks)
     siblings = _SIBLINGS.get(domain.name)
     if siblings is None:
         siblings = _SIBLINGS[domain.name] = checks.Siblings(domain.database, domain.entities)
-    found = checks.discriminate(task, domain, siblings, derived, (after, episode.db_hashes()))
+    gold = (after, episode.db_hashes())
+    found = checks.discriminate(task, domain, siblings, derived, gold, request.near_misses)
     return {
         "checks": found.checks,
         "check_failures": [c.describe() for c in checks.failing(task.checks, after)],

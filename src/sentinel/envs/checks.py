@@ -119,7 +119,7 @@ def _leaf_or_deeper(old: Any, new: Any, path: list[str], side: Side) -> Iterator
 
 @dataclass(frozen=True)
 class NearMiss:
-    where: str  # the mistake's place: "modify_pending_order_payment.payment_method_id"
+    where: str  # the mistake's place: "2:modify_pending_order_payment.payment_method_id"
     label: str  # the mistake: where, the gold value and the wrong one
     calls: list[ToolCall]
     writes_must_succeed: bool = True  # False for a write left out: the rest may then fail

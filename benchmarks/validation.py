@@ -96,10 +96,10 @@ async def judge(
     return time.perf_counter() - start, verdicts
 
 
-async def measure(url: str, count: int, seed: int) -> dict[str, float]:
+async def measure(url: str, count: int, seed: int, near_misses: int) -> dict[str, float]:
     domain = load(named("retail"))
     batch = await proposals(domain, count, seed)
-    settings = ValidationSettings()
+    settings = ValidationSettings(near_misses=near_misses)
     redis = connect(url, Settings(redis_url=url))
     concurrency = 2 * (settings.max_concurrency or len(os.sched_getaffinity(0)))
     with Progress(transient=True) as progress:
@@ -134,10 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proposals", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--near-misses", type=int, default=ValidationSettings().near_misses,
+        help="near misses per task's checks (0: none, as before per-instance checks)",
+    )  # fmt: skip
     parser.add_argument("--redis-url", help="an existing server (default: embedded redis-server)")
     args = parser.parse_args()
     run: Callable[[str], Awaitable[dict[str, float]]] = lambda url: measure(  # noqa: E731
-        url, args.proposals, args.seed
+        url, args.proposals, args.seed, args.near_misses
     )
     if args.redis_url:
         figures = anyio.run(run, args.redis_url)

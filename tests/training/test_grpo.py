@@ -25,7 +25,7 @@ from sentinel.training.grpo import (
     policy_logprobs,
     shared_prefix,
 )
-from sentinel.training.policy import Policy, map_large_allocations
+from sentinel.training.policy import Policy, keep_to_threads, map_large_allocations
 from tests import factories
 
 VOCAB = 64
@@ -184,10 +184,18 @@ def test_large_allocations_are_mapped_on_glibc() -> None:
     assert map_large_allocations()
 
 
-def test_a_cpu_trainer_keeps_to_its_threads(model_dir: Path) -> None:
+def test_a_cpu_trainer_process_keeps_to_its_threads_and_a_policy_leaves_them(
+    model_dir: Path,
+) -> None:
     before = torch.get_num_threads()
+    one = TrainerSettings(device="cpu", cpu_threads=1)
     try:
-        Policy(TrainerSettings(device="cpu", cpu_threads=1), model_dir)
+        torch.set_num_threads(2)  # the host's, whatever the machine's default
+        Policy(one, model_dir)  # a library object: the host's threads are not its to set
+        assert torch.get_num_threads() == 2
+        keep_to_threads(TrainerSettings(device="cpu"))  # None: torch's own
+        assert torch.get_num_threads() == 2
+        keep_to_threads(one)  # what `sentinel trainer`, `sft` and `usersim finetune` call
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

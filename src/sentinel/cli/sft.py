@@ -114,7 +114,7 @@ async def _train_and_publish(
 ) -> WarmStartResult:
     from sentinel.orchestrator.streams import Stream
     from sentinel.serving.model import ModelUnavailable, prepare_model
-    from sentinel.training.policy import Policy
+    from sentinel.training.policy import Policy, keep_to_threads
     from sentinel.training.publisher import LoRAPublisher, PublishError, served_name
     from sentinel.training.warm_start import WarmStartResult, checkpoints_dir, fine_tune, publish
 
@@ -123,6 +123,7 @@ async def _train_and_publish(
         model_dir = t.model_dir or prepare_model(settings.cache_dir)
     except ModelUnavailable as error:
         fail(str(error), code=3)
+    keep_to_threads(t)
     policy = await anyio.to_thread.run_sync(Policy, t, model_dir)
     directory = settings.run_dir / "warm_start"
     fit = await anyio.to_thread.run_sync(fine_tune, policy, rows, settings, directory / "trl")

@@ -39,7 +39,7 @@ def trainer(ctx: typer.Context) -> None:
     (FSDP2): rank 0 reads the groups and publishes; the others make each step, checkpoint and
     adapter save with it (`Policy.follow`)."""
     from sentinel.training.distributed import World
-    from sentinel.training.policy import Policy
+    from sentinel.training.policy import Policy, keep_to_threads
     from sentinel.training.publisher import LoRAPublisher
     from sentinel.workers.trainer import TrainerWorker
 
@@ -54,6 +54,7 @@ def trainer(ctx: typer.Context) -> None:
         model_dir = model_dir or _model(settings)
     except ModelUnavailable as error:
         fail(str(error), code=3)
+    keep_to_threads(t)
     policy = Policy(t, model_dir, world)
     if not world.main:
         policy.follow()

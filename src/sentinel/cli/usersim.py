@@ -84,11 +84,13 @@ def finetune(
     train tasks not held out, serve it as user-v<N>, and compare fidelity before and after."""
     from sentinel.envs.registry import load
     from sentinel.serving.model import ModelUnavailable, prepare_model
+    from sentinel.training.policy import keep_to_threads
     from sentinel.training.publisher import PublishError
     from sentinel.usersim.fidelity import check_tasks, render_table
     from sentinel.usersim.finetune import finetune as run_finetune
 
     settings = _with_tasks(settings_of(ctx), tasks)
+    keep_to_threads(settings.trainer)
     domain = load(settings.env)
     holdout = check_tasks(settings)
     held = {t.id for t in holdout}

@@ -109,6 +109,15 @@ def collective(method: Callable[Concatenate[Policy, P], R]) -> Callable[Concaten
     return announced
 
 
+def keep_to_threads(settings: TrainerSettings) -> None:
+    """A CPU trainer process keeps to `trainer.cpu_threads` (None: torch's default). Torch's
+    thread count is the whole process's, so the processes that train call this at their
+    start (`sentinel trainer`, `sft`, `usersim finetune`); a Policy never sets it, so one
+    built in a test or a benchmark leaves its host's threads alone."""
+    if settings.cpu_threads and pick_device(settings.device).type == "cpu":
+        torch.set_num_threads(settings.cpu_threads)
+
+
 class Policy:
     def __init__(
         self, settings: TrainerSettings, model_dir: Path, world: World | None = None
@@ -120,8 +129,6 @@ class Policy:
         self.model_dir = model_dir
         self.world = world or World(device=pick_device(settings.device))
         self.device = self.world.device
-        if self.device.type == "cpu" and settings.cpu_threads:
-            torch.set_num_threads(settings.cpu_threads)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(settings.seed)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

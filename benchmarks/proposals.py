@@ -23,6 +23,9 @@ Per source, the last line's figures:
 - `novelty`: the mean distance of an accepted task's scenario from its nearest train task
   (1 - Jaccard similarity of word 3-shingles).
 
+`--model` picks the model the local vLLM serves, to the Solver and the Proposer alike:
+SmolLM2-135M by default, or a larger CPU model (`qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`).
+
 The last line printed is `{"llm": {...}, "mutation": {...}, "synthetic": {...}}`.
 """
 
@@ -39,6 +42,7 @@ from contextlib import nullcontext
 from functools import partial
 from itertools import cycle, islice
 from pathlib import Path
+from typing import get_args
 
 import anyio
 from rich.progress import Progress
@@ -50,7 +54,7 @@ from sentinel.agents.llm import OpenAIChatClient
 from sentinel.agents.prompts import PromptBook
 from sentinel.agents.proposer import MUTATOR, Proposer
 from sentinel.agents.rollout import RolloutRunner
-from sentinel.config import Settings
+from sentinel.config import PolicyModel, Settings
 from sentinel.envs.base import Environment
 from sentinel.envs.registry import load, named
 from sentinel.orchestrator.bus import Bus, connect
@@ -254,8 +258,15 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, default=8, help="tasks asked of each source")
     parser.add_argument("--probe", type=int, default=2, help="Solver rollouts per probed task")
     parser.add_argument("--llm-url", help="an OpenAI-compatible endpoint (default: local vLLM)")
+    parser.add_argument(
+        "--model", choices=get_args(PolicyModel), default="smollm2-135m",
+        help="the model the local vLLM serves, to the Solver and the Proposer alike (the Qwen"
+        " GGUFs are downloaded, verified by sha256 and converted once: docs/models.md)",
+    )  # fmt: skip
     args = parser.parse_args()
-    server = ensure_policy_server(Settings()) if args.llm_url is None else nullcontext(args.llm_url)
+    local = Settings.model_validate({"serve": {"model": args.model}})
+    server = ensure_policy_server(local) if args.llm_url is None else nullcontext(args.llm_url)
+    print(f"model: {args.llm_url or args.model}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis, server as url:
         endpoint = {"base_url": url}
         settings = Settings.model_validate({

@@ -55,13 +55,14 @@ def run(
 ) -> tuple[Path, float]:
     """One bounded `sentinel up` in `mode`; its run directory and wall seconds."""
     settings = yaml.safe_load(config.read_text()) or {}
+    # pass^k is not what this measures: one held-out rollout before and after is enough
+    # (unless `sections` says otherwise)
+    settings.setdefault("loop", {}).update({"eval_tasks": 1, "eval_trials": 1})
     for section, values in sections.items():
         settings.setdefault(section, {}).update(values)
     name = name or mode
     run_dir = workdir / name
     settings["run_dir"] = str(run_dir)
-    # pass^k is not what this measures: one held-out rollout before and after is enough
-    settings.setdefault("loop", {}).update({"eval_tasks": 1, "eval_trials": 1})
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     argv = [sys.executable, "-m", "sentinel", "--config", str(path), "--log-format", "json",

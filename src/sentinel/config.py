@@ -358,6 +358,11 @@ class ControllerSettings(Section):
     merge_similarity: float = Field(0.5, ge=0, le=1)  # title+description Jaccard to merge
     max_examples: int = Field(20, ge=1)  # trajectory ids kept per pattern
     publish_every: int = Field(1, ge=1)  # publish a pattern on every N-th new diagnosis
+    # Every N diagnoses, merge patterns that name one weakness and re-describe them from
+    # their failures (agents.consolidator); 0: never
+    consolidate_every: int = Field(16, ge=0)
+    consolidate_patterns: int = Field(8, ge=2, le=32)  # the most frequent, shown to the LLM
+    consolidate_max_tokens: int = Field(768, ge=64)  # the descriptions' lengths fit it
     steering: SteeringSettings = SteeringSettings()
 
 

@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from sentinel.orchestrator.bus import Bus
-from sentinel.orchestrator.patterns import PatternLibrary
+from sentinel.orchestrator.patterns import PatternLibrary, overlapping
 from sentinel.schemas import FailureCategory, FailureDiagnosis
 
 pytestmark = pytest.mark.anyio
@@ -105,3 +105,45 @@ async def test_trend_is_the_share_of_failures_per_policy_version(library: Patter
         await library.add(diagnosis(i, tools=tools, version=1))
     pattern = next(p for p in await library.all() if "modify" in p.tools[0])
     assert await library.trend(pattern) == {0: 0.75, 1: 0.25}
+
+
+async def test_a_merged_pattern_sums_its_counts_and_absorbs_the_others_kind(
+    library: PatternLibrary,
+) -> None:
+    """The Controller judged two patterns one weakness: the more frequent absorbs the other,
+    per-version counts add up, and a later diagnosis of the other's kind joins the merged
+    pattern instead of founding a new one."""
+    kept = await library.add(diagnosis(0, version=0))
+    await library.add(diagnosis(1, version=1))
+    other = await library.add(diagnosis(2, version=1, kind="asks_for_known_info"))
+    merged = await library.merge(kept.pattern.id, other.pattern.id)
+    assert merged is not None
+    assert merged.frequency == {0: 1, 1: 2}
+    assert merged.absorbed == ["wrong_arguments/asks_for_known_info"]
+    assert [e.trajectory_id for e in merged.evidence] == ["t-2", "t-0", "t-1"]
+    assert [p.id for p in await library.all()] == [kept.pattern.id]
+    assert await library.merged() == {other.pattern.id: kept.pattern.id}
+    again = await library.add(diagnosis(3, kind="asks_for_known_info"))
+    assert again.pattern.id == kept.pattern.id
+    assert not again.created
+    assert await library.merge(kept.pattern.id, other.pattern.id) is None  # gone already
+    assert await library.merge(kept.pattern.id, kept.pattern.id) is None
+
+
+async def test_patterns_whose_tools_grew_together_merge_deterministically(
+    library: PatternLibrary,
+) -> None:
+    """Founded apart (their tools overlapped by less than the threshold), two patterns of one
+    category whose tools have since converged are one pattern for the fallback; one of
+    another category never is."""
+    a = await library.add(diagnosis(0, tools=("get_order_details", "cancel_pending_order")))
+    b = await library.add(diagnosis(1, tools=("exchange_delivered_order_items",)))
+    for i in (2, 5):  # a is the more frequent: it absorbs
+        await library.add(diagnosis(i, tools=("get_order_details", "cancel_pending_order")))
+    await library.add(diagnosis(3, category=FailureCategory.MISSING_ACTION))
+    assert len(await library.all()) == 3
+    assert overlapping(await library.all(), 0.5) == []
+    grown = diagnosis(4, tools=("exchange_delivered_order_items", "get_order_details"))
+    await library.add(grown)  # joins b: now b's tools are half of a's
+    pairs = overlapping(await library.all(), 0.3)
+    assert [(x.id, y.id) for x, y in pairs] == [(a.pattern.id, b.pattern.id)]

@@ -23,6 +23,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from sentinel import injection
+from sentinel.agents.consolidator import Consolidator
 from sentinel.agents.llm import ChatClient, LLMError, complete_structured
 from sentinel.agents.signals import (
     PRIORITY,
@@ -180,6 +181,7 @@ class Controller:
         self.client = client  # None: deterministic signals only
         steer = targets and settings.steering.enabled  # the baselines propose for no pattern
         self.steering = Steering(library, pool, settings.steering) if steer else None
+        self.consolidator = Consolidator(library, bus.redis, settings, client)
 
     async def diagnose(self, task: Task, trajectory: Trajectory) -> FailureDiagnosis:
         signals = await anyio.to_thread.run_sync(failure_signals, task, trajectory, self.domain)
@@ -283,6 +285,8 @@ class Controller:
         if self.targets and added.counted and due:
             key = f"{added.pattern.id}:{total}"
             await self.bus.publish(Stream.PATTERNS, added.pattern, key=key)
+        if added.counted and await self.consolidator.due():  # after: it may merge this one
+            await self.consolidator.consolidate()
         log.info(
             "diagnosed",
             trajectory=trajectory.id,

@@ -64,7 +64,8 @@ def patterns(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
     """Show the error-pattern library: each pattern's failures and share per policy version,
-    its steering weight, and the patterns retired because they vanished."""
+    its steering weight, the patterns retired because they vanished, and those the
+    Controller merged into another."""
     from sentinel.orchestrator.patterns import PatternLibrary
 
     settings = settings_of(ctx)
@@ -74,10 +75,13 @@ def patterns(
             library = PatternLibrary(bus.redis, settings.bus.prefix)
             rows = [(p, await library.trend(p), "") for p in await library.all()]
             rows += [(p, await library.trend(p), "retired") for p in await library.retired()]
+            merged = await library.merged()
         if as_json:
             for pattern, trend, state in rows:
                 record = {**pattern.model_dump(mode="json"), "share": trend}
                 print(json.dumps(record | {"retired": state == "retired"}))
+            for other, into in merged.items():
+                print(json.dumps({"id": other, "merged_into": into}))
             return
         table = Table("pattern", "title", "tools", "failures", "share by version", "weight")
         for pattern, trend, state in rows:
@@ -88,6 +92,8 @@ def patterns(
                 pattern.id, pattern.title, ", ".join(pattern.tools), total, shares, weight
             )
         out.print(table)
+        for other, into in merged.items():
+            out.print(f"merged by the Controller: {other} into {into}")
 
     anyio.run(show)
 

@@ -22,6 +22,7 @@ from sentinel.schemas.message import utc_now
 
 MAX_TOOLS = 5
 MAX_EVIDENCE = 3  # the newest failures a pattern carries for the Proposer
+MAX_EXAMPLES = 20  # trajectory ids a merged pattern keeps (controller.max_examples' default)
 _WORD = re.compile(r"[a-z0-9_#]+")
 
 
@@ -67,6 +68,7 @@ class PatternLibrary:
         self.counted_key = f"{prefix}:patterns:counted"
         self.failures_key = f"{prefix}:patterns:failures"
         self.retired_key = f"{prefix}:patterns:retired"
+        self.merged_key = f"{prefix}:patterns:merged"
         self.merge_similarity = merge_similarity
 
     async def add(self, diagnosis: FailureDiagnosis, max_examples: int = 20) -> Added:
@@ -95,11 +97,12 @@ class PatternLibrary:
         self, patterns: Sequence[ErrorPattern], diagnosis: FailureDiagnosis
     ) -> ErrorPattern | None:
         """The pattern this diagnosis belongs to: same category and named kind (a new kind
-        founds its own pattern), most similar tools and text."""
+        founds its own pattern, unless a merge absorbed it), most similar tools and text."""
         best: tuple[float, float, ErrorPattern] | None = None
         text = words(f"{diagnosis.summary} {' '.join(diagnosis.evidence)}")
+        kind = kind_key(diagnosis.category, diagnosis.kind)
         for pattern in patterns:
-            if (pattern.category, pattern.kind) != (diagnosis.category, diagnosis.kind):
+            if kind != kind_key(pattern.category, pattern.kind) and kind not in pattern.absorbed:
                 continue
             tools = jaccard(pattern.tools, diagnosis.tools)
             if tools < self.merge_similarity:
@@ -108,6 +111,45 @@ class PatternLibrary:
             if best is None or score[:2] > best[:2]:
                 best = score
         return best[2] if best else None
+
+    async def merge(self, into_id: str, other_id: str) -> ErrorPattern | None:
+        """Fold pattern `other_id` into `into_id` (the Controller's consolidation): counts,
+        evidence and tools joined, and `other`'s kinds absorbed, so its later diagnoses join
+        `into`. `other` leaves the library; `merged` maps it to `into` for the report and
+        for tasks proposed for it. None when either is gone (a concurrent merge or
+        retirement) or they are the same."""
+        if into_id == other_id:
+            return None
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.key)
+                    into_raw, other_raw = await pipe.hmget(self.key, [into_id, other_id])
+                    if into_raw is None or other_raw is None:
+                        return None
+                    merged = combine(
+                        ErrorPattern.model_validate_json(into_raw),
+                        ErrorPattern.model_validate_json(other_raw),
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(self.key, into_id, merged.model_dump_json())
+                    pipe.hdel(self.key, other_id)
+                    pipe.hset(self.merged_key, other_id, into_id)
+                    await pipe.execute()
+                    return merged
+                except WatchError:
+                    continue
+
+    async def merged(self) -> dict[str, str]:
+        """Merged pattern id -> the id it was merged into."""
+        raw = await self.redis.hgetall(self.merged_key)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def describe(self, pattern_id: str, description: str) -> None:
+        """A new description, summarised from the pattern's recent evidence."""
+        await self._update(
+            pattern_id, lambda p: p.model_copy(update={"description": description[:1000]})
+        )
 
     async def set_weight(self, pattern_id: str, weight: float) -> None:
         """Steering's verdict on the pattern (orchestrator.steering)."""
@@ -167,6 +209,57 @@ class PatternLibrary:
             for version, total in sorted(failures.items())
             if total
         }
+
+
+def kind_key(category: FailureCategory, kind: str | None) -> str:
+    """A (category, kind) as one string: `ErrorPattern.absorbed`'s entries."""
+    return f"{category.value}/{kind}" if kind else category.value
+
+
+def combine(into: ErrorPattern, other: ErrorPattern) -> ErrorPattern:
+    """`other` folded into `into`: per-version counts summed, tools and examples joined,
+    the newest evidence kept, the larger steering weight."""
+    frequency = dict(into.frequency)
+    for version, count in other.frequency.items():
+        frequency[version] = frequency.get(version, 0) + count
+    absorbed = [kind_key(other.category, other.kind), *other.absorbed, *into.absorbed]
+    own = kind_key(into.category, into.kind)
+    return into.model_copy(
+        update={
+            "tools": list(dict.fromkeys([*into.tools, *other.tools]))[:MAX_TOOLS],
+            "example_trajectory_ids": list(
+                dict.fromkeys([*other.example_trajectory_ids, *into.example_trajectory_ids])
+            )[-MAX_EXAMPLES:],
+            "evidence": [*other.evidence, *into.evidence][-MAX_EVIDENCE:],
+            "frequency": frequency,
+            "weight": max(into.weight, other.weight),
+            "absorbed": [k for k in dict.fromkeys(absorbed) if k != own][:64],
+            "updated_at": utc_now(),
+        }
+    )
+
+
+def overlapping(
+    patterns: Sequence[ErrorPattern], similarity: float
+) -> list[tuple[ErrorPattern, ErrorPattern]]:
+    """The deterministic merges: two patterns of one (category, kind) whose tools, grown
+    since they were founded apart, now overlap by at least `similarity`. Each pair is
+    (the more frequent, the other); a pattern is in one pair at most."""
+    ranked = sorted(patterns, key=lambda p: (-sum(p.frequency.values()), p.id))
+    pairs, used = [], set()
+    for i, into in enumerate(ranked):
+        for other in ranked[i + 1 :]:
+            if into.id in used or other.id in used:
+                continue
+            same_kind = kind_key(into.category, into.kind) == kind_key(other.category, other.kind)
+            if same_kind and jaccard(into.tools, other.tools) >= similarity:
+                pairs.append((into, other))
+                used |= {into.id, other.id}
+    return pairs
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _parse(raw: Sequence[str | bytes]) -> list[ErrorPattern]:

@@ -69,6 +69,9 @@ class ErrorPattern(Message):
     description: str
     category: FailureCategory
     kind: str | None = Field(None, pattern=KIND_PATTERN)  # a named new kind, as diagnosed
+    # The (category, kind) of the patterns merged into this one (`category` or
+    # `category/kind`): a diagnosis of theirs joins this pattern from then on
+    absorbed: list[str] = Field(default_factory=list, max_length=64)
     tools: list[str] = Field(default_factory=list)
     example_trajectory_ids: list[str] = Field(default_factory=list)
     evidence: list[PatternEvidence] = Field(default_factory=list)  # the newest failures last

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -89,6 +91,20 @@ def one_run(args: argparse.Namespace, mode: str, seed: int) -> dict[str, object]
         # the per-pattern failure share over policy versions (failure_driven's steering input)
         "pattern_shares": {p.title: p.share for p in report.patterns},
     }
+
+
+def user_fidelity(domain: str, workdir: Path) -> dict[str, object]:
+    """The scripted user's fidelity on the domain's train tasks (`sentinel usersim check
+    --scripted`): reported beside the curve, since a user out of role would be measured
+    instead of the agent."""
+    from sentinel.config import Settings
+    from sentinel.envs.registry import load, named
+    from sentinel.usersim.fidelity import check_fidelity
+
+    settings = Settings.model_validate({"run_dir": workdir, "env": {"domain": domain}})
+    tasks = load(named(domain)).tasks("train")
+    report = anyio.run(check_fidelity, settings, tasks, None)
+    return {"score": round(report.score, 3), "checks": {f.check: f.rate for f in report.checks}}
 
 
 def plot(figures: dict[str, ModeFigures], runs: list[dict[str, object]], path: Path) -> None:
@@ -139,6 +155,8 @@ def main() -> None:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sentinel-learning-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, runs = time.monotonic(), []
+    fidelity = user_fidelity(args.domain, args.workdir)
+    print(f"scripted user's fidelity on {args.domain}: {fidelity['score']}", file=sys.stderr)
     for seed in range(args.seeds):  # seeds outermost: a cut-short run still compares modes
         for mode in args.modes:
             runs.append(one_run(args, mode, seed))
@@ -152,6 +170,7 @@ def main() -> None:
     record = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "wall_s": round(time.monotonic() - started),
+        "user_fidelity": fidelity,
         "figures": {m: f.model_dump() for m, f in figures.items()},
         "runs": runs,
     }

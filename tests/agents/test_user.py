@@ -10,6 +10,7 @@ from sentinel.agents.llm import Completion, MalformedOutput, RawToolCall
 from sentinel.agents.user import UserSimulator, is_stop, parse_reply, user_tools
 from sentinel.config import RolloutSettings
 from sentinel.schemas import ChatMessage, ToolCall
+from tests import factories
 
 pytestmark = pytest.mark.anyio
 SETTINGS = RolloutSettings()
@@ -57,9 +58,9 @@ def test_the_user_sees_its_own_tool_calls_and_results_never_the_agents() -> None
 
 
 async def test_tools_are_offered_only_where_the_user_has_some() -> None:
-    plain, phone = Recorder(), Recorder()
-    await UserSimulator(plain, SETTINGS).reply("scenario", HISTORY[:2])
-    await UserSimulator(phone, SETTINGS, PHONE).reply("scenario", HISTORY[:2])
+    plain, phone, task = Recorder(), Recorder(), factories.task()
+    await UserSimulator(plain, SETTINGS).reply("scenario", HISTORY[:2], task)
+    await UserSimulator(phone, SETTINGS, PHONE).reply("scenario", HISTORY[:2], task)
     assert "tools" not in plain.options
     assert phone.options["tools"] == PHONE
 

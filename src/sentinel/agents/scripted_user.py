@@ -55,10 +55,8 @@ class ScriptedUser:
         self.max_turns = max_turns
 
     async def reply(
-        self, system_prompt: str, history: list[ChatMessage], task: Task | None = None
+        self, system_prompt: str, history: list[ChatMessage], task: Task
     ) -> ChatMessage:
-        if task is None:
-            raise ValueError("the scripted user answers from a task's scenario: pass the task")
         return ChatMessage(role="user", content=self.say(task, history))
 
     def say(self, task: Task, history: Sequence[ChatMessage]) -> str:

@@ -62,7 +62,7 @@ class User(Protocol):
     client: Any  # the endpoint closed with the rollout runner; None without one
 
     async def reply(
-        self, system_prompt: str, history: list[ChatMessage], task: Task | None = None
+        self, system_prompt: str, history: list[ChatMessage], task: Task
     ) -> ChatMessage: ...
 
 
@@ -78,7 +78,7 @@ class UserSimulator:
         self.tools = tools or []  # the user's own tools, OpenAI format; [] for most domains
 
     async def reply(
-        self, system_prompt: str, history: list[ChatMessage], task: Task | None = None
+        self, system_prompt: str, history: list[ChatMessage], task: Task
     ) -> ChatMessage:
         """The user's next message, given the task's prompt (tau2's guidelines + scenario,
         which is all it knows of the `task`)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sentinel.agents.llm import Completion
 from sentinel.agents.solver import Solver
 from sentinel.config import RolloutSettings
 from sentinel.schemas import (
@@ -308,3 +309,15 @@ def sft_example() -> SFTExample:
 def proposal(task: Task) -> TaskProposal:
     """`task` as the Proposer would send it to the validator."""
     return TaskProposal(id=f"p-{task.id}", task=task, prompt_version="v1", proposer_model="t")
+
+
+class Answers:
+    """A stand-in endpoint for error handling only: it answers `text` to every request."""
+
+    model = "stand-in"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def complete(self, *_: Any, **__: Any) -> Completion:
+        return Completion(content=self.text, finish_reason="stop")

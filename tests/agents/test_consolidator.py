@@ -18,27 +18,16 @@ from sentinel.agents.consolidator import (
     draft_schema,
     prose,
 )
-from sentinel.agents.llm import Completion, OpenAIChatClient
+from sentinel.agents.llm import OpenAIChatClient
 from sentinel.cli import app
 from sentinel.config import ControllerSettings, Settings
 from sentinel.orchestrator.bus import Bus
 from sentinel.orchestrator.patterns import PatternLibrary
 from sentinel.schemas import ErrorPattern, FailureCategory, FailureDiagnosis
+from tests import factories
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ControllerSettings(consolidate_every=2, consolidate_max_tokens=384)
-
-
-class Answers:
-    """A stand-in endpoint for error handling only: it answers `text` to every request."""
-
-    model = "stand-in"
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    async def complete(self, *_: Any, **__: Any) -> Completion:
-        return Completion(content=self.text, finish_reason="stop")
 
 
 def diagnosis(
@@ -142,7 +131,7 @@ async def test_hostile_answers_merge_and_describe_only_what_holds(
     described: list[int],
 ) -> None:
     shown = await library.all()
-    client = Answers(json.dumps(answer))
+    client = factories.Answers(json.dumps(answer))
     done = await Consolidator(library, bus.redis, SETTINGS, client).consolidate()  # type: ignore[arg-type]
     assert done.llm
     assert done.merged == [(shown[a].id, shown[b].id) for a, b in merged]
@@ -154,7 +143,7 @@ async def test_a_malformed_answer_leaves_the_library_as_it_was(
     bus: Bus, library: PatternLibrary
 ) -> None:
     before = await library.all()
-    client = Answers('{"same": [[0, 1]], "descriptions": [{"pattern": 0')  # cut off
+    client = factories.Answers('{"same": [[0, 1]], "descriptions": [{"pattern": 0')  # cut off
     done = await Consolidator(library, bus.redis, SETTINGS, client).consolidate()  # type: ignore[arg-type]
     assert not done.llm
     assert done.merged == []

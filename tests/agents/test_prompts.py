@@ -26,6 +26,7 @@ from sentinel.cli import app
 from sentinel.config import ProposerSettings, Settings
 from sentinel.orchestrator.bus import Bus
 from sentinel.schemas import RejectionCode, RejectionReason, ValidationResult
+from tests import factories
 
 pytestmark = pytest.mark.anyio
 SETTINGS = ProposerSettings(revise_after=4, min_acceptance=0.5, max_lessons=2)
@@ -48,18 +49,6 @@ async def record(
 ) -> None:
     await book.remember(f"p-{i}", Origin(prompt_version=version, pattern_id="pat"))
     await book.record(verdict(i, code, detail))
-
-
-class Answers:
-    """A stand-in endpoint for error handling only: it answers `text` to every request."""
-
-    model = "stand-in"
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    async def complete(self, *_: Any, **__: Any) -> Completion:
-        return Completion(content=self.text, finish_reason="stop")
 
 
 async def test_low_acceptance_writes_a_new_version_with_lessons(book: PromptBook) -> None:
@@ -223,7 +212,8 @@ def test_degenerate_or_long_lessons_are_dropped_or_cut() -> None:
 async def test_a_reflection_that_is_malformed_or_hostile_falls_back_to_advice(
     bus: Bus, answer: str
 ) -> None:
-    book = PromptBook(bus.redis, bus.settings.prefix, SETTINGS, Reflection(Answers(answer), 64))
+    reflection = Reflection(factories.Answers(answer), 64)
+    book = PromptBook(bus.redis, bus.settings.prefix, SETTINGS, reflection)
     for i in range(4):
         await record(book, i, RejectionCode.UNKNOWN_ENTITY, "order #W9 unknown")
     revised = await book.current()
@@ -234,7 +224,7 @@ async def test_a_reflection_that_is_malformed_or_hostile_falls_back_to_advice(
 
 async def test_of_a_reflection_only_its_prose_lessons_are_kept(bus: Bus) -> None:
     answer = {"lessons": ["1. 1. 1. 1. 1. 1.", "Copy each id exactly as listed under Entities."]}
-    reflection = Reflection(Answers(json.dumps(answer)), 64)
+    reflection = Reflection(factories.Answers(json.dumps(answer)), 64)
     book = PromptBook(bus.redis, bus.settings.prefix, SETTINGS, reflection)
     for i in range(4):
         await record(book, i, RejectionCode.UNKNOWN_ENTITY, "order #W9 unknown")
